@@ -1,0 +1,24 @@
+# `make test` and `make demo` set everything up themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo sweep clean
+
+$(STAMP): pyproject.toml .ci/setup-venv
+	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup-venv
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m triton_mebp demo
+
+sweep: $(STAMP)
+	$(PY) -m triton_mebp sweep --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

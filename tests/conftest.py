@@ -1,0 +1,63 @@
+"""Shared test set-up: device, dtypes, tolerances, shapes, seeds.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; that must be chosen
+before any kernel module is imported, hence the environment is set here, at collection.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_MEBP_AUTOTUNE", "0")
+
+import triton_mebp as mebp  # noqa: E402  (after the interpreter switch)
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Dtypes the kernels are tested in. The interpreter gets bf16 arithmetic wrong: GPU only there.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=1e-1, rtol=5e-2),
+}
+
+# (batch, in_features, out_features): ones, primes, non-powers of two.
+SHAPES = [(1, 1, 1), (1, 7, 33), (7, 33, 257), (33, 16, 7), (5, 64, 131), (2, 257, 17)]
+
+
+def tolerance(dtype):
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual, expected, dtype=None):
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **TOLERANCES[dtype])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_backend():
+    """Run meProp layers on the Triton kernels (interpreted on CPU) for the test's duration."""
+    before = mebp.get_backend()
+    mebp.set_backend("triton")
+    yield DEVICE
+    mebp.set_backend(before)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def any_backend(request):
+    """Each test runs once on the PyTorch-ops backend and once on the Triton kernels."""
+    before = mebp.get_backend()
+    mebp.set_backend(request.param)
+    yield request.param
+    mebp.set_backend(before)

@@ -1,0 +1,12 @@
+"""triton_mebp: minimal-effort back propagation (meProp) and model simplification (meSimp).
+
+Forward passes stay dense; backward passes keep only the top-k output gradients of each linear
+layer, so only k rows of each weight take part and receive a gradient.
+"""
+from .backend import get_backend, set_backend
+from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
+from .modules import MeLinear, convert
+
+__all__ = ["MeLinear", "MebpLinearFunction", "convert", "get_backend", "mebp_linear", "resolve_k",
+           "set_backend", "sgd_step_rows"]
+__version__ = "0.1.0"

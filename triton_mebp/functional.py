@@ -1,0 +1,174 @@
+"""meProp for one linear layer: dense forward, top-k sparsified backward."""
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import backend
+
+MODES = ("unified", "per_example")
+GRADS = ("dense", "sparse")
+
+
+def resolve_k(k, width: int, layer: str = "layer") -> int:
+    """The number of kept gradient entries for a layer of ``width`` outputs.
+
+    ``k`` is an int in [1, width] or a float ratio in (0, 1] of the width (rounded, at least 1).
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be an int count or a float ratio, got {type(k).__name__} {k!r} "
+                        f"for {layer} of width {width}")
+    if isinstance(k, numbers.Integral):
+        if not 1 <= k <= width:
+            raise ValueError(f"k={k} is outside [1, {width}] for {layer} of width {width}")
+        return int(k)
+    if not (0.0 < k <= 1.0):  # also rejects NaN
+        raise ValueError(f"k={k} as a ratio must be in (0, 1] (for {layer} of width {width})")
+    if width < 1:
+        raise ValueError(f"k={k} cannot select from {layer} of width {width}")
+    return min(width, max(1, round(k * width)))
+
+
+def check_options(mode: str, grad: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+
+
+def _row_sparse(rows_idx, rows, shape):
+    return torch.sparse_coo_tensor(rows_idx.long().unsqueeze(0), rows, shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _dense_backward(dy, x, weight, ctx):
+    """k = width: ordinary back propagation (every neuron selected)."""
+    if ctx.hits is not None:
+        ctx.hits += dy.shape[0]
+    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        dw = dy.t() @ x
+        if ctx.grad == "sparse":
+            dw = _row_sparse(torch.arange(weight.shape[0], device=dw.device), dw, weight.shape)
+    return dx, dw, dy.sum(0)
+
+
+def _unified_backward(ops, dy, x, weight, ctx):
+    idx, dy_c = ops.unified_select(dy, ctx.k, ctx.hits)
+    dx = ops.gathered_input_grad(dy_c, weight, idx) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        if ctx.grad == "dense":
+            dw = ops.gathered_weight_grad(dy_c, x, idx, out=torch.zeros_like(weight, dtype=dy.dtype))
+        else:
+            dw = _row_sparse(idx, ops.gathered_weight_grad(dy_c, x, idx), weight.shape)
+    if ctx.sparse_bias:
+        db = dy.new_zeros(weight.shape[0]).index_copy_(0, idx.long(), dy_c.sum(0))
+    else:
+        db = dy.sum(0)
+    return dx, dw, db
+
+
+def _per_example_backward(ops, dy, x, weight, ctx):
+    values, idx = ops.per_example_select(dy, ctx.k, ctx.hits)
+    dx = ops.per_example_input_grad(values, idx, weight) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        if ctx.grad == "dense":
+            _, dw = ops.per_example_weight_grad(values, idx, x, weight.shape[0],
+                                                out=torch.zeros_like(weight, dtype=dy.dtype))
+        else:
+            rows, grad_rows = ops.per_example_weight_grad(values, idx, x, weight.shape[0])
+            dw = _row_sparse(rows, grad_rows, weight.shape)
+    if ctx.sparse_bias:
+        db = dy.new_zeros(weight.shape[0]).index_add_(0, idx.reshape(-1).long(), values.reshape(-1))
+    else:
+        db = dy.sum(0)
+    return dx, dw, db
+
+
+class MebpLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b``; backward keeps the top-k entries of ``dy`` by magnitude."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs):
+        ctx.save_for_backward(x, weight)
+        ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
+        ctx.hits, ctx.refs = hits, refs
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        n_out, n_in = weight.shape
+        dy = grad_output.reshape(-1, n_out)
+        x2 = x.reshape(-1, n_in)
+        if ctx.refs is not None:
+            ctx.refs += dy.shape[0]
+        if dy.shape[0] == 0:
+            dx, dw, db = dy.new_zeros(0, n_in), torch.zeros_like(weight), dy.new_zeros(n_out)
+            if ctx.grad == "sparse":
+                dw = dw.to_sparse()
+        elif ctx.k == n_out:
+            dx, dw, db = _dense_backward(dy, x2, weight, ctx)
+        else:
+            ops = backend.ops_for(dy)
+            step = _unified_backward if ctx.mode == "unified" else _per_example_backward
+            dx, dw, db = step(ops, dy, x2, weight, ctx)
+        dx = dx.reshape(x.shape) if dx is not None else None
+        db = db if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sparse_bias=False,
+                hits=None, refs=None):
+    """``F.linear`` with minimal-effort back propagation.
+
+    Forward is the ordinary dense linear. Backward keeps the ``k`` largest-magnitude entries of
+    ``dy = dL/dy`` (``mode="unified"``: one column set for the batch, scored by ``sum_b |dy|``;
+    ``"per_example"``: a top-k per row) and computes ``dx`` and ``dW`` from those alone. ``dW``
+    is dense with zero rows outside the selection (``grad="dense"``) or a row-sparse
+    ``torch.sparse_coo`` tensor of the selected rows (``grad="sparse"``). The bias gradient is
+    dense unless ``sparse_bias=True``. ``hits`` (int64, out_features) and ``refs`` (int64 scalar),
+    if given, are counters updated in place by each backward: selections per neuron, examples seen.
+    """
+    check_options(mode, grad)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor (out_features, in_features), got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    n_out = weight.shape[0]
+    k = resolve_k(k, n_out)
+    for name, counter, shape in (("hits", hits, (n_out,)), ("refs", refs, ())):
+        if counter is not None and (counter.dtype != torch.int64 or tuple(counter.shape) != shape
+                                    or counter.device != weight.device):
+            raise ValueError(f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
+                             f"got {counter.dtype} {tuple(counter.shape)} on {counter.device}")
+    if grad == "sparse" and weight.layout != torch.strided:
+        raise ValueError("grad='sparse' needs a dense (strided) weight")
+    if not torch.is_grad_enabled():
+        return F.linear(input, weight, bias)
+    return MebpLinearFunction.apply(input, weight, bias, k, mode, grad, sparse_bias, hits, refs)
+
+
+def sgd_step_rows(params, lr: float) -> None:
+    """Plain SGD ``p -= lr * p.grad`` that touches only the gradient's rows when it is row-sparse.
+
+    Row-sparse gradients (``grad="sparse"``) go through the fused row update (a Triton kernel on
+    CUDA), so no dense gradient is formed; dense gradients get the ordinary update.
+    """
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                g = p.grad.coalesce()
+                ops = backend.ops_for(p)
+                ops.row_sgd_update(p, g.indices()[0], g.values(), lr)
+            else:
+                p.add_(p.grad, alpha=-lr)
+
+
