@@ -1,0 +1,58 @@
+"""Compiles kernels ahead of time for GPU targets, without a GPU; run as a subprocess.
+
+Reads a JSON list of specs on stdin, each ``{"kernel": "module:attr", "signature": {...},
+"constexprs": {...}}`` where ``attr`` is a ``TunedKernel``; compiles every autotune config of
+each for every target in ``TARGETS`` and prints one JSON list of results. It runs without
+``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` with something that cannot compile).
+"""
+import importlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+TARGETS = (90, 80)
+
+
+def _compile(job):
+    spec, config_index, capability = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module_name, attr = spec["kernel"].split(":")
+    kernel = getattr(importlib.import_module(module_name), attr)
+    config = kernel.configs[config_index]
+    constexprs = {**spec.get("constexprs", {}), **config.kwargs}
+    signature = dict(spec["signature"])
+    signature.update({name: "constexpr" for name in constexprs})
+    result = {"kernel": spec["kernel"], "label": spec.get("label", ""), "config": str(config.kwargs),
+              "num_warps": config.num_warps, "num_stages": config.num_stages, "target": capability}
+    try:
+        source = ASTSource(kernel.fn, signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": config.num_warps,
+                                           "num_stages": config.num_stages})
+        result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
+                      mma="mma" in compiled.asm["ptx"], cubin=len(compiled.asm["cubin"]) > 0)
+    except Exception as error:  # reported to the test, which fails on it
+        result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+    return result
+
+
+def main():
+    os.environ.pop("TRITON_INTERPRET", None)
+    specs = json.load(sys.stdin)
+    jobs = []
+    for spec in specs:
+        module_name, attr = spec["kernel"].split(":")
+        kernel = getattr(importlib.import_module(module_name), attr)
+        jobs += [(spec, i, cap) for i in range(len(kernel.configs)) for cap in TARGETS]
+    workers = min(len(jobs), os.cpu_count() or 1) or 1
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(_compile, jobs))
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
