@@ -130,7 +130,7 @@ def _segment_rows_kernel(seg_ptr, example_ptr, value_ptr, row_ptr, x_ptr, out_pt
 
 
 def _dot_smem_bytes(a_block, b_block, elem_bytes, stages):
-    return (a_block + b_block) * elem_bytes * max(stages - 1, 1)
+    return (a_block + b_block) * elem_bytes * stages
 
 
 SMEM_LIMIT = 160 * 1024  # below the 227 KiB of Hopper and the 163 KiB of A100

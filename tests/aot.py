@@ -27,3 +27,9 @@ def check_results(results):
     too_big = [r for r in results if r["shared"] > SHARED_MEMORY_LIMIT[r["target"]]]
     assert not too_big, [(r["kernel"], r["config"], r["target"], r["shared"]) for r in too_big]
     assert all(r["cubin"] for r in results)
+
+
+def config_indices(kernel, named_args):
+    """Indices of the configs the kernel's pruner keeps for these arguments."""
+    kept = kernel.pruned_configs(named_args)
+    return [i for i, c in enumerate(kernel.configs) if any(c is k for k in kept)]

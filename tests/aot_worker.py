@@ -1,8 +1,9 @@
 """Compiles kernels ahead of time for GPU targets, without a GPU; run as a subprocess.
 
 Reads a JSON list of specs on stdin, each ``{"kernel": "module:attr", "signature": {...},
-"constexprs": {...}}`` where ``attr`` is a ``TunedKernel``; compiles every autotune config of
-each for every target in ``TARGETS`` and prints one JSON list of results. It runs without
+"constexprs": {...}, "configs": [...]}`` where ``attr`` is a ``TunedKernel``; compiles the listed
+autotune configs (indices into ``kernel.configs``; all of them if absent) of each for every target
+in ``TARGETS`` and prints one JSON list of results. It runs without
 ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` with something that cannot compile).
 """
 import importlib
@@ -47,7 +48,8 @@ def main():
     for spec in specs:
         module_name, attr = spec["kernel"].split(":")
         kernel = getattr(importlib.import_module(module_name), attr)
-        jobs += [(spec, i, cap) for i in range(len(kernel.configs)) for cap in TARGETS]
+        indices = spec.get("configs", range(len(kernel.configs)))
+        jobs += [(spec, i, cap) for i in indices for cap in TARGETS]
     workers = min(len(jobs), os.cpu_count() or 1) or 1
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_compile, jobs))

@@ -92,7 +92,8 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
     if isinstance(target, nn.Linear) and id(target) in replacements:
         return replacements[id(target)]
     for parent in target.modules():
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter skips a child registered twice.
+        for child_name, child in list(parent._modules.items()):
             if id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
     return target

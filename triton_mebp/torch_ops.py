@@ -3,11 +3,8 @@
 Every function here matches a launcher in ``triton_mebp.kernels`` by name and meaning, except
 that indices are int64. No Python loops over rows or examples.
 """
-import warnings
-
 import torch
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+import torch.nn.functional as F
 
 
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
@@ -38,30 +35,25 @@ def gathered_weight_grad(dy_c, x, idx, out=None):
     return out.index_copy_(0, idx, rows)
 
 
-def _row_csr(values, idx, n_cols):
-    """B x n_cols CSR matrix holding values[b, j] at (b, idx[b, j])."""
-    B, K = values.shape
-    crow = torch.arange(0, B * K + 1, K, device=values.device)
-    return torch.sparse_csr_tensor(crow, idx.reshape(-1), values.reshape(-1), (B, n_cols),
-                                   check_invariants=False)
-
-
 def per_example_input_grad(values, idx, weight):
-    return _row_csr(values, idx, weight.shape[0]) @ weight
+    """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]``: a weighted bag of rows per example."""
+    return F.embedding_bag(idx, weight, per_sample_weights=values, mode="sum")
 
 
 def per_example_weight_grad(values, idx, x, n_rows, out=None):
-    """``(rows, grad_rows)`` of the distinct selected rows, or written into ``out`` if given."""
+    """``(rows, grad_rows)`` of the distinct selected rows, or written into ``out`` if given.
+
+    The (example, slot) pairs are sorted by row once; each row's gradient is then a weighted bag
+    of the input rows of the examples that selected it.
+    """
     B, K = values.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    crow = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    examples = order // K
-    by_row = torch.sparse_csr_tensor(crow, examples, values.reshape(-1)[order], (rows.numel(), B),
-                                     check_invariants=False)
-    grad_rows = by_row @ x
+    starts = torch.zeros(rows.numel(), dtype=torch.int64, device=x.device)
+    torch.cumsum(counts[:-1], 0, out=starts[1:])
+    grad_rows = F.embedding_bag(order // K, x, starts, per_sample_weights=values.reshape(-1)[order],
+                                mode="sum")
     if out is None:
         return rows, grad_rows
     out.index_copy_(0, rows, grad_rows)

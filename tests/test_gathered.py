@@ -1,0 +1,104 @@
+"""Row-gathered products and the row update, against float64 references."""
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES, SHAPES, assert_close
+from triton_mebp import backend, torch_ops
+
+
+@pytest.fixture(params=["torch", "triton"])
+def ops(request):
+    return torch_ops if request.param == "torch" else backend.triton_ops()
+
+
+def distinct_indices(N, k, dtype):
+    return torch.randperm(N)[:k].sort().values.to(dtype).to(DEVICE)
+
+
+def index_dtype(ops):
+    return torch.int32 if ops is not torch_ops else torch.int64
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,M,N", SHAPES)
+def test_unified_products(ops, B, M, N, dtype):
+    k = max(1, N // 3)
+    idx = distinct_indices(N, k, index_dtype(ops))
+    dy_c = torch.randn(B, k, device=DEVICE).to(dtype)
+    x = torch.randn(B, M, device=DEVICE).to(dtype)
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    rows = idx.long()
+
+    assert_close(ops.gathered_input_grad(dy_c, w, idx), dy_c.double() @ w.double()[rows], dtype)
+    expected_rows = dy_c.double().t() @ x.double()
+    assert_close(ops.gathered_weight_grad(dy_c, x, idx), expected_rows, dtype)
+
+    dense = torch.zeros(N, M, device=DEVICE, dtype=dtype)
+    ops.gathered_weight_grad(dy_c, x, idx, out=dense)
+    expected = torch.zeros(N, M, dtype=torch.float64, device=DEVICE)
+    expected[rows] = expected_rows
+    assert_close(dense, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,M,N", SHAPES)
+def test_per_example_products(ops, B, M, N, dtype):
+    k = max(1, N // 4)
+    idx = torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)]).to(index_dtype(ops)).to(DEVICE)
+    values = torch.randn(B, k, device=DEVICE).to(dtype)
+    x = torch.randn(B, M, device=DEVICE).to(dtype)
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    sparse = torch.zeros(B, N, dtype=torch.float64, device=DEVICE).scatter_(1, idx.long(), values.double())
+
+    assert_close(ops.per_example_input_grad(values, idx, w), sparse @ w.double(), dtype)
+    full = sparse.t() @ x.double()
+    rows, grad_rows = ops.per_example_weight_grad(values, idx, x, N)
+    touched = torch.unique(idx.long())
+    assert torch.equal(rows.long().cpu(), touched.cpu())
+    assert_close(grad_rows, full[touched], dtype)
+    out = torch.zeros(N, M, device=DEVICE, dtype=dtype)
+    ops.per_example_weight_grad(values, idx, x, N, out=out)
+    assert_close(out, full, dtype)
+
+
+def test_products_accept_strided_operands(ops):
+    N, M, B, k = 40, 24, 9, 7
+    idx = distinct_indices(N, k, index_dtype(ops))
+    w = torch.randn(M, N, device=DEVICE).t()             # transposed weight
+    x = torch.randn(B, 2 * M, device=DEVICE)[:, ::2]     # sliced input
+    dy_c = torch.randn(k, B, device=DEVICE).t()          # transposed gradient
+    rows = idx.long()
+    assert_close(ops.gathered_input_grad(dy_c, w, idx), dy_c.double() @ w.double()[rows])
+    assert_close(ops.gathered_weight_grad(dy_c, x, idx), dy_c.double().t() @ x.double())
+
+
+def test_per_example_weight_grad_is_deterministic():
+    ops = backend.triton_ops()
+    B, N, M, k = 64, 8, 16, 4
+    idx = torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)]).int().to(DEVICE)
+    values = torch.randn(B, k, device=DEVICE)
+    x = torch.randn(B, M, device=DEVICE)
+    first = ops.per_example_weight_grad(values, idx, x, N)[1]
+    for _ in range(3):
+        assert torch.equal(ops.per_example_weight_grad(values, idx, x, N)[1], first)
+
+
+def test_empty_batch_products(ops):
+    idx = distinct_indices(10, 3, index_dtype(ops))
+    w = torch.randn(10, 6, device=DEVICE)
+    empty = torch.zeros(0, 3, device=DEVICE)
+    assert ops.gathered_input_grad(empty, w, idx).shape == (0, 6)
+    assert torch.equal(ops.gathered_weight_grad(empty, torch.zeros(0, 6, device=DEVICE), idx),
+                       torch.zeros(3, 6, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("N,M,k", [(1, 1, 1), (33, 7, 5), (257, 130, 64), (17, 1030, 17)])
+def test_row_sgd_update_moves_only_listed_rows(ops, N, M, k, dtype):
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    idx = distinct_indices(N, k, index_dtype(ops))
+    rows = torch.randn(k, M, device=DEVICE).to(dtype)
+    expected = w.double().clone()
+    expected[idx.long()] -= 0.1 * rows.double()
+    ops.row_sgd_update(w, idx, rows, 0.1)
+    assert_close(w, expected, dtype)

@@ -1,0 +1,99 @@
+"""Top-k selection: Triton kernels (interpreted without a GPU) and the PyTorch path."""
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from reference import is_valid_topk
+from triton_mebp import backend, torch_ops
+
+CASES = [(1, 1, 1), (1, 7, 1), (1, 7, 7), (7, 33, 5), (33, 257, 1), (4, 257, 257), (3, 1000, 31),
+         (2, 5000, 2500)]
+
+
+def kernel_ops():
+    return backend.triton_ops()
+
+
+@pytest.fixture(params=["torch", "triton"])
+def ops(request):
+    return torch_ops if request.param == "torch" else kernel_ops()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,N,k", CASES)
+def test_unified_selects_top_columns(ops, B, N, k, dtype):
+    dy = torch.randn(B, N, device=DEVICE).to(dtype)
+    hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    idx, dy_c = ops.unified_select(dy, k, hits)
+    assert is_valid_topk(dy.double().abs().sum(0), idx, k)
+    assert dy_c.shape == (B, k) and dy_c.dtype == dtype and dy_c.is_contiguous()
+    assert torch.equal(dy_c, dy[:, idx.long()])
+    expected_hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    expected_hits[idx.long()] = B
+    assert torch.equal(hits, expected_hits)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,N,k", CASES)
+def test_per_example_selects_top_entries_of_each_row(ops, B, N, k, dtype):
+    dy = torch.randn(B, N, device=DEVICE).to(dtype)
+    hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    values, idx = ops.per_example_select(dy, k, hits)
+    assert values.shape == idx.shape == (B, k)
+    for b in range(B):
+        assert is_valid_topk(dy[b].double().abs(), idx[b], k), f"row {b}"
+    assert torch.equal(values, dy.gather(1, idx.long()))
+    expected_hits = torch.bincount(idx.reshape(-1).long().cpu(), minlength=N)
+    assert torch.equal(hits.cpu(), expected_hits)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_selection_reads_strided_gradients(ops, layout):
+    base = torch.randn(40, 30, device=DEVICE)
+    dy = base.t() if layout == "transposed" else base[::3, ::2]
+    assert not dy.is_contiguous()
+    idx, dy_c = ops.unified_select(dy, 6)
+    assert is_valid_topk(dy.double().abs().sum(0), idx, 6)
+    assert torch.equal(dy_c, dy[:, idx.long()])
+    values, rows_idx = ops.per_example_select(dy, 4)
+    assert torch.equal(values, dy.gather(1, rows_idx.long()))
+    for b in range(dy.shape[0]):
+        assert is_valid_topk(dy[b].double().abs(), rows_idx[b], 4)
+
+
+def test_kernel_ties_go_to_lowest_positions():
+    dy = torch.zeros(3, 50, device=DEVICE)
+    dy[:, 40] = 1.0
+    idx, _ = kernel_ops().unified_select(dy, 5)
+    assert idx.tolist() == [0, 1, 2, 3, 40]
+    _, rows_idx = kernel_ops().per_example_select(dy, 3)
+    assert rows_idx.tolist() == [[0, 1, 40]] * 3
+
+
+def test_nan_and_inf_are_always_selected(ops):
+    dy = torch.randn(4, 64, device=DEVICE) * 1e-3
+    dy[1, 10] = float("nan")
+    dy[2, 50] = float("-inf")
+    idx, _ = ops.unified_select(dy, 2)
+    assert sorted(idx.tolist()) == [10, 50]
+    _, rows_idx = ops.per_example_select(dy, 1)
+    assert rows_idx[1].item() == 10 and rows_idx[2].item() == 50
+
+
+@pytest.mark.parametrize("k", [1, 4097, 131072])
+def test_kernel_selection_reaches_wide_rows(k):
+    N = 131072
+    dy = torch.randn(2, N, device=DEVICE)
+    idx, dy_c = kernel_ops().unified_select(dy, k)
+    assert is_valid_topk(dy.double().abs().sum(0), idx, k)
+    assert torch.equal(dy_c, dy[:, idx.long()])
+    values, rows_idx = kernel_ops().per_example_select(dy[:1], k)
+    assert is_valid_topk(dy[0].double().abs(), rows_idx[0], k)
+
+
+def test_selection_leaves_its_input_alone(ops):
+    dy = torch.randn(5, 40, device=DEVICE)
+    before = dy.clone()
+    ops.unified_select(dy, 3)
+    ops.per_example_select(dy, 3)
+    assert torch.equal(dy, before)
