@@ -158,3 +158,21 @@ def test_training_converges_on_a_toy_problem():
         optimizer.step()
     accuracy = (model(x.to(DEVICE)).argmax(1).cpu() == y).float().mean().item()
     assert accuracy > 0.9
+
+
+def test_convert_swaps_lstms_sharing_parameters():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(6, 10, batch_first=True)
+            self.out = nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0])
+
+    model = Tagger()
+    converted = mebp.convert(model, k=8, inplace=True)
+    assert isinstance(converted.lstm, mebp.MeLSTM) and type(converted.out) is nn.Linear
+    assert converted.lstm.weight_hh_l0 is model.lstm.weight_hh_l0
+    with pytest.raises(ValueError, match="'lstm'.*40"):
+        mebp.convert(Tagger(), k=41)

@@ -6,7 +6,8 @@ layer, so only k rows of each weight take part and receive a gradient.
 from .backend import get_backend, set_backend
 from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
 from .modules import MeLinear, convert
+from .rnn import MeLSTM, mebp_lstm_layer
 
-__all__ = ["MeLinear", "MebpLinearFunction", "convert", "get_backend", "mebp_linear", "resolve_k",
-           "set_backend", "sgd_step_rows"]
+__all__ = ["MeLSTM", "MeLinear", "MebpLinearFunction", "convert", "get_backend", "mebp_linear",
+           "mebp_lstm_layer", "resolve_k", "set_backend", "sgd_step_rows"]
 __version__ = "0.1.0"

@@ -70,11 +70,15 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
             skip_output=True, inplace=False, sparse_bias=False, count_hits=False) -> nn.Module:
     """Replace the model's ``nn.Linear`` layers by ``MeLinear`` sharing the same parameters.
 
+    ``nn.LSTM`` layers (without ``proj_size``) become ``MeLSTM``, with ``k`` taken against the
+    4 * hidden_size gate width; their weight gradients are always dense.
     ``exclude``: qualified module names (shell-style patterns allowed) to leave dense.
     ``skip_output``: keep the last ``nn.Linear`` (in registration order, the output layer of an
     ``nn.Sequential`` MLP) on full back propagation, as the paper does. The input model is left
-    as it is unless ``inplace=True``. Subclasses of ``nn.Linear`` are left alone.
+    as it is unless ``inplace=True``. Subclasses of ``nn.Linear`` and ``nn.LSTM`` are left alone.
     """
+    from .rnn import MeLSTM
+
     check_options(mode, grad)
     if isinstance(exclude, str):
         exclude = (exclude,)
@@ -82,14 +86,19 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
     linears = [(name, m) for name, m in target.named_modules() if type(m) is nn.Linear]
     if skip_output and linears:
         linears = linears[:-1]
+    lstms = [(name, m) for name, m in target.named_modules() if type(m) is nn.LSTM and not m.proj_size]
     replacements = {}
-    for name, linear in linears:
+    for name, module in linears + lstms:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
             continue
-        resolve_k(k, linear.out_features, f"layer {name!r}")
-        replacements[id(linear)] = MeLinear.from_linear(linear, k=k, mode=mode, grad=grad,
+        if isinstance(module, nn.LSTM):
+            resolve_k(k, 4 * module.hidden_size, f"LSTM {name!r} (4 * hidden_size gates)")
+            replacements[id(module)] = MeLSTM.from_lstm(module, k=k, mode=mode)
+            continue
+        resolve_k(k, module.out_features, f"layer {name!r}")
+        replacements[id(module)] = MeLinear.from_linear(module, k=k, mode=mode, grad=grad,
                                                         sparse_bias=sparse_bias, count_hits=count_hits)
-    if isinstance(target, nn.Linear) and id(target) in replacements:
+    if id(target) in replacements:
         return replacements[id(target)]
     for parent in target.modules():
         # _modules, not named_children(): the latter skips a child registered twice.
