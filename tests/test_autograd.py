@@ -185,3 +185,14 @@ def test_bad_counters():
         mebp.mebp_linear(torch.randn(2, 3), w, k=2, hits=torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="hits"):
         mebp.mebp_linear(torch.randn(2, 3), w, k=2, hits=torch.zeros(5))
+
+
+def test_autocast_backward_returns_gradients_in_the_parameters_dtype():
+    layer = mebp.MeLinear(16, 32, k=4)
+    x = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 4

@@ -12,12 +12,12 @@ import triton_mebp as mebp
 WORLD = 2
 
 
-def _train(rank, init_file, result_dir):
+def _train(rank, init_file, result_dir, grad):
     os.environ.pop("TRITON_INTERPRET", None)  # this path runs the PyTorch backend on CPU
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = mebp.convert(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-                                       nn.Linear(16, 3)), k=4)
+                                       nn.Linear(16, 3)), k=4, grad=grad)
     start = [p.detach().clone() for p in model.parameters()]
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -33,9 +33,9 @@ def _train(rank, init_file, result_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_stay_identical():
+def test_ddp_ranks_stay_identical(grad="dense"):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_train, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        mp.spawn(_train, args=(os.path.join(tmp, "init"), tmp, grad), nprocs=WORLD, join=True)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b)

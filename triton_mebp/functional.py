@@ -105,7 +105,8 @@ class MebpLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
         n_out, n_in = weight.shape
-        dy = grad_output.reshape(-1, n_out)
+        # Under autocast the output gradient may come in another dtype than the saved operands.
+        dy = grad_output.reshape(-1, n_out).to(weight.dtype)
         x2 = x.reshape(-1, n_in)
         if ctx.refs is not None:
             ctx.refs += dy.shape[0]
