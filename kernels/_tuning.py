@@ -32,13 +32,15 @@ class TunedKernel:
 
     ``kernel[grid](*args, **kwargs)`` launches it; the config space is ``configs`` and the pruning
     function ``prune(configs, named_args)`` removes configs that do not suit the problem.
+    ``reset_to_zero`` names outputs accumulated with atomics; ``restore_value`` names tensors the
+    kernel updates in place, restored after each tuning trial so tuning applies the update once.
     """
 
-    def __init__(self, fn, configs, key, prune=None, reset_to_zero=None):
+    def __init__(self, fn, configs, key, prune=None, reset_to_zero=None, restore_value=None):
         self.fn = fn
         self.configs = list(configs)
         self.prune = prune
-        options = dict(key=key, reset_to_zero=reset_to_zero)
+        options = dict(key=key, reset_to_zero=reset_to_zero, restore_value=restore_value)
         if prune is not None:
             options["prune_configs_by"] = {"early_config_prune": lambda cfgs, nargs, **kw: prune(cfgs, nargs)}
         if _supports_cache_results():

@@ -29,7 +29,7 @@ row_sgd = TunedKernel(
     _row_sgd_kernel,
     [triton.Config({"BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w)
      for bk, bm, w in ((4, 512, 4), (8, 256, 4), (1, 1024, 4), (16, 512, 8))],
-    key=["M"])
+    key=["M"], restore_value=["w_ptr"])
 
 
 def row_sgd_update(weight: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lr: float) -> None:

@@ -157,7 +157,7 @@ column_scores = TunedKernel(
     prune=_prune_scores,
 )
 unified_select_row = TunedKernel(_unified_select_kernel, _select_configs(), key=["N"],
-                                 prune=_prefer_block_near_width)
+                                 prune=_prefer_block_near_width, restore_value=["hits_ptr"])
 gather_columns = TunedKernel(
     _gather_columns_kernel,
     [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
@@ -165,7 +165,7 @@ gather_columns = TunedKernel(
     key=["K"],
 )
 per_example_select_rows = TunedKernel(_per_example_select_kernel, _select_configs(), key=["N"],
-                                      prune=_prefer_block_near_width)
+                                      prune=_prefer_block_near_width, restore_value=["hits_ptr"])
 
 
 def _no_hits(device):

@@ -7,7 +7,10 @@ from .backend import get_backend, set_backend
 from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
 from .modules import MeLinear, convert
 from .rnn import MeLSTM, mebp_lstm_layer
+from . import optim
+from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
 
-__all__ = ["MeLSTM", "MeLinear", "MebpLinearFunction", "convert", "get_backend", "mebp_linear",
-           "mebp_lstm_layer", "resolve_k", "set_backend", "sgd_step_rows"]
+__all__ = ["MeLSTM", "MeLinear", "MebpLinearFunction", "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD",
+           "convert", "get_backend", "mebp_linear", "mebp_lstm_layer", "optim", "resolve_k",
+           "set_backend", "sgd_step_rows"]
 __version__ = "0.1.0"

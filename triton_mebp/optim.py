@@ -1,0 +1,377 @@
+"""Row-sparse optimizers: update only the rows that received a gradient.
+
+``RowSGD``, ``RowAdagrad``, ``RowAdam`` and ``RowAdamW`` are ``torch.optim.Optimizer`` subclasses.
+A parameter whose gradient is row-sparse (``grad="sparse"``: a ``torch.sparse_coo`` tensor with
+one sparse dimension) is updated on its gradient's rows only, with one fused Triton kernel on
+CUDA (PyTorch ops on the CPU); rows not in the gradient are neither read nor written, and their
+state does not decay. Each such parameter keeps a per-row step count ``row_step`` (float32,
+``(param.shape[0],)``); Adam bias-corrects every row with its own count. Parameters with dense
+gradients get exactly the update of the matching ``torch.optim`` class. See docs/optim.md.
+
+State layout (relied on by the model simplifier): per-element state tensors have the parameter's
+shape, ``row_step`` has shape ``(param.shape[0],)``, ``step`` is a 0-d float32 CPU tensor.
+"""
+import math
+
+import torch
+
+from . import backend, torch_ops
+
+
+def _kernels():
+    from .kernels import optim_rows
+    return optim_rows
+
+
+def _check_range(name, value, low=0.0, high=math.inf, high_open=False):
+    value_f = float(value)
+    above = value_f >= high if high_open else value_f > high
+    if not value_f >= low or above:  # also rejects NaN
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, "
+                         f"got {value!r}")
+
+
+def _rows_view(tensor, what):
+    """``tensor`` as a 2-D (rows x rest) view sharing its storage, so in-place writes land."""
+    if tensor.dim() == 2:
+        return tensor
+    if tensor.dim() == 0:
+        raise ValueError(f"{what} is 0-d and has no rows to update")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what} of shape {tuple(tensor.shape)} must be contiguous for a "
+                         "row-sparse update (only 2-D tensors may be strided)")
+    return tensor.view(tensor.shape[0], math.prod(tensor.shape[1:]))
+
+
+def _row_sparse_parts(param, grad):
+    """``(rows, values)`` of a row-sparse gradient: distinct row indices, (rows x rest) values."""
+    if grad.layout != torch.sparse_coo:
+        raise ValueError(f"sparse gradients must be torch.sparse_coo, got {grad.layout}")
+    if tuple(grad.shape) != tuple(param.shape):
+        raise ValueError(f"gradient shape {tuple(grad.shape)} does not match the parameter's "
+                         f"{tuple(param.shape)}")
+    if grad.sparse_dim() != 1:
+        raise ValueError(f"a row-sparse gradient has one sparse dimension (rows), got "
+                         f"sparse_dim={grad.sparse_dim()} for a parameter of shape "
+                         f"{tuple(param.shape)}")
+    if grad.device != param.device:
+        raise ValueError(f"gradient on {grad.device}, parameter on {param.device}")
+    grad = grad.coalesce()  # sums duplicate rows; a new tensor, p.grad is left as it is
+    rows = grad.indices()[0]
+    if not rows.is_cuda and rows.numel():  # on CUDA the check would cost a synchronisation
+        low, high = int(rows.min()), int(rows.max())
+        if low < 0 or high >= param.shape[0]:
+            raise ValueError(f"row indices of the sparse gradient must be in "
+                             f"[0, {param.shape[0]}), got [{low}, {high}]")
+    values = grad.values()
+    return rows, values.reshape(values.shape[0], math.prod(param.shape[1:]))
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _RowOptimizer(torch.optim.Optimizer):
+    """Shared step loop: row-sparse gradients go to ``_rows_torch`` (PyTorch ops) or
+    ``_rows_triton`` (the fused kernels), dense ones to ``_dense`` (the torch.optim update)."""
+
+    _per_element = ()  # names of the per-element state tensors
+
+    def _init_state(self, param, state, group):
+        raise NotImplementedError
+
+    def _dense(self, param, grad, state, group):
+        raise NotImplementedError
+
+    def _rows_torch(self, param, rows, values, state, group):
+        raise NotImplementedError
+
+    def _rows_triton(self, param, rows, values, state, group):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, param.grad, group)
+        return loss
+
+    def _update(self, param, grad, group):
+        if param.is_complex():
+            raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            self._init_state(param, state, group)
+        for name in self._per_element:
+            if name in state and tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(f"optimizer state {name!r} has shape {tuple(state[name].shape)} "
+                                 f"but the parameter has {tuple(param.shape)}")
+        if grad.layout not in (torch.strided, torch.sparse_coo):
+            raise ValueError(f"gradients must be dense or torch.sparse_coo, got {grad.layout}")
+        if grad.is_sparse:
+            rows, values = _row_sparse_parts(param, grad)
+        elif "row_step" in state:
+            # A dense gradient for a parameter with per-row state: every row is selected.
+            if tuple(grad.shape) != tuple(param.shape):
+                raise ValueError(f"gradient shape {tuple(grad.shape)} does not match the "
+                                 f"parameter's {tuple(param.shape)}")
+            rows = torch.arange(param.shape[0], device=param.device)
+            values = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
+        else:
+            self._dense(param, grad, state, group)
+            state["step"] += 1
+            return
+        if values.dtype != param.dtype:
+            raise ValueError(f"gradient dtype {values.dtype} does not match the parameter's "
+                             f"{param.dtype}")
+        if "row_step" not in state:
+            # Dense steps so far updated every row.
+            state["row_step"] = torch.full((param.shape[0],), float(state["step"]),
+                                           dtype=torch.float32, device=param.device)
+        if tuple(state["row_step"].shape) != (param.shape[0],):
+            raise ValueError(f"optimizer state 'row_step' has shape "
+                             f"{tuple(state['row_step'].shape)}, expected ({param.shape[0]},)")
+        for name in self._per_element:
+            if name in state and param.dim() != 2 and not state[name].is_contiguous():
+                state[name] = state[name].contiguous()
+        if backend.ops_for(param) is torch_ops:
+            self._rows_torch(param, rows, values, state, group)
+        else:
+            self._rows_triton(param, rows, values, state, group)
+        state["step"] += 1
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer``'s, but ``row_step`` stays float32 (not the param dtype)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_row_steps = {i: s["row_step"] for i, s in state_dict["state"].items()
+                           if isinstance(s, dict) and "row_step" in s}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):  # checked before anything changes
+            row_step = saved_row_steps.get(saved_id)
+            if row_step is not None and tuple(row_step.shape) != tuple(param.shape[:1]):
+                raise ValueError(f"saved 'row_step' has shape {tuple(row_step.shape)}, the "
+                                 f"parameter has shape {tuple(param.shape)}")
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in saved_row_steps:
+                self.state[param]["row_step"] = saved_row_steps[saved_id].to(
+                    device=param.device, dtype=torch.float32, copy=True)
+
+
+class RowSGD(_RowOptimizer):
+    """SGD with momentum, Nesterov and weight decay, as ``torch.optim.SGD``, row-sparse aware.
+
+    On a row-sparse gradient only its rows move; weight decay applies to those rows only, and a
+    row's momentum buffer is updated (and, on its first update, set to the gradient) only when the
+    row is selected.
+    """
+
+    _per_element = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        _check_range("lr", lr)
+        _check_range("momentum", momentum)
+        _check_range("weight_decay", weight_decay)
+        _check_range("dampening", dampening, 0.0, 1.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _init_state(self, param, state, group):
+        if group["momentum"]:
+            self._buffer(param, state)
+
+    @staticmethod
+    def _buffer(param, state):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def _dense(self, param, grad, state, group):
+        d_p = grad if group["weight_decay"] == 0 else grad.add(param, alpha=group["weight_decay"])
+        if group["momentum"]:
+            buf = self._buffer(param, state)
+            if state["step"] == 0:
+                buf.copy_(d_p)
+            else:
+                buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
+            d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        param.add_(d_p, alpha=-group["lr"])
+
+    def _rows_torch(self, param, rows, values, state, group):
+        p2 = _rows_view(param, "parameter")
+        dtype = _compute_dtype(param.dtype)
+        row_step = state["row_step"]
+        first = (row_step.index_select(0, rows) == 0).unsqueeze(1)
+        row_step.index_add_(0, rows, torch.ones_like(rows, dtype=row_step.dtype))
+        p_rows = p2.index_select(0, rows).to(dtype)
+        d_p = values.to(dtype)
+        if group["weight_decay"]:
+            d_p = d_p.add(p_rows, alpha=group["weight_decay"])
+        if group["momentum"]:
+            buf2 = _rows_view(self._buffer(param, state), "momentum_buffer")
+            momentum = group["momentum"]
+            buf = buf2.index_select(0, rows).to(dtype)
+            buf = torch.where(first, d_p,
+                              buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"]))
+            buf2.index_copy_(0, rows, buf.to(buf2.dtype))
+            d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p2.index_copy_(0, rows, p_rows.sub_(d_p, alpha=group["lr"]).to(p2.dtype))
+
+    def _rows_triton(self, param, rows, values, state, group):
+        buf = self._buffer(param, state) if group["momentum"] else None
+        _kernels().row_sgd_step(
+            _rows_view(param, "parameter"), rows, values, state["row_step"],
+            None if buf is None else _rows_view(buf, "momentum_buffer"),
+            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+
+
+class RowAdagrad(_RowOptimizer):
+    """Adagrad as ``torch.optim.Adagrad``, row-sparse aware; ``lr_decay`` uses each row's count."""
+
+    _per_element = ("sum",)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10):
+        _check_range("lr", lr)
+        _check_range("lr_decay", lr_decay)
+        _check_range("weight_decay", weight_decay)
+        _check_range("initial_accumulator_value", initial_accumulator_value)
+        _check_range("eps", eps)
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+
+    def _init_state(self, param, state, group):
+        state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
+                                       memory_format=torch.preserve_format)
+
+    def _dense(self, param, grad, state, group):
+        step = float(state["step"]) + 1
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+        state["sum"].addcmul_(grad, grad, value=1)
+        param.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-clr)
+
+    def _rows_torch(self, param, rows, values, state, group):
+        p2, sum2 = _rows_view(param, "parameter"), _rows_view(state["sum"], "sum")
+        dtype = _compute_dtype(param.dtype)
+        row_step = state["row_step"]
+        step = row_step.index_select(0, rows) + 1
+        row_step.index_copy_(0, rows, step)
+        clr = (group["lr"] / (1 + (step.to(torch.float64) - 1) * group["lr_decay"])).to(dtype)
+        p_rows = p2.index_select(0, rows).to(dtype)
+        grad = values.to(dtype)
+        if group["weight_decay"]:
+            grad = grad.add(p_rows, alpha=group["weight_decay"])
+        total = sum2.index_select(0, rows).to(dtype).addcmul_(grad, grad)
+        sum2.index_copy_(0, rows, total.to(sum2.dtype))
+        p_rows -= clr.unsqueeze(1) * grad / total.sqrt().add_(group["eps"])
+        p2.index_copy_(0, rows, p_rows.to(p2.dtype))
+
+    def _rows_triton(self, param, rows, values, state, group):
+        _kernels().row_adagrad_step(
+            _rows_view(param, "parameter"), rows, values, state["row_step"],
+            _rows_view(state["sum"], "sum"), lr=group["lr"], lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"], eps=group["eps"])
+
+
+class RowAdam(_RowOptimizer):
+    """Adam as ``torch.optim.Adam`` (L2 weight decay), row-sparse aware, bias-corrected per row.
+
+    On a row-sparse gradient only its rows move; each row's moments are updated and its step
+    count incremented only when the row is selected, and its bias correction uses its own count.
+    """
+
+    _per_element = ("exp_avg", "exp_avg_sq")
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        _check_range("lr", lr)
+        _check_range("eps", eps)
+        _check_range("weight_decay", weight_decay)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
+
+    def _init_state(self, param, state, group):
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _dense(self, param, grad, state, group):
+        step = float(state["step"]) + 1
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        if wd:
+            if self._decoupled:
+                param.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(param, alpha=wd)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _rows_torch(self, param, rows, values, state, group):
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        p2 = _rows_view(param, "parameter")
+        m2 = _rows_view(state["exp_avg"], "exp_avg")
+        v2 = _rows_view(state["exp_avg_sq"], "exp_avg_sq")
+        dtype = _compute_dtype(param.dtype)
+        row_step = state["row_step"]
+        step = row_step.index_select(0, rows) + 1
+        row_step.index_copy_(0, rows, step)
+        step = step.to(torch.float64).unsqueeze(1)
+        step_size = (lr / (1 - torch.pow(beta1, step))).to(dtype)
+        bc2_sqrt = (1 - torch.pow(beta2, step)).sqrt_().to(dtype)
+        p_rows = p2.index_select(0, rows).to(dtype)
+        grad = values.to(dtype)
+        if wd:
+            if self._decoupled:
+                p_rows.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(p_rows, alpha=wd)
+        m = m2.index_select(0, rows).to(dtype).lerp_(grad, 1 - beta1)
+        v = v2.index_select(0, rows).to(dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m2.index_copy_(0, rows, m.to(m2.dtype))
+        v2.index_copy_(0, rows, v.to(v2.dtype))
+        denom = v.sqrt_().div_(bc2_sqrt).add_(group["eps"])
+        p_rows -= m.mul_(step_size).div_(denom)
+        p2.index_copy_(0, rows, p_rows.to(p2.dtype))
+
+    def _rows_triton(self, param, rows, values, state, group):
+        beta1, beta2 = group["betas"]
+        _kernels().row_adam_step(
+            _rows_view(param, "parameter"), rows, values, state["row_step"],
+            _rows_view(state["exp_avg"], "exp_avg"), _rows_view(state["exp_avg_sq"], "exp_avg_sq"),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled=self._decoupled)
+
+
+class RowAdamW(RowAdam):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``), row-sparse aware.
+
+    On a row-sparse gradient the decay applies to the selected rows only.
+    """
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+__all__ = ["RowAdagrad", "RowAdam", "RowAdamW", "RowSGD"]
