@@ -176,3 +176,28 @@ def test_convert_swaps_lstms_sharing_parameters():
     assert converted.lstm.weight_hh_l0 is model.lstm.weight_hh_l0
     with pytest.raises(ValueError, match="'lstm'.*40"):
         mebp.convert(Tagger(), k=41)
+
+
+def test_auto_falls_back_to_dense_backward_where_the_cost_model_says_so(monkeypatch, tmp_path):
+    import triton_mebp.estimate as estimate
+    decisions = {}
+
+    def fake_is_faster(batch, in_features, out_features, k, mode, device, *, dtype, grad):
+        decisions[batch] = batch >= 8
+        return decisions[batch]
+
+    monkeypatch.setattr(estimate, "mebp_is_faster", fake_is_faster)
+    layer = mebp.MeLinear(5, 20, k=3, auto=True, count_hits=True)
+    layer(torch.randn(4, 5)).sum().backward()      # predicted slower: every row gets a gradient
+    assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 20
+    layer.weight.grad = None
+    layer(torch.randn(8, 5)).sum().backward()      # predicted faster: meProp
+    assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 3
+    layer(torch.randn(8, 5)).sum().backward()
+    assert sorted(decisions) == [4, 8]             # one decision per batch size
+
+
+def test_auto_uses_the_real_cost_model():
+    layer = mebp.MeLinear(16, 16, k=2, auto=True)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert len(layer._auto_decisions) == 1

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One-shot GPU check: the test suite compiled (no interpreter), a reduced sweep and its charts.
+#
+#   perf/gpu_check.sh OUTDIR
+#
+# Needs a CUDA GPU and only the packages of the machine's image (torch, triton, pytest,
+# hypothesis, numpy, matplotlib): nothing is installed. The package is put on PYTHONPATH through a
+# temporary folder in which triton_mebp/kernels links to the repository's kernels/ (the mapping
+# that an install would make). Leaves in OUTDIR: gpu_check.log, pytest.xml, sweep-DEVICE.csv,
+# charts/*.png. Fits in 8 minutes: each phase runs under its own timeout.
+# Without a GPU it stops at once with exit status 2. GPU_CHECK_REHEARSE=1 runs the same plumbing on
+# the CPU (a small test subset under the interpreter, a tiny sweep) to rehearse the script.
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 64
+fi
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$1" || { echo "gpu_check: cannot create $1" >&2; exit 2; }
+OUTDIR=$(cd "$1" && pwd)
+PY=${PYTHON:-python3}
+REHEARSE=${GPU_CHECK_REHEARSE:-0}
+LOG="$OUTDIR/gpu_check.log"
+started=$(date +%s)
+say() { echo "gpu_check [$(( $(date +%s) - started ))s]: $*"; }
+
+run_check() {
+say "repository $ROOT, python $PY, output $OUTDIR"
+unset TRITON_INTERPRET TRITON_MEBP_BACKEND
+if [[ "$REHEARSE" != 1 ]]; then
+    if ! timeout 45 "$PY" -c '
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("PyTorch " + torch.__version__ + " sees no CUDA GPU")
+print("gpu_check: GPU", torch.cuda.get_device_name(0), "torch", torch.__version__)
+'; then
+        say "FAILED: this check needs PyTorch with a CUDA GPU (see the line above); nothing was run"
+        return 2
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+else
+    say "REHEARSAL on the CPU: test subset under the interpreter, tiny sweep"
+    export TRITON_INTERPRET=1
+fi
+
+# The package without installing it: triton_mebp/* linked, plus triton_mebp/kernels -> kernels/.
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
+mkdir "$SITE/triton_mebp"
+for entry in "$ROOT"/triton_mebp/*; do
+    [[ "$(basename "$entry")" == __pycache__ ]] || ln -s "$entry" "$SITE/triton_mebp/"
+done
+ln -s "$ROOT/kernels" "$SITE/triton_mebp/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# Python puts the working directory first on sys.path: away from the repository root, whose
+# triton_mebp/ lacks the kernels/ mapping.
+cd "$OUTDIR"
+if ! "$PY" -c '
+import sys, triton, triton_mebp, triton_mebp.kernels.selection as s
+print("gpu_check: triton", triton.__version__, "| triton_mebp from", triton_mebp.__file__,
+      "| kernels from", s.__file__)
+assert triton_mebp.__file__.startswith(sys.argv[1]), "triton_mebp is not the linked copy"
+' "$SITE"; then
+    say "FAILED: the package does not import from the linked folder"
+    return 3
+fi
+
+status=0
+if [[ "$REHEARSE" == 1 ]]; then
+    tests=("$ROOT/tests/test_sweep.py" "$ROOT/tests/test_estimate.py")
+else
+    tests=("$ROOT/tests")
+fi
+say "pytest ${tests[*]} (compiled kernels, TRITON_MEBP_AUTOTUNE=0)"
+TRITON_MEBP_AUTOTUNE=0 timeout 230 "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider \
+    --rootdir="$ROOT" --junitxml="$OUTDIR/pytest.xml" -o addopts="-ra"
+rc=$?
+[[ $rc -eq 124 ]] && say "pytest ran past its 230 s limit"
+[[ $rc -ne 0 ]] && { say "pytest FAILED (exit $rc)"; status=1; }
+
+say "reduced sweep (autotuning on, time budget 100 s)"
+# The PyTorch path is what CPU tensors use; on the GPU the check times cuBLAS against the kernels.
+device=cuda providers=dense,mebp-triton
+[[ "$REHEARSE" == 1 ]] && device=cpu providers=dense,mebp-torch
+slug=$("$PY" -c 'import sys, torch; from triton_mebp.sweep import device_slug
+print(device_slug(torch.device(sys.argv[1])))' "$device") || slug=$device
+timeout 150 "$PY" -m triton_mebp.sweep --preset check --device "$device" --time-budget 100 \
+    --providers "$providers" \
+    --out "$OUTDIR/sweep-$slug.csv" --no-progress
+rc=$?
+[[ $rc -ne 0 ]] && { say "sweep FAILED (exit $rc)"; status=1; }
+
+say "charts"
+if ls "$OUTDIR"/sweep-*.csv >/dev/null 2>&1; then
+    timeout 40 "$PY" -m triton_mebp.plot "$OUTDIR"/sweep-*.csv --out "$OUTDIR/charts" || status=1
+else
+    say "no sweep CSV to plot"; status=1
+fi
+
+say "done, status $status; files in $OUTDIR:"
+ls -la "$OUTDIR" "$OUTDIR/charts" 2>/dev/null
+return $status
+}
+
+# Everything the check prints also goes to the log; the pipe ends when the check does.
+run_check 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
