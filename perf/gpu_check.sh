@@ -79,13 +79,19 @@ rc=$?
 [[ $rc -eq 124 ]] && say "pytest ran past its 230 s limit"
 [[ $rc -ne 0 ]] && { say "pytest FAILED (exit $rc)"; status=1; }
 
-say "reduced sweep (autotuning on, time budget 100 s)"
+if [[ "$REHEARSE" != 1 ]]; then
+    say "inference benchmark (fused MLP against PyTorch on the compacted weights)"
+    timeout 40 "$PY" "$ROOT/perf/bench_inference.py" --device cuda --out "$OUTDIR/inference.csv" \
+        || { say "inference benchmark FAILED"; status=1; }
+fi
+
+say "reduced sweep (autotuning on, time budget 80 s)"
 # The PyTorch path is what CPU tensors use; on the GPU the check times cuBLAS against the kernels.
 device=cuda providers=dense,mebp-triton
 [[ "$REHEARSE" == 1 ]] && device=cpu providers=dense,mebp-torch
 slug=$("$PY" -c 'import sys, torch; from triton_mebp.sweep import device_slug
 print(device_slug(torch.device(sys.argv[1])))' "$device") || slug=$device
-timeout 150 "$PY" -m triton_mebp.sweep --preset check --device "$device" --time-budget 100 \
+timeout 120 "$PY" -m triton_mebp.sweep --preset check --device "$device" --time-budget 80 \
     --providers "$providers" \
     --out "$OUTDIR/sweep-$slug.csv" --no-progress
 rc=$?

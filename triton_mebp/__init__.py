@@ -3,15 +3,21 @@
 Forward passes stay dense; backward passes keep only the top-k output gradients of each linear
 layer, so only k rows of each weight take part and receive a gradient.
 """
+from . import optim
 from .backend import get_backend, set_backend
 from .estimate import estimate_speedup, mebp_is_faster
 from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
+from .inference import FusedLinear, FusedMLP, optimize_for_inference
 from .modules import MeLinear, convert
-from .rnn import MeLSTM, mebp_lstm_layer
-from . import optim
 from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
+from .rnn import MeLSTM, mebp_lstm_layer
+from .simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified
 
-__all__ = ["MeLSTM", "MeLinear", "MebpLinearFunction", "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD",
-           "convert", "estimate_speedup", "get_backend", "mebp_is_faster", "mebp_linear", "mebp_lstm_layer", "optim", "resolve_k",
-           "set_backend", "sgd_step_rows"]
+__all__ = [
+    "FusedLinear", "FusedMLP", "MeLSTM", "MeLinear", "MebpLinearFunction", "PruneReport",
+    "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "Simplifier", "SimplifySchedule", "convert",
+    "estimate_speedup", "get_backend", "load_simplified", "mebp_is_faster", "mebp_linear",
+    "mebp_lstm_layer", "optim", "optimize_for_inference", "resolve_k", "save_simplified",
+    "set_backend", "sgd_step_rows",
+]
 __version__ = "0.1.0"

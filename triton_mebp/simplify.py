@@ -1,0 +1,523 @@
+"""meSimp: remove the hidden neurons that meProp seldom selects, physically, and keep training.
+
+``Simplifier(model)`` finds each hidden ``MeLinear`` whose output reaches only ``nn.Linear``
+layers through element-wise modules (an ``nn.Sequential`` chain, or a ``torch.fx`` trace of other
+models) and switches its hit counting on. ``prune()`` keeps neuron j iff ``hits[j] >= threshold *
+refs``, deletes the other rows of the layer's weight and bias and the matching columns of every
+consumer's weight, slices the optimizer's state the same way, and resets the counters.
+``SimplifySchedule`` calls it on the paper's cycle schedule; ``save_simplified`` /
+``load_simplified`` store and restore a compacted model without pickled objects.
+"""
+import numbers
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import MeLinear
+
+# Modules and functions that act on each element alone: a removed neuron stays one feature.
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.Identity, nn.Dropout,
+    nn.AlphaDropout,
+)
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardtanh,
+    F.hardsigmoid, F.hardswish, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.dropout,
+    F.sigmoid, F.tanh, torch.relu, torch.tanh, torch.sigmoid, torch.dropout,
+}
+ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+SCALAR_OPERATORS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul,
+                    torch.add}
+CHECKPOINT_FORMAT = "triton_mebp.simplified/1"
+
+
+def _is_elementwise_module(module) -> bool:
+    return type(module) in ELEMENTWISE_MODULES
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+@dataclass
+class PrunePlan:
+    """One prunable layer and the layers that read its output."""
+    name: str
+    layer: MeLinear
+    consumers: list = field(default_factory=list)  # [(name, nn.Linear)]
+
+
+class PruneReport(dict):
+    """``{layer_name: (old_width, new_width)}``; ``skipped`` maps the layers left alone to why."""
+
+    def __init__(self, widths, skipped):
+        super().__init__(widths)
+        self.skipped = dict(skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding consumers
+
+
+def _flatten_sequential(seq: nn.Sequential, prefix: str):
+    """The modules a Sequential runs, in order, nested Sequentials expanded: [(name, module)]."""
+    chain = []
+    for child_name, child in seq.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, nn.Sequential):
+            chain += _flatten_sequential(child, name)
+        else:
+            chain.append((name, child))
+    return chain
+
+
+def _sequential_links(model: nn.Module, is_root: bool, producer=MeLinear):
+    """Consumers found by walking nn.Sequential chains: ({name: consumers}, {name: reason})."""
+    links, reasons = {}, {}
+    roots = [("", model)] if isinstance(model, nn.Sequential) else [
+        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Sequential)]
+    for root_name, seq in roots:
+        chain = _flatten_sequential(seq, root_name)
+        for i, (name, module) in enumerate(chain):
+            if not isinstance(module, producer) or name in links or name in reasons:
+                continue
+            consumers, reason = [], None
+            for next_name, following in chain[i + 1:]:
+                if _is_elementwise_module(following):
+                    continue
+                if _is_linear(following):
+                    consumers.append((next_name, following))
+                else:
+                    reason = (f"its output reaches {next_name!r} ({type(following).__name__}), "
+                              "which is not element-wise")
+                break
+            else:
+                reason = ("its output is the model's output" if is_root and root_name == "" else
+                          f"its output leaves the nn.Sequential {root_name or 'model'!r}, where "
+                          "the simplifier cannot follow it")
+            if reason:
+                reasons[name] = reason
+            else:
+                links[name] = consumers
+    return links, reasons
+
+
+class _LinearLeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, module, qualified_name):
+        return _is_linear(module) or super().is_leaf_module(module, qualified_name)
+
+
+def _node_label(node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "output":
+        return "the model's output"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target!r}"
+
+
+def _passes_through(node, source, modules) -> bool:
+    """Whether ``node`` is an element-wise function of ``source`` alone."""
+    tensor_args = [a for a in list(node.args) + list(node.kwargs.values())
+                   if isinstance(a, torch.fx.Node)]
+    if node.op == "call_module":
+        return (_is_elementwise_module(modules[node.target]) and node.args[:1] == (source,)
+                and tensor_args == [source])
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS and tensor_args == [source]
+    if node.op == "call_function":
+        if node.target in ELEMENTWISE_FUNCTIONS:
+            return node.args[:1] == (source,) and tensor_args == [source]
+        if node.target in SCALAR_OPERATORS:
+            others = [a for a in node.args if a is not source]
+            return (tensor_args == [source] and len(node.args) == 2 and not node.kwargs
+                    and all(isinstance(a, numbers.Number) for a in others))
+    return False
+
+
+def _fx_links(model: nn.Module, graph, producer=MeLinear):
+    """Consumers found in a torch.fx graph: ({name: consumers}, {name: reason})."""
+    modules = dict(model.named_modules())
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    links, reasons = {}, {}
+    for name, module in modules.items():
+        if not isinstance(module, producer):
+            continue
+        nodes = calls.get(name, [])
+        if len(nodes) != 1:
+            reasons[name] = ("it is never called in the traced forward" if not nodes else
+                             f"it is called {len(nodes)} times in the forward")
+            continue
+        consumers, reason, frontier = [], None, [nodes[0]]
+        while frontier and reason is None:
+            source = frontier.pop()
+            for user in source.users:
+                if _passes_through(user, source, modules):
+                    frontier.append(user)
+                elif (user.op == "call_module" and _is_linear(modules[user.target])
+                      and user.args == (source,) and not user.kwargs):
+                    if len(calls[user.target]) != 1:
+                        reason = (f"its consumer {user.target!r} is called "
+                                  f"{len(calls[user.target])} times in the forward")
+                        break
+                    consumers.append((user.target, modules[user.target]))
+                else:
+                    reason = f"its output reaches {_node_label(user)}, which is not element-wise"
+                    break
+        if reason is None and not consumers:
+            reason = "its output is not used by any layer"
+        if reason:
+            reasons[name] = reason
+        else:
+            links[name] = consumers
+    return links, reasons
+
+
+def _find_links(model: nn.Module, producer=MeLinear):
+    """For each ``producer`` layer: the Linear layers that read its output, or why it has none
+    the simplifier can follow."""
+    if isinstance(model, nn.Sequential):
+        return _sequential_links(model, is_root=True, producer=producer)
+    try:
+        graph = _LinearLeafTracer().trace(model)
+    except Exception as error:  # any untraceable forward: fall back to Sequential chains
+        links, reasons = _sequential_links(model, is_root=False, producer=producer)
+        why = f"torch.fx could not trace the model ({type(error).__name__}: {error})"
+        for name, module in model.named_modules():
+            if isinstance(module, producer) and name not in links and name not in reasons:
+                reasons[name] = f"{why} and the layer is not inside an nn.Sequential chain"
+        return links, reasons
+    return _fx_links(model, graph, producer)
+
+
+def _shared_objects(model: nn.Module):
+    """ids of modules and parameters that appear at more than one place in the model."""
+    seen, shared = set(), set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        (shared if id(module) in seen else seen).add(id(module))
+    seen_params = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen_params else seen_params).add(id(param))
+    return shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Changing parameters in place
+
+
+def replace_parameter_data(param: torch.Tensor, new: torch.Tensor) -> None:
+    """Gives ``param`` the data ``new`` (any shape), keeping the Parameter object.
+
+    A shape change through ``.data`` alone leaves autograd's cached gradient accumulator with the
+    old shape, and the next backward fails while any old graph still holds it; a dtype change
+    drops that cache, hence the detour through an empty tensor of another dtype.
+    """
+    other = torch.float32 if new.dtype == torch.float64 else torch.float64
+    param.grad = None
+    param.data = torch.empty(0, dtype=other, device=new.device)
+    param.data = new
+
+
+def _slice(tensor, cuts):
+    for dim, index in cuts.items():
+        tensor = tensor.index_select(dim, index)
+    return tensor
+
+
+def _sliced_state(optimizer, param, cuts, label):
+    """The optimizer state of ``param`` sliced by ``cuts`` ({dim: kept indices}); raises if a
+    state tensor has a shape the slicing rule does not cover."""
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return None
+    old_shape = tuple(param.shape)
+    sliced = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            sliced[key] = value
+        elif value.layout != torch.strided:
+            raise ValueError(f"optimizer state {key!r} of {label} is a {value.layout} tensor; "
+                             "the simplifier slices dense state only")
+        elif tuple(value.shape) == old_shape:
+            sliced[key] = _slice(value, {d: i.to(value.device) for d, i in cuts.items()})
+        elif tuple(value.shape) == old_shape[:1]:
+            sliced[key] = _slice(value, {0: cuts[0].to(value.device)}) if 0 in cuts else value
+        else:
+            raise ValueError(f"optimizer state {key!r} of {label} has shape {tuple(value.shape)}, "
+                             f"neither the parameter's {old_shape} nor per row {old_shape[:1]}: "
+                             "the simplifier cannot slice it")
+    return sliced
+
+
+def _apply_cuts(param_cuts, layer_widths, optimizer, labels):
+    """Slices parameters (and their grads and optimizer state), validating everything first.
+
+    ``param_cuts``: {id: (param, {dim: kept indices})}; ``layer_widths``: [(layer, attr, width)].
+    """
+    staged = []
+    for param, cuts in param_cuts.values():
+        label = labels[id(param)]
+        cuts = {d: i.to(param.device) for d, i in cuts.items()}
+        with torch.no_grad():
+            data = _slice(param.detach(), cuts)
+        grad = param.grad
+        new_grad = None
+        if grad is not None and grad.layout == torch.strided and grad.shape == param.shape:
+            new_grad = _slice(grad, cuts)
+        state = _sliced_state(optimizer, param, cuts, label)
+        staged.append((param, data, new_grad, state))
+    # Nothing above changed the model or the optimizer; from here on nothing can fail.
+    for param, data, new_grad, state in staged:
+        replace_parameter_data(param, data)
+        param.grad = new_grad
+        if state is not None:
+            optimizer.state[param] = state
+    for layer, attr, width in layer_widths:
+        setattr(layer, attr, width)
+
+
+def _resize_me_linear(layer: MeLinear, width: int) -> None:
+    """Hit counters of the new width, and an absolute k capped at it."""
+    layer.hits = torch.zeros(width, dtype=torch.int64, device=layer.weight.device)
+    layer.refs.zero_()
+    if isinstance(layer.k, numbers.Integral) and not isinstance(layer.k, bool) and layer.k > width:
+        layer.k = width
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Simplifier:
+    """Prunes the seldom selected neurons of a model's hidden ``MeLinear`` layers (meSimp).
+
+    ``threshold``: neuron j stays iff it was selected in at least ``threshold`` of the examples
+    seen since the last prune. ``optimizer``: its per-parameter state is sliced with the
+    parameters (built before pruning, it keeps training the pruned model). ``min_width``: the
+    fewest neurons a layer keeps (its most selected ones). ``layers`` names the prunable layers,
+    ``consumers`` what reads each, ``skipped`` the other MeLinear layers and why.
+    """
+
+    def __init__(self, model: nn.Module, *, threshold: float = 0.1, optimizer=None,
+                 min_width: int = 1):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Simplifier needs an nn.Module, got {type(model).__name__}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
+                0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        if isinstance(min_width, bool) or not isinstance(min_width, numbers.Integral) or min_width < 1:
+            raise ValueError(f"min_width must be an int >= 1, got {min_width!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not any(isinstance(m, MeLinear) for m in model.modules()):
+            raise ValueError("the model has no MeLinear layer to simplify: convert it first "
+                             "(triton_mebp.convert(model))")
+        self.model, self.threshold = model, float(threshold)
+        self.optimizer, self.min_width = optimizer, int(min_width)
+        links, reasons = _find_links(model)
+        shared = _shared_objects(model)
+        self.plans, self.skipped = [], dict(reasons)
+        for name, consumers in links.items():
+            layer = dict(model.named_modules())[name]
+            involved = [(name, layer)] + consumers
+            tied = [n for n, m in involved if id(m) in shared
+                    or any(id(p) in shared for p in m.parameters(recurse=False))]
+            if tied:
+                self.skipped[name] = (f"{tied[0]!r} or its parameters are used at several places "
+                                      "in the model")
+                continue
+            self.plans.append(PrunePlan(name, layer, list(consumers)))
+        for plan in self.plans:
+            plan.layer.count_hits = True
+            plan.layer.reset_hits()
+
+    @property
+    def layers(self):
+        return [plan.name for plan in self.plans]
+
+    @property
+    def consumers(self):
+        return {plan.name: [name for name, _ in plan.consumers] for plan in self.plans}
+
+    def _kept(self, plan: PrunePlan) -> torch.Tensor:
+        layer = plan.layer
+        refs = int(layer.refs)
+        if refs == 0:
+            raise RuntimeError(
+                f"layer {plan.name!r} has seen no examples since the last prune (refs = 0): run "
+                "backward passes with the model in training mode before prune()")
+        hits = layer.hits
+        if hits.shape != (layer.out_features,):
+            raise RuntimeError(f"layer {plan.name!r}: hits has shape {tuple(hits.shape)}, "
+                               f"expected ({layer.out_features},)")
+        keep = (hits.double() >= self.threshold * refs).nonzero().flatten()
+        floor = min(self.min_width, layer.out_features)
+        if keep.numel() < floor:
+            keep = torch.sort(hits, descending=True, stable=True).indices[:floor].sort().values
+        return keep
+
+    def prune(self) -> PruneReport:
+        """Removes the seldom selected neurons; returns ``{layer_name: (old_width, new_width)}``.
+
+        Validates everything before changing anything: an error leaves the model and the
+        optimizer as they were. Resets the hit counters of every managed layer.
+        """
+        kept = {plan.name: self._kept(plan) for plan in self.plans}
+        names = {id(p): f"{mname}.{pname}" for mname, m in self.model.named_modules()
+                 for pname, p in m.named_parameters(recurse=False)}
+        param_cuts, widths, report = {}, [], {}
+        for plan in self.plans:
+            layer, keep = plan.layer, kept[plan.name]
+            old, new = layer.out_features, keep.numel()
+            report[plan.name] = (old, new)
+            if new == old:
+                continue
+            for name, consumer in plan.consumers:
+                if consumer.in_features != old:
+                    raise RuntimeError(f"consumer {name!r} of {plan.name!r} reads "
+                                       f"{consumer.in_features} features, expected {old}")
+            for param, dim in [(layer.weight, 0), (layer.bias, 0)] + [
+                    (c.weight, 1) for _, c in plan.consumers]:
+                if param is not None:
+                    param_cuts.setdefault(id(param), (param, {}))[1][dim] = keep
+            widths.append((layer, "out_features", new))
+            widths += [(c, "in_features", new) for _, c in plan.consumers]
+        _apply_cuts(param_cuts, widths, self.optimizer, names)
+        for plan in self.plans:
+            _resize_me_linear(plan.layer, plan.layer.out_features)
+        return PruneReport(report, self.skipped)
+
+    def reset_optimizer_state(self) -> None:
+        """Forgets the optimizer's state (Adam's moments and step counts), as at a cycle's end."""
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+
+
+class SimplifySchedule:
+    """The paper's schedule: training in cycles, pruning in every other cycle.
+
+    Call ``step()`` once after each optimizer step. Each cycle is ``cycle_epochs`` epochs of
+    ``steps_per_epoch`` steps; in pruning cycles (the second, fourth, ... or, with
+    ``prune_first_cycle=True``, the first, third, ...) the model is pruned ``prunes_per_epoch``
+    times per epoch, evenly spaced. With ``reset_optimizer=True`` the optimizer's state is cleared
+    at the end of every cycle. ``step()`` returns the prune report when it pruned, else None;
+    ``history`` keeps ``(step, report)`` of every prune.
+    """
+
+    def __init__(self, simplifier: Simplifier, *, steps_per_epoch: int, cycle_epochs: int = 5,
+                 prunes_per_epoch: int = 8, prune_first_cycle: bool = False,
+                 reset_optimizer: bool = True, last_pruning_cycle: int | None = None):
+        for label, value in (("steps_per_epoch", steps_per_epoch), ("cycle_epochs", cycle_epochs),
+                             ("prunes_per_epoch", prunes_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+        self.simplifier = simplifier
+        self.steps_per_epoch, self.cycle_epochs = int(steps_per_epoch), int(cycle_epochs)
+        self.prunes_per_epoch = int(prunes_per_epoch)
+        self.prune_first_cycle, self.reset_optimizer = prune_first_cycle, reset_optimizer
+        self.last_pruning_cycle = last_pruning_cycle
+        self.steps = 0
+        self.history = []
+
+    @property
+    def cycle(self) -> int:
+        """The cycle the next step belongs to."""
+        return self.steps // (self.steps_per_epoch * self.cycle_epochs)
+
+    def is_pruning_cycle(self, cycle: int) -> bool:
+        if self.last_pruning_cycle is not None and cycle > self.last_pruning_cycle:
+            return False
+        return cycle % 2 == (0 if self.prune_first_cycle else 1)
+
+    def step(self):
+        cycle = self.cycle
+        self.steps += 1
+        in_epoch = (self.steps - 1) % self.steps_per_epoch + 1
+        report = None
+        # Prune when the step crosses one of the prunes_per_epoch marks of the epoch.
+        mark = lambda step: step * self.prunes_per_epoch // self.steps_per_epoch
+        if self.is_pruning_cycle(cycle) and mark(in_epoch) > mark(in_epoch - 1):
+            report = self.simplifier.prune()
+            self.history.append((self.steps, report))
+        if self.reset_optimizer and self.steps % (self.steps_per_epoch * self.cycle_epochs) == 0:
+            self.simplifier.reset_optimizer_state()
+        return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact checkpoints
+
+
+def _linear_shapes(model: nn.Module):
+    return {name: [m.out_features, m.in_features] for name, m in model.named_modules() if _is_linear(m)}
+
+
+def save_simplified(model: nn.Module, path) -> None:
+    """Saves the (compacted) model's weights and its Linear widths, tensors and plain data only."""
+    torch.save({"format": CHECKPOINT_FORMAT, "linear_shapes": _linear_shapes(model),
+                "state_dict": model.state_dict()}, path)
+
+
+def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
+    """Resizes a freshly built full-size ``model`` to a saved simplified one and loads its weights.
+
+    Loads with ``torch.load(weights_only=True)``. A checkpoint that does not fit the model's
+    architecture raises an error naming the layer; the model is changed only once all fits.
+    """
+    checkpoint = torch.load(path, weights_only=True, map_location=map_location or "cpu")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a simplified-model checkpoint (format {CHECKPOINT_FORMAT!r})")
+    saved_shapes, state = checkpoint["linear_shapes"], checkpoint["state_dict"]
+    modules = dict(model.named_modules())
+    model_shapes = _linear_shapes(model)
+    for name in saved_shapes:
+        if name not in model_shapes:
+            raise ValueError(f"checkpoint layer {name!r} is not an nn.Linear of the model")
+    for name in model_shapes:
+        if name not in saved_shapes:
+            raise ValueError(f"layer {name!r} of the model is missing from the checkpoint")
+    # Only a hidden width may be smaller: a layer's output read by Linear layers alone (through
+    # element-wise modules), and those layers' inputs with it. Every other width must match.
+    links, _ = _find_links(model, producer=nn.Linear)
+    read_from = {consumer: producer for producer, consumers in links.items() for consumer, _ in consumers}
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for name, (out_f, in_f) in saved_shapes.items():
+        full_out, full_in = model_shapes[name]
+        fits_out = out_f == full_out or (name in links and 1 <= out_f < full_out)
+        fits_in = in_f == full_in or (name in read_from and 1 <= in_f < full_in
+                                      and in_f == saved_shapes[read_from[name]][0])
+        if not (fits_out and fits_in):
+            raise ValueError(f"checkpoint layer {name!r} is {out_f} x {in_f} (out x in), which "
+                             f"does not fit the model's {full_out} x {full_in}")
+        prefix = f"{name}." if name else ""
+        expected[f"{prefix}weight"] = (out_f, in_f)
+        if modules[name].bias is not None:
+            expected[f"{prefix}bias"] = (out_f,)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            layer = key.rsplit(".", 1)[0] if "." in key else key
+            raise ValueError(f"checkpoint entry {key!r} (layer {layer!r}) has shape "
+                             f"{tuple(state[key].shape)}, expected {shape}")
+    for name, (out_f, in_f) in saved_shapes.items():
+        layer = modules[name]
+        if (layer.out_features, layer.in_features) == (out_f, in_f):
+            continue
+        replace_parameter_data(layer.weight, layer.weight.new_empty(out_f, in_f))
+        if layer.bias is not None:
+            replace_parameter_data(layer.bias, layer.bias.new_empty(out_f))
+        layer.out_features, layer.in_features = out_f, in_f
+        if isinstance(layer, MeLinear):
+            _resize_me_linear(layer, out_f)
+    model.load_state_dict(state)
+    return model
