@@ -232,11 +232,11 @@ def per_example_input_grad(values: torch.Tensor, idx: torch.Tensor, weight: torc
 
 
 def per_example_weight_grad(values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int,
-                            out: torch.Tensor | None = None):
+                            dense: bool = False):
     """Rows of dW touched by a per-example selection, each summed over its examples.
 
-    Returns ``(rows, grad_rows)``: the distinct selected rows ascending (int64) and their gradient
-    (len(rows) x M). If ``out`` (n_rows x M) is given, the rows are written into it instead.
+    Returns ``(rows, grad)``: the distinct selected rows ascending (int64) and their gradient
+    (len(rows) x M), or with ``dense=True`` the whole n_rows x M gradient, zero elsewhere.
     """
     B, K = values.shape
     M = x.shape[1]
@@ -247,8 +247,9 @@ def per_example_weight_grad(values: torch.Tensor, idx: torch.Tensor, x: torch.Te
     torch.cumsum(counts, 0, out=seg[1:])
     examples = order // K
     ordered_values = values.reshape(-1)[order]
-    scatter = out is not None
-    target = out if scatter else torch.empty((rows.numel(), M), dtype=values.dtype, device=x.device)
+    scatter = dense
+    target = (torch.zeros((n_rows, M), dtype=values.dtype, device=x.device) if dense
+              else torch.empty((rows.numel(), M), dtype=values.dtype, device=x.device))
     if rows.numel() > 0:
         segment_rows[lambda meta: (rows.numel(), triton.cdiv(M, meta["BLOCK_M"]))](
             seg, examples, ordered_values, rows, x, target, M,

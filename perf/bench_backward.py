@@ -35,7 +35,8 @@ def measure(fn, device, min_run_time):
         q50, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return q50 * 1e-3, q20 * 1e-3, q80 * 1e-3
     import torch.utils.benchmark as benchmark
-    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=min_run_time)
     times = torch.tensor(m.times)
     return m.median, torch.quantile(times, 0.2).item(), torch.quantile(times, 0.8).item()
 
@@ -49,8 +50,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per provider")
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     n = args.features

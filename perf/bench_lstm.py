@@ -116,9 +116,8 @@ def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
             idx.append(i)
         values, rows = torch.cat(kept), torch.cat(idx)
         ops.per_example_input_grad(values, rows, w_ih)
-        ops.per_example_weight_grad(values, rows, x.reshape(-1, n_in), 4 * hidden, out=torch.zeros_like(w_ih))
-        ops.per_example_weight_grad(values, rows, h_prev.reshape(-1, hidden), 4 * hidden,
-                                    out=torch.zeros_like(w_hh))
+        ops.per_example_weight_grad(values, rows, x.reshape(-1, n_in), 4 * hidden, dense=True)
+        ops.per_example_weight_grad(values, rows, h_prev.reshape(-1, hidden), 4 * hidden, dense=True)
     return {"dense": dense, "unified": unified, "per_example": per_example}
 
 

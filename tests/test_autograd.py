@@ -196,3 +196,29 @@ def test_autocast_backward_returns_gradients_in_the_parameters_dtype():
     y.float().sum().backward()
     assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
     assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 4
+
+
+def test_dense_gradient_memory_is_reused_only_when_nothing_holds_it():
+    w = torch.randn(30, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    dy = separated_grad(4, 30, "unified")
+
+    def step():
+        mebp.mebp_linear(x, w, k=3).backward(dy)
+
+    step()
+    expected = w.grad.clone()
+    kept = w.grad
+    w.grad = None
+    step()                                   # the first gradient is still held: new memory
+    assert kept.data_ptr() != w.grad.data_ptr() and torch.equal(kept, expected)
+    view = w.grad.view(-1)
+    w.grad = None
+    step()                                   # held through a view: new memory again
+    assert torch.equal(view.view(30, 8), expected) and torch.equal(w.grad, expected)
+    address = w.grad.data_ptr()
+    w.grad = None
+    step()                                   # dropped: its memory comes back, zeroed and refilled
+    assert w.grad.data_ptr() == address and torch.equal(w.grad, expected)
+    step()                                   # accumulation into .grad still adds
+    assert torch.allclose(w.grad, 2 * expected)

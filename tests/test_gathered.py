@@ -56,9 +56,10 @@ def test_per_example_products(ops, B, M, N, dtype):
     touched = torch.unique(idx.long())
     assert torch.equal(rows.long().cpu(), touched.cpu())
     assert_close(grad_rows, full[touched], dtype)
-    out = torch.zeros(N, M, device=DEVICE, dtype=dtype)
-    ops.per_example_weight_grad(values, idx, x, N, out=out)
-    assert_close(out, full, dtype)
+    dense_rows, dense = ops.per_example_weight_grad(values, idx, x, N, dense=True)
+    assert torch.equal(dense_rows.long().cpu(), touched.cpu())
+    assert dense.shape == (N, M)
+    assert_close(dense, full, dtype)
 
 
 def test_products_accept_strided_operands(ops):

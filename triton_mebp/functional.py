@@ -1,5 +1,6 @@
 """meProp for one linear layer: dense forward, top-k sparsified backward."""
 import numbers
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,32 @@ def check_options(mode: str, grad: str) -> None:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
 
 
+_dense_grad_storage = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
+_CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
+
+
+def _zeroed_grad_buffer(weight, dtype):
+    """A zeroed tensor of ``weight``'s shape for a dense weight gradient.
+
+    On the CPU a fresh 4096 x 4096 gradient costs more in page faults than zeroing it (15 ms
+    against 1.3 ms on 2 cores), so the memory of the gradient returned last time is reused once
+    nothing holds it any more (``optimizer.zero_grad()`` sets ``.grad`` to None): only the
+    storage is kept here, so autograd still takes the returned tensor as ``.grad`` without a copy.
+    """
+    if weight.device.type != "cpu" or not _CAN_REUSE:
+        return torch.zeros_like(weight, dtype=dtype)
+    key = id(weight)
+    owner, storage = _dense_grad_storage.get(key, (None, None))
+    if (owner is not None and owner() is weight
+            and storage.nbytes() == weight.numel() * dtype.itemsize
+            and torch._C._storage_Use_Count(storage._cdata) == 1):  # held by this cache alone
+        return torch.empty(0, dtype=dtype).set_(storage, 0, weight.shape).zero_()
+    buffer = torch.zeros(weight.shape, dtype=dtype)
+    _dense_grad_storage[key] = (weakref.ref(weight, lambda _: _dense_grad_storage.pop(key, None)),
+                                buffer.untyped_storage())
+    return buffer
+
+
 def _row_sparse(rows_idx, rows, shape):
     return torch.sparse_coo_tensor(rows_idx.long().unsqueeze(0), rows, shape, is_coalesced=True,
                                    check_invariants=False)
@@ -61,7 +88,7 @@ def _unified_backward(ops, dy, x, weight, ctx):
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
-            dw = ops.gathered_weight_grad(dy_c, x, idx, out=torch.zeros_like(weight, dtype=dy.dtype))
+            dw = ops.gathered_weight_grad(dy_c, x, idx, out=_zeroed_grad_buffer(weight, dy.dtype))
         else:
             dw = _row_sparse(idx, ops.gathered_weight_grad(dy_c, x, idx), weight.shape)
     if ctx.sparse_bias:
@@ -77,8 +104,7 @@ def _per_example_backward(ops, dy, x, weight, ctx):
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
-            _, dw = ops.per_example_weight_grad(values, idx, x, weight.shape[0],
-                                                out=torch.zeros_like(weight, dtype=dy.dtype))
+            _, dw = ops.per_example_weight_grad(values, idx, x, weight.shape[0], dense=True)
         else:
             rows, grad_rows = ops.per_example_weight_grad(values, idx, x, weight.shape[0])
             dw = _row_sparse(rows, grad_rows, weight.shape)

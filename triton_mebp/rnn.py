@@ -151,10 +151,10 @@ class MeLSTMLayerFunction(torch.autograd.Function):
                 dx = ops.per_example_input_grad(values, idx, w_ih).view(T, B, n_in)
             if need_w_ih:
                 _, dw_ih = ops.per_example_weight_grad(values, idx, x.reshape(T * B, n_in), 4 * H,
-                                                       out=torch.zeros_like(w_ih))
+                                                       dense=True)
             if need_w_hh:
                 _, dw_hh = ops.per_example_weight_grad(values, idx, h_prev.reshape(T * B, H), 4 * H,
-                                                       out=torch.zeros_like(w_hh))
+                                                       dense=True)
         db_ih = db if ctx.has_bias and ctx.needs_input_grad[5] else None
         db_hh = db.clone() if ctx.has_bias and ctx.needs_input_grad[6] else None
         dh0 = dh if ctx.needs_input_grad[1] else None

@@ -344,7 +344,7 @@ def _kernel_closures(task: Task, device):
     values, idx = ops.per_example_select(dy, task.k)
     row_ids, rows = ops.per_example_weight_grad(values, idx, x, task.N)
     if task.grad == "dense":
-        weight_grad = lambda: ops.per_example_weight_grad(values, idx, x, task.N, out=torch.zeros_like(weight))  # noqa: E731
+        weight_grad = lambda: ops.per_example_weight_grad(values, idx, x, task.N, dense=True)  # noqa: E731
     else:
         weight_grad = lambda: ops.per_example_weight_grad(values, idx, x, task.N)  # noqa: E731
     return {"select": lambda: ops.per_example_select(dy, task.k),

@@ -40,24 +40,24 @@ def per_example_input_grad(values, idx, weight):
     return F.embedding_bag(idx, weight, per_sample_weights=values, mode="sum")
 
 
-def per_example_weight_grad(values, idx, x, n_rows, out=None):
-    """``(rows, grad_rows)`` of the distinct selected rows, or written into ``out`` if given.
+def per_example_weight_grad(values, idx, x, n_rows, dense=False):
+    """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
+    ``dense=True`` the whole n_rows x M gradient (zero rows where nothing was selected).
 
     The (example, slot) pairs are sorted by row once; each row's gradient is then a weighted bag
-    of the input rows of the examples that selected it.
+    of the input rows of the examples that selected it (an empty bag sums to zero).
     """
     B, K = values.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    starts = torch.zeros(rows.numel(), dtype=torch.int64, device=x.device)
+    if dense:
+        counts = torch.zeros(n_rows, dtype=torch.int64, device=x.device).index_put_((rows,), counts)
+    starts = torch.zeros(counts.numel(), dtype=torch.int64, device=x.device)
     torch.cumsum(counts[:-1], 0, out=starts[1:])
-    grad_rows = F.embedding_bag(order // K, x, starts, per_sample_weights=values.reshape(-1)[order],
-                                mode="sum")
-    if out is None:
-        return rows, grad_rows
-    out.index_copy_(0, rows, grad_rows)
-    return rows, out
+    grad = F.embedding_bag(order // K, x, starts, per_sample_weights=values.reshape(-1)[order],
+                           mode="sum")
+    return rows, grad
 
 
 def row_sgd_update(weight, idx, rows, lr):
