@@ -147,3 +147,15 @@ def test_digits_split_is_fixed_and_covers_the_dataset():
 def test_load_dataset_rejects_unknown_name():
     with pytest.raises(ValueError, match="digits"):
         data.load_dataset("cifar")
+
+
+def test_standardized_uses_training_statistics_only():
+    from triton_mebp.data import Dataset
+    x_train = torch.tensor([[0.0, 1.0, 5.0], [2.0, 1.0, 7.0], [4.0, 1.0, 9.0]])
+    x_test = torch.tensor([[2.0, 3.0, 100.0]])
+    data = Dataset("toy", x_train, torch.zeros(3, dtype=torch.int64), x_test,
+                   torch.zeros(1, dtype=torch.int64), 2).standardized()
+    torch.testing.assert_close(data.x_train[:, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(data.x_train[:, 1], torch.zeros(3))        # constant: only shifted
+    torch.testing.assert_close(data.x_test, torch.tensor([[0.0, 2.0, 46.5]]))
+    assert torch.equal(x_train[:, 0], torch.tensor([0.0, 2.0, 4.0]))      # the input is untouched

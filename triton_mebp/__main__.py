@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=("mlp", "pos"), default="mlp")
     train.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     train.add_argument("--data-dir", help="MNIST: folder with the four IDX files (.gz or not)")
+    train.add_argument("--standardize", action="store_true",
+                       help="zero-mean, unit-variance inputs (training-set statistics) instead of "
+                            "pixels scaled to [0, 1]; meProp with Adam needs it (see the README)")
     train.add_argument("--mode", nargs="+", choices=TRAIN_MODES, default=["unified"],
                        help="one or more of dense, unified, per_example (each is trained)")
     train.add_argument("--k", type=parse_k, nargs="+", default=[0.05],
@@ -203,6 +206,8 @@ def run_train(args) -> int:
     if args.task == "pos":
         return _run_pos(args, device)
     dataset = load_dataset(args.dataset, args.data_dir)
+    if args.standardize:
+        dataset = dataset.standardized()
     configs = []
     for optimizer in args.optimizer:
         common = dict(hidden=args.hidden, layers=args.layers, epochs=args.epochs,

@@ -3,6 +3,7 @@
 Both loaders return a :class:`Dataset` of float32 features scaled to [0, 1] and int64 labels,
 already split into a training and a test set.
 """
+import dataclasses
 import gzip
 import os
 import struct
@@ -41,6 +42,15 @@ class Dataset:
     def describe(self) -> str:
         return (f"{self.name}: {len(self.y_train)} training and {len(self.y_test)} test examples, "
                 f"{self.n_features} features, {self.n_classes} classes")
+
+    def standardized(self) -> "Dataset":
+        """Features shifted and scaled to zero mean and unit variance, by the training set's
+        statistics (a feature constant in training is only shifted)."""
+        mean = self.x_train.mean(0)
+        std = self.x_train.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return dataclasses.replace(self, name=f"{self.name} (standardized)",
+                                   x_train=(self.x_train - mean) / std, x_test=(self.x_test - mean) / std)
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
