@@ -7,16 +7,14 @@ run; long-format CSV to perf/results/hit_counting.csv.
     python perf/bench_hit_counting.py [--batch 512 --width 4096 --k 0.05 --reps 7]
 """
 import argparse
-import csv
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import triton_mebp as mebp
+from results_csv import run_fields, write_rows
 
 
 def quantiles(samples):
@@ -87,22 +85,11 @@ def main(argv=None):
                                  shape=f"B={args.batch},M={args.width},N={args.width}", k=args.k,
                                  mode=mode, dtype=str(dtype).replace("torch.", ""), metric="ms",
                                  median=round(med, 4), q20=round(q20, 4), q80=round(q80, 4),
-                                 device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                                 torch=torch.__version__, time=datetime.now(timezone.utc).isoformat()))
+                                 **run_fields(device)))
             overhead = (summary[True] / summary[False] - 1) * 100
             print(f"{device} {mode:12s} backward: off {summary[False]:8.2f} ms, on {summary[True]:8.2f} ms "
                   f"({overhead:+.1f}%)")
-    if not rows:
-        print("nothing measured: CUDA is not available")
-        return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
-
+    write_rows(rows, args.out)
 
 if __name__ == "__main__":
     main()

@@ -10,16 +10,14 @@ to perf/results/inference.csv.
     python perf/bench_inference.py [--full 784,500,500,10 --compact 784,64,64,10 --batch N]
 """
 import argparse
-import csv
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from results_csv import run_fields, write_rows
 from triton_mebp.inference import optimize_for_inference
 
 
@@ -85,24 +83,13 @@ def main(argv=None):
                              shape=f"B={batch},widths={'-'.join(map(str, widths))}",
                              dtype=str(dtype).replace("torch.", ""), metric="ms", median=round(med, 4),
                              q20=round(q20, 4), q80=round(q80, 4),
-                             device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                             torch=torch.__version__, time=datetime.now(timezone.utc).isoformat()))
+                             **run_fields(device)))
         line = ", ".join(f"{name} {med:.3f} ms" for name, (med, _, _) in results.items())
         ratio = results["uncompacted"][0] / results["compacted"][0]
         extra = (f", fused vs PyTorch on the same weights {results['compacted'][0] / results['fused'][0]:.2f}x"
                  if "fused" in results else "")
         print(f"{device} {str(dtype):14s} B={batch}: {line}; compaction {ratio:.2f}x{extra}")
-    if not rows:
-        print("nothing measured: CUDA is not available")
-        return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
-
+    write_rows(rows, args.out)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,6 @@
 """Property tests over shapes, k and modes: meProp equals masked-dense back propagation."""
+import contextlib
+
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -37,23 +39,25 @@ def check(problem):
         assert torch.equal(rows, mask.any(0).nonzero().flatten().cpu())
 
 
+@contextlib.contextmanager
+def backend(name):
+    before = mebp.get_backend()
+    mebp.set_backend(name)
+    try:
+        yield
+    finally:
+        mebp.set_backend(before)
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_torch_path_equals_masked_dense(problem):
-    before = mebp.get_backend()
-    mebp.set_backend("torch")
-    try:
+    with backend("torch"):
         check(problem)
-    finally:
-        mebp.set_backend(before)
 
 
 @settings(max_examples=25, deadline=None)
 @given(problems())
 def test_triton_path_equals_masked_dense(problem):
-    before = mebp.get_backend()
-    mebp.set_backend("triton")
-    try:
+    with backend("triton"):
         check(problem)
-    finally:
-        mebp.set_backend(before)
