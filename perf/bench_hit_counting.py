@@ -7,20 +7,12 @@ run; long-format CSV to perf/results/hit_counting.csv.
     python perf/bench_hit_counting.py [--batch 512 --width 4096 --k 0.05 --reps 7]
 """
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import triton_mebp as mebp
-from results_csv import run_fields, write_rows
-
-
-def quantiles(samples):
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-    return statistics.median(ordered), pick(0.2), pick(0.8)
+from bench_common import quantiles, run_fields, time_cpu, write_rows
 
 
 def backward_timer(layer, x, dy):
@@ -29,16 +21,6 @@ def backward_timer(layer, x, dy):
     def run():
         torch.autograd.grad(y, [x, layer.weight], dy, retain_graph=True)
     return run
-
-
-def time_cpu(fn, reps):
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def time_cuda(fn, reps):

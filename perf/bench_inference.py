@@ -10,14 +10,12 @@ to perf/results/inference.csv.
     python perf/bench_inference.py [--full 784,500,500,10 --compact 784,64,64,10 --batch N]
 """
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from results_csv import run_fields, write_rows
+from bench_common import quantiles, run_fields, time_cpu, write_rows
 from triton_mebp.inference import optimize_for_inference
 
 
@@ -30,16 +28,8 @@ def mlp(widths, device, dtype):
     return nn.Sequential(*layers).to(device, dtype).eval()
 
 
-def time_cpu(fn, reps):
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-    return statistics.median(ordered), pick(0.2), pick(0.8)
+def time_cpu_summary(fn, reps):
+    return quantiles(time_cpu(fn, reps))
 
 
 def time_cuda(fn, reps):
@@ -69,7 +59,7 @@ def main(argv=None):
         if device == "cuda":
             models["fused"] = optimize_for_inference(models["compacted"])
         x = torch.randn(batch, full[0], device=device, dtype=dtype)
-        timer = time_cuda if device == "cuda" else time_cpu
+        timer = time_cuda if device == "cuda" else time_cpu_summary
         results = {}
         with torch.inference_mode():
             if "fused" in models:  # the fused kernel computes what PyTorch computes

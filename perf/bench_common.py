@@ -1,10 +1,30 @@
-"""What the small benchmark scripts under perf/ share: the device label and the CSV writer."""
+"""What the small benchmark scripts under perf/ share: CPU timing, the device label, the CSV."""
 import csv
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+
+def time_cpu(fn, reps: int) -> list:
+    """Wall-clock milliseconds of ``reps`` calls of ``fn`` after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def quantiles(samples) -> tuple:
+    """(median, 20% quantile, 80% quantile) of the samples."""
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
 def run_fields(device: str) -> dict:
