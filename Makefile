@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo sweep clean
+.PHONY: test demo sweep gpu-check clean
 
 $(STAMP): pyproject.toml .ci/setup-venv
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup-venv
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) -m triton_mebp sweep --quick
+
+gpu-check:  # on a machine with a CUDA GPU and its own PyTorch + Triton; installs nothing
+	bash perf/gpu_check.sh perf/gpu-check-out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

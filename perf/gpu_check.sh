@@ -20,6 +20,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1" || { echo "gpu_check: cannot create $1" >&2; exit 2; }
 OUTDIR=$(cd "$1" && pwd)
 PY=${PYTHON:-python3}
+[[ "$PY" == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # the check runs from OUTDIR
 REHEARSE=${GPU_CHECK_REHEARSE:-0}
 LOG="$OUTDIR/gpu_check.log"
 started=$(date +%s)
