@@ -15,7 +15,7 @@ KS = (0.25,)         # k = 6 of 24
 def run_sweep(out, *extra):
     args = ["--out", str(out), "--shapes", "x".join(map(str, SHAPE)), "--ks", ",".join(map(str, KS)),
             "--min-run-time", "0.01", "--rep-ms", "5", "--no-progress", "--device", DEVICE.type,
-            "--dtypes", "fp32", *extra]
+            "--dtypes", "fp32", "--no-lstm", *extra]
     assert sweep.main(args) == 0
     with open(out, newline="") as f:
         return list(csv.DictReader(f))
@@ -199,7 +199,7 @@ def test_a_failing_measurement_is_reported_and_the_rest_recorded(tmp_path, monke
     monkeypatch.setattr(sweep, "_kernel_closures", with_a_broken_kernel)
     out = tmp_path / "broken.csv"
     args = ["--out", str(out), "--shapes", "4x8x16", "--ks", "0.25", "--min-run-time", "0.01",
-            "--no-progress", "--no-ceilings", "--device", "cpu", "--modes", "unified"]
+            "--no-progress", "--no-ceilings", "--no-lstm", "--device", "cpu", "--modes", "unified"]
     assert sweep.main(args) == 1
     assert "FAILED mebp-torch unified sparse fp32 4x8x16 k=4 input_grad: ZeroDivisionError" in capsys.readouterr().err
     with open(out, newline="") as f:
@@ -232,7 +232,7 @@ def test_threads_option_is_recorded_and_restored(tmp_path):
     before = torch.get_num_threads()
     out = tmp_path / "threads.csv"
     assert sweep.main(["--device", "cpu", "--threads", "1", "--out", str(out), "--shapes", "4x8x16",
-                       "--ks", "0.5", "--modes", "unified", "--no-ceilings", "--no-progress",
+                       "--ks", "0.5", "--modes", "unified", "--no-ceilings", "--no-lstm", "--no-progress",
                        "--min-run-time", "0.01"]) == 0
     assert torch.get_num_threads() == before
     with open(out, newline="") as f:
@@ -248,3 +248,20 @@ def test_plot_skips_csv_files_of_another_kind(swept, tmp_path, capsys):
     assert "other.csv is not a sweep CSV" in capsys.readouterr().err
     assert len(list((tmp_path / "charts").glob("*.png"))) == 3
     assert plot.main([str(other), "--out", str(tmp_path / "charts2")]) == 2
+
+
+def test_lstm_section_times_melstm_against_nn_lstm_once_per_commit(tmp_path):
+    preset = sweep.Preset(shapes=(), ks=(), min_run_time=0.01, rep_ms=5, warmup_ms=1,
+                          lstm=(3, 4, 8, 16, 0.25))
+    env = dict(device="d", torch="t", triton="t", commit="c1", timestamp="")
+    out = tmp_path / "lstm-cpu.csv"
+    assert sweep.run_lstm_section(preset, torch.device("cpu"), out, env, fresh=False) == []
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    backward = {r["provider"]: r for r in rows if r["metric"] == "backward"}
+    assert {"nn.LSTM", "mebp-unified", "mebp-per_example"} <= set(backward)
+    assert backward["mebp-unified"]["k"] == "16" and backward["nn.LSTM"]["k"] == "64"
+    assert all(float(r["median_ms"]) > 0 and r["commit"] == "c1" for r in rows)
+    assert sweep.run_lstm_section(preset, torch.device("cpu"), out, env, fresh=False) == []
+    with open(out, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)  # already measured for this commit

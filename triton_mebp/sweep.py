@@ -55,6 +55,7 @@ class Preset:
     min_run_time: float = 0.2   # CPU: seconds per measurement
     rep_ms: int = 100           # GPU: do_bench's repeat time
     warmup_ms: int = 25
+    lstm: tuple | None = (30, 32, 100, 500, 0.05)  # (seq, batch, input, hidden, k); None: no LSTM
 
 
 PRESETS = {
@@ -81,7 +82,8 @@ PRESETS = {
                         warmup_ms=10),
     },
 }
-PRESETS["cpu"]["check"] = Preset(shapes=((64, 256, 256),), ks=(0.05,), min_run_time=0.05)
+PRESETS["cpu"]["check"] = Preset(shapes=((64, 256, 256),), ks=(0.05,), min_run_time=0.05,
+                                 lstm=(4, 8, 16, 32, 0.25))
 
 
 # ---------------------------------------------------------------- environment and CSV
@@ -508,6 +510,8 @@ def build_parser():
                         help="seconds; no new task starts after this (the rest stays for a rerun)")
     parser.add_argument("--fresh", action="store_true", help="measure again what the CSV already has")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy / matmul ceilings")
+    parser.add_argument("--no-lstm", action="store_true",
+                        help="skip the LSTM section (MeLSTM against nn.LSTM, lstm-DEVICE.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -643,12 +647,44 @@ def _main(args) -> int:
             bar.update()
     finally:
         bar.close()
+    if preset.lstm is not None and not args.no_lstm:
+        failures += run_lstm_section(preset, device, out.with_name(f"lstm-{device_slug(device)}.csv"),
+                                     env, args.fresh)
     every = [r for r in read_rows(out) if r["device"] == env["device"] and r["commit"] == env["commit"]]
     print(summary(every))
     print(f"mebp sweep: wrote {len(written)} rows to {out} in {time.monotonic() - start:.0f} s"
           + (f"; {skipped} tasks left for a rerun (time budget)" if skipped else "")
           + (f"; {len(failures)} measurements FAILED (see above)" if failures else ""), file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_lstm_section(preset: Preset, device, out: Path, env: dict, fresh: bool) -> list[str]:
+    """MeLSTM against nn.LSTM at the preset's sizes, appended to its own CSV (its own columns);
+    skipped when that CSV already holds this device and commit. Returns the failures."""
+    from . import bench_lstm
+    seq, batch, n_in, hidden, k = preset.lstm
+    dtype = DTYPES[preset.dtypes[0]]
+    done = [r for r in read_rows(out) if r.get("commit") == env["commit"]
+            and r["device"].startswith("cpu") == (device.type == "cpu")]
+    if done and not fresh:
+        print(f"mebp sweep: LSTM section already in {out}", file=sys.stderr)
+        return []
+    try:
+        rows = bench_lstm.run(seq, batch, n_in, hidden, 1, k, device, dtype=dtype,
+                              min_run_time=preset.min_run_time)
+    except Exception as error:  # reported; the layer rows are already written
+        print(f"mebp sweep: FAILED lstm: {type(error).__name__}: {error}", file=sys.stderr)
+        return [f"lstm: {type(error).__name__}: {error}"]
+    rows = [dict(r, commit=env["commit"]) for r in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.is_file()
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=bench_lstm.COLUMNS + ["commit"])
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(bench_lstm.table(rows))
+    return []
 
 
 def _ceiling_dims(device):
