@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import grouped_tile
 from ._tuning import TunedKernel, pow2_bucket
 
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "gelu")
@@ -44,14 +45,7 @@ def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, B, N, K, B_BUCKET,
                        INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr):
     """y[B, N] = act(x[B, K] @ w[N, K].T + b[N])."""
-    pid = tl.program_id(0)
-    blocks_b = tl.cdiv(B, BLOCK_B)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_B * blocks_n
-    first_b = (pid // group_size) * GROUP_B
-    rows_in_group = min(blocks_b - first_b, GROUP_B)
-    pid_b = first_b + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_b, pid_n = grouped_tile(tl.program_id(0), B, N, BLOCK_B, BLOCK_N, GROUP_B)
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import grouped_tile
 from ._tuning import TunedKernel, pow2_bucket
 
 
@@ -24,14 +25,7 @@ def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, B_BUCKET
                                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_B: tl.constexpr):
     """c[B, M] = a[B, K] @ w[idx[K], M]."""
-    pid = tl.program_id(0)
-    blocks_b = tl.cdiv(B, BLOCK_B)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    group_size = GROUP_B * blocks_m
-    first_b = (pid // group_size) * GROUP_B
-    rows_in_group = min(blocks_b - first_b, GROUP_B)
-    pid_b = first_b + (pid % group_size) % rows_in_group
-    pid_m = (pid % group_size) // rows_in_group
+    pid_b, pid_m = grouped_tile(tl.program_id(0), B, M, BLOCK_B, BLOCK_M, GROUP_B)
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
