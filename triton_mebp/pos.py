@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .functional import MODES, resolve_k
 from .rnn import MeLSTM
+from .train import timed_backward
 
 PAD, UNKNOWN = "<pad>", "<unk>"
 UNSEEN_TAG = -1  # a tag absent from the training file: never predicted, always counted wrong
@@ -159,11 +160,6 @@ def token_accuracy(model, encoded, batch_size, device) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def _synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_tagger(model, train, dev, test=None, *, epochs=5, batch_size=32, optimizer="adam",
                  lr=None, seed=0, device="cpu", progress=True, label="") -> dict:
     """Trains ``model`` on encoded sentences; returns accuracies and per-epoch timings.
@@ -185,11 +181,7 @@ def train_tagger(model, train, dev, test=None, *, epochs=5, batch_size=32, optim
             scores = model(words, lengths)
             loss = loss_fn(scores.reshape(-1, scores.shape[-1]), tags.reshape(-1))
             opt.zero_grad(set_to_none=True)
-            _synchronize(device)
-            t0 = time.perf_counter()
-            loss.backward()
-            _synchronize(device)
-            backward_s += time.perf_counter() - t0
+            backward_s += timed_backward(loss, device)
             opt.step()
             n = int(lengths.sum())
             loss_sum += loss.item() * n

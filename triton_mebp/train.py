@@ -141,9 +141,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_backward(loss, device) -> float:
+    """``loss.backward()``; returns the seconds it took alone (the GPU synchronised around it)."""
+    _sync(device)
+    started = time.perf_counter()
+    loss.backward()
+    _sync(device)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -200,11 +209,7 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
             batch = permutation[start:start + config.batch_size]
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            t0 = time.perf_counter()
-            loss.backward()
-            _sync(device)
-            backward_s += time.perf_counter() - t0
+            backward_s += timed_backward(loss, device)
             optimizer.step()
             loss_sum += loss.detach() * len(batch)
         _sync(device)
@@ -343,12 +348,7 @@ def benchmark_backward(width: int = 2048, batch: int = 256, ks=(0.01, 0.02, 0.05
         times = []
         for _ in range(repeats + 1):
             layer.zero_grad(set_to_none=True)
-            loss = layer(x).square().sum()
-            _sync(device)
-            t0 = time.perf_counter()
-            loss.backward()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(timed_backward(layer(x).square().sum(), device))
         return statistics.median(times[1:])  # the first call warms up
 
     rows = [dict(mode="dense", k=width, k_ratio=1.0, backward_s=time_layer(dense))]
