@@ -3,6 +3,7 @@
 Forward passes stay dense; backward passes keep only the top-k output gradients of each linear
 layer, so only k rows of each weight take part and receive a gradient.
 """
+from . import _checkout  # noqa: F401  (first: triton_mebp.kernels in a source checkout)
 from . import optim
 from .backend import get_backend, set_backend
 from .estimate import estimate_speedup, mebp_is_faster
