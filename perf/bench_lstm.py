@@ -1,7 +1,7 @@
-"""Backward time of MeLSTM against nn.LSTM: ``triton_mebp.bench_lstm`` (also part of the sweep)."""
+"""Backward time of MeLSTM against nn.LSTM: ``triton_mebp.bench.lstm`` (also part of the sweep)."""
 import sys
 
-from triton_mebp.bench_lstm import main
+from triton_mebp.bench.lstm import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,9 +4,8 @@
 #   perf/gpu_check.sh OUTDIR
 #
 # Needs a CUDA GPU and only the packages of the machine's image (torch, triton, pytest,
-# hypothesis, numpy, matplotlib): nothing is installed. The package is put on PYTHONPATH through a
-# temporary folder in which triton_mebp/kernels links to the repository's kernels/ (the mapping
-# that an install would make). Leaves in OUTDIR: gpu_check.log, pytest.xml, sweep-DEVICE.csv,
+# hypothesis, numpy, matplotlib): nothing is installed; the checkout goes on PYTHONPATH.
+# Leaves in OUTDIR: gpu_check.log, pytest.xml, sweep-DEVICE.csv,
 # charts/*.png. Fits in 8 minutes: each phase runs under its own timeout.
 # Without a GPU it stops at once with exit status 2. GPU_CHECK_REHEARSE=1 runs the same plumbing on
 # the CPU (a small test subset under the interpreter, a tiny sweep) to rehearse the script.
@@ -45,25 +44,16 @@ else
     export TRITON_INTERPRET=1
 fi
 
-# The package without installing it: triton_mebp/* linked, plus triton_mebp/kernels -> kernels/.
-SITE=$(mktemp -d)
-trap 'rm -rf "$SITE"' EXIT
-mkdir "$SITE/triton_mebp"
-for entry in "$ROOT"/triton_mebp/*; do
-    [[ "$(basename "$entry")" == __pycache__ ]] || ln -s "$entry" "$SITE/triton_mebp/"
-done
-ln -s "$ROOT/kernels" "$SITE/triton_mebp/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-# Python puts the working directory first on sys.path: away from the repository root, whose
-# triton_mebp/ lacks the kernels/ mapping.
+# The package straight from the checkout, without installing: triton_mebp finds kernels/ beside it.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$OUTDIR"
 if ! "$PY" -c '
 import sys, triton, triton_mebp, triton_mebp.kernels.selection as s
 print("gpu_check: triton", triton.__version__, "| triton_mebp from", triton_mebp.__file__,
       "| kernels from", s.__file__)
-assert triton_mebp.__file__.startswith(sys.argv[1]), "triton_mebp is not the linked copy"
-' "$SITE"; then
-    say "FAILED: the package does not import from the linked folder"
+assert s.__file__.startswith(sys.argv[1]), "the kernels are not the checkout's"
+' "$ROOT"; then
+    say "FAILED: the package does not import from the checkout"
     return 3
 fi
 
@@ -95,9 +85,9 @@ say "reduced sweep (autotuning on, time budget 80 s)"
 # The PyTorch path is what CPU tensors use; on the GPU the check times cuBLAS against the kernels.
 device=cuda providers=dense,mebp-triton
 [[ "$REHEARSE" == 1 ]] && device=cpu providers=dense,mebp-torch
-slug=$("$PY" -c 'import sys, torch; from triton_mebp.sweep import device_slug
+slug=$("$PY" -c 'import sys, torch; from triton_mebp.bench.sweep import device_slug
 print(device_slug(torch.device(sys.argv[1])))' "$device") || slug=$device
-timeout 120 "$PY" -m triton_mebp.sweep --preset check --device "$device" --time-budget 80 \
+timeout 120 "$PY" -m triton_mebp.bench.sweep --preset check --device "$device" --time-budget 80 \
     --providers "$providers" \
     --out "$OUTDIR/sweep-$slug.csv" --no-progress
 rc=$?
@@ -105,7 +95,7 @@ rc=$?
 
 say "charts"
 if ls "$OUTDIR"/sweep-*.csv >/dev/null 2>&1; then
-    timeout 40 "$PY" -m triton_mebp.plot "$OUTDIR"/sweep-*.csv --out "$OUTDIR/charts" || status=1
+    timeout 40 "$PY" -m triton_mebp.bench.plot "$OUTDIR"/sweep-*.csv --out "$OUTDIR/charts" || status=1
 else
     say "no sweep CSV to plot"; status=1
 fi

@@ -1,7 +1,7 @@
-"""Perf sweep: dense vs meProp timings into perf/results/ (see triton_mebp.sweep)."""
+"""Perf sweep: dense vs meProp timings into perf/results/ (see triton_mebp.bench.sweep)."""
 import sys
 
-from triton_mebp.sweep import main
+from triton_mebp.bench.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

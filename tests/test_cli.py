@@ -9,8 +9,8 @@ import matplotlib.image
 import pytest
 
 import triton_mebp
-from triton_mebp import __main__ as cli
-from triton_mebp.train import demo_configs
+from triton_mebp.app import cli
+from triton_mebp.app.train import demo_configs
 
 from test_data import make_mnist
 
@@ -146,22 +146,22 @@ def test_invalid_settings_give_clear_errors(capsys):
 @pytest.mark.parametrize("command", ["sweep", "plot"])
 def test_sweep_and_plot_pass_their_arguments_through(command, monkeypatch):
     seen = {}
-    fake = types.ModuleType(f"triton_mebp.{command}")
+    fake = types.ModuleType(f"triton_mebp.bench.{command}")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, f"triton_mebp.{command}", fake)
+    monkeypatch.setitem(sys.modules, f"triton_mebp.bench.{command}", fake)
     assert cli.main([command, "--quick", "--out", "x.csv", "-h"]) == 0
     assert seen["argv"] == ["--quick", "--out", "x.csv", "-h"]
 
 
 def test_pos_task_is_handed_its_options(monkeypatch, tmp_path, capsys):
     seen = {}
-    fake = types.ModuleType("triton_mebp.pos")
+    fake = types.ModuleType("triton_mebp.app.pos")
 
     def run_pos_task(train_path, dev_path, test_path=None, **options):
         seen.update(train=train_path, dev=dev_path, test=test_path, **options)
         return {"models": {"meprop": {"dev_accuracy": 50.0, "epochs": []}}, "backward_speedup": 2.0}
     fake.run_pos_task = run_pos_task
-    monkeypatch.setitem(sys.modules, "triton_mebp.pos", fake)
+    monkeypatch.setitem(sys.modules, "triton_mebp.app.pos", fake)
     rc = cli.main(["train", "--task", "pos", "--train", "a.txt", "--dev", "b.txt", "--mode",
                    "per_example", "--k", "5", "--optimizer", "adam", "--epochs", "2", "--seeds", "1",
                    "2", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])

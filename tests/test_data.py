@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from triton_mebp import data
+from triton_mebp.app import data
 
 IMAGE_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
@@ -150,7 +150,7 @@ def test_load_dataset_rejects_unknown_name():
 
 
 def test_standardized_uses_training_statistics_only():
-    from triton_mebp.data import Dataset
+    from triton_mebp.app.data import Dataset
     x_train = torch.tensor([[0.0, 1.0, 5.0], [2.0, 1.0, 7.0], [4.0, 1.0, 9.0]])
     x_test = torch.tensor([[2.0, 3.0, 100.0]])
     data = Dataset("toy", x_train, torch.zeros(3, dtype=torch.int64), x_test,

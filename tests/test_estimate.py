@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from triton_mebp import estimate as est
-from triton_mebp.sweep import COLUMNS
+from triton_mebp.bench.sweep import COLUMNS
 
 
 def dense_ms(B, M, N, rate):

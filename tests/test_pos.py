@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from triton_mebp.pos import UNSEEN_TAG, Tagger, Vocabulary, read_conllu, run_pos_task
+from triton_mebp.app.pos import UNSEEN_TAG, Tagger, Vocabulary, read_conllu, run_pos_task
 from triton_mebp.rnn import MeLSTM
 
 LEXICON = {"DET": ["the", "a", "this"], "NOUN": ["cat", "dog", "bird", "tree", "house"],

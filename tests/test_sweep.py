@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA
-from triton_mebp import plot, sweep
+from triton_mebp.bench import plot, sweep
 
 SHAPE = (6, 16, 24)  # batch, in, out
 KS = (0.25,)         # k = 6 of 24

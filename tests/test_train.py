@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import triton_mebp as mebp
-from triton_mebp import train
-from triton_mebp.data import Dataset
+from triton_mebp.app import train
+from triton_mebp.app.data import Dataset
 
 
 def blobs(n_train=240, n_test=120, n_features=12, n_classes=3, seed=0) -> Dataset:

@@ -229,7 +229,7 @@ def _step_optimizers():
     """
     found = {"sgd": (lambda ps: torch.optim.SGD(ps, lr=LR), lambda ps: torch.optim.SGD(ps, lr=LR))}
     try:
-        from .optim import RowAdam  # written separately; optional here
+        from ..optim import RowAdam  # written separately; optional here
     except ImportError:
         return found
     found["adam"] = (lambda ps: torch.optim.Adam(ps, lr=LR), lambda ps: RowAdam(ps, lr=LR))
@@ -238,7 +238,7 @@ def _step_optimizers():
 
 def _kernel_groups():
     """The TunedKernels behind each timed operation, for the config column (GPU only)."""
-    from .kernels import gathered, row_update, selection
+    from ..kernels import gathered, row_update, selection
     return {
         ("unified", "select"): [selection.column_scores, selection.unified_select_row,
                                 selection.gather_columns],
@@ -255,7 +255,7 @@ def _kernel_groups():
 def _config_of(provider, mode, kernel):
     if provider != "mebp-triton":
         return ""
-    from .kernels._tuning import config_label
+    from ..kernels._tuning import config_label
     kernels = _kernel_groups().get((mode, kernel), [])
     return ";".join(f"{t.fn.__name__.strip('_')}[{config_label(t.last_config)}]" for t in kernels)
 
@@ -278,7 +278,7 @@ class Task:
 
 def _layer_closures(task: Task, device):
     """name -> callable for forward, backward and the full steps of one layer."""
-    from .functional import mebp_linear
+    from ..functional import mebp_linear
     dtype = DTYPES[task.dtype]
     x = torch.randn(task.B, task.M, device=device, dtype=dtype, requires_grad=True)
     weight = torch.nn.Parameter(torch.randn(task.N, task.M, device=device, dtype=dtype) / math.sqrt(task.M))
@@ -318,7 +318,7 @@ def _layer_closures(task: Task, device):
 
 def _kernel_closures(task: Task, device):
     """kernel -> callable, each operation of one backward alone."""
-    from . import backend, torch_ops
+    from .. import backend, torch_ops
     dtype = DTYPES[task.dtype]
     x = torch.randn(task.B, task.M, device=device, dtype=dtype)
     weight = torch.randn(task.N, task.M, device=device, dtype=dtype) / math.sqrt(task.M)
@@ -370,7 +370,7 @@ def _row(task, env, kernel, metric, timing, config=""):
 def run_task(task: Task, device, preset: Preset, env: dict) -> tuple[list[dict], list[str]]:
     """Rows of one (provider, mode, grad, dtype, shape, k), layer metrics then kernels, and the
     measurements that failed (as text)."""
-    from . import backend
+    from .. import backend
     before = backend.get_backend()
     ops_backend = {"dense": before, "mebp-torch": "torch", "mebp-triton": "triton"}[task.provider]
     rows, failures = [], []
@@ -432,7 +432,7 @@ def measure_ceilings(device, dtype: str, preset: Preset, env: dict) -> list[dict
 
 def plan(preset: Preset, providers, device) -> list[Task]:
     """Tasks in order: for each dtype and shape, dense first, then meProp per k and mode."""
-    from .functional import resolve_k
+    from ..functional import resolve_k
     tasks = []
     for dtype in preset.dtypes:
         for B, M, N in preset.shapes:
@@ -661,7 +661,7 @@ def _main(args) -> int:
 def run_lstm_section(preset: Preset, device, out: Path, env: dict, fresh: bool) -> list[str]:
     """MeLSTM against nn.LSTM at the preset's sizes, appended to its own CSV (its own columns);
     skipped when that CSV already holds this device and commit. Returns the failures."""
-    from . import bench_lstm
+    from . import lstm as bench_lstm
     seq, batch, n_in, hidden, k = preset.lstm
     dtype = DTYPES[preset.dtypes[0]]
     done = [r for r in read_rows(out) if r.get("commit") == env["commit"]

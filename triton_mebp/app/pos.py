@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .functional import MODES, resolve_k
-from .rnn import MeLSTM
+from ..functional import MODES, resolve_k
+from ..rnn import MeLSTM
 from .train import timed_backward
 
 PAD, UNKNOWN = "<pad>", "<unk>"

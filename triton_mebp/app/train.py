@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import MODES, resolve_k
-from .modules import MeLinear, convert
+from ..functional import MODES, resolve_k
+from ..modules import MeLinear, convert
 
 TRAIN_MODES = ("dense",) + MODES
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -115,7 +115,7 @@ def make_optimizer(name: str, params, lr: float, row_sparse: bool, eps: float | 
     params = list(params)
     options = dict(lr=lr) if eps is None else dict(lr=lr, eps=eps)
     if row_sparse:
-        from . import optim
+        from .. import optim
         return {"adam": optim.RowAdam, "adagrad": optim.RowAdagrad, "sgd": optim.RowSGD}[name](
             params, **options)
     return {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[name](
@@ -188,7 +188,7 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
                                config.sparse_grad, config.eps)
     simplifier = None
     if config.simplify:
-        from .simplify import Simplifier
+        from ..simplify import Simplifier
         simplifier = Simplifier(model, threshold=config.threshold, optimizer=optimizer,
                                 min_width=config.k_count)
     prune_epochs = math.ceil(config.epochs * config.prune_fraction) if config.simplify else 0

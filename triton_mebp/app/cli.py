@@ -1,0 +1,279 @@
+"""Command line: ``python -m triton_mebp COMMAND`` (also installed as ``mebp``).
+
+Commands: ``demo`` (meProp and meSimp on the bundled digits, with a report), ``train`` (any
+setting, on digits or MNIST; ``--task pos`` for the LSTM tagger), ``sweep`` and ``plot`` (kernel
+benchmarks and their charts), ``version``.
+"""
+import argparse
+import sys
+import time
+
+
+def parse_k(text: str):
+    """``25`` -> the count 25; ``0.05`` or ``5%`` -> the ratio 0.05 of the hidden width."""
+    try:
+        if text.endswith("%"):
+            value = float(text[:-1]) / 100.0
+        elif text.strip().lstrip("+").isdigit():
+            if int(text) < 1:
+                raise ValueError
+            return int(text)
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"k must be an int count (25), a ratio (0.05) or a percentage (5%), got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"k as a ratio must be in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _add_common(p, out_default, threads_default=None):
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+    p.add_argument("--threads", type=_positive_int, default=threads_default,
+                   help="CPU threads for PyTorch" + (f" (default {threads_default}: at batch 10 the "
+                   "products are tiny and more threads cost more in synchronization than they "
+                   "save, badly so on a shared machine)" if threads_default else
+                   " (default: PyTorch's choice)"))
+    p.add_argument("--out", default=out_default,
+                   help=f"folder for results.json/.csv, table.md and PNG charts (default {out_default})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import OPTIMIZERS, TRAIN_MODES
+    parser = argparse.ArgumentParser(prog="mebp", description="minimal-effort back propagation "
+                                     "(meProp) and model simplification (meSimp)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("version", help="print the version")
+
+    demo = sub.add_parser("demo", help="meProp and meSimp against dense training on the bundled "
+                          "digits dataset: table, CSV/JSON and charts",
+                          description="Trains the paper's MLP (2 hidden layers of 500) on "
+                          "scikit-learn's digits with AdaGrad and Adam: dense, meProp unified and "
+                          "per-example at k = 5%%, meSimp; then a k sweep and a one-layer backward "
+                          "benchmark.")
+    demo.add_argument("--epochs", type=_positive_int, default=15)
+    demo.add_argument("--hidden", type=_positive_int, default=500)
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    demo.add_argument("--k", type=parse_k, default=0.05, help="k of the main rows (default 5%%)")
+    demo.add_argument("--batch-size", type=_positive_int, default=10)
+    demo.add_argument("--no-sweep", action="store_true", help="skip the k sweep")
+    demo.add_argument("--no-benchmark", action="store_true", help="skip the one-layer benchmark")
+    demo.add_argument("--benchmark-width", type=_positive_int, default=2048)
+    demo.add_argument("--benchmark-batch", type=_positive_int, default=256)
+    _add_common(demo, "mebp-demo", threads_default=1)
+
+    train = sub.add_parser("train", help="train with chosen settings (MLP on digits/MNIST, or the "
+                           "POS tagger with --task pos)")
+    train.add_argument("--task", choices=("mlp", "pos"), default="mlp")
+    train.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
+    train.add_argument("--data-dir", help="MNIST: folder with the four IDX files (.gz or not)")
+    train.add_argument("--standardize", action="store_true",
+                       help="zero-mean, unit-variance inputs (training-set statistics) instead of "
+                            "pixels scaled to [0, 1]; meProp with Adam needs it (see the README)")
+    train.add_argument("--mode", nargs="+", choices=TRAIN_MODES, default=["unified"],
+                       help="one or more of dense, unified, per_example (each is trained)")
+    train.add_argument("--k", type=parse_k, nargs="+", default=[0.05],
+                       help="one or more k: int count, ratio (0.05) or percentage (5%%)")
+    train.add_argument("--hidden", type=_positive_int, default=500)
+    train.add_argument("--layers", type=_positive_int, default=2, help="hidden layers (MLP)")
+    train.add_argument("--epochs", type=_positive_int, default=20)
+    train.add_argument("--batch-size", type=_positive_int, default=10)
+    train.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=["adagrad"])
+    train.add_argument("--lr", type=float, help="learning rate (default: adam 1e-3, adagrad 0.1, "
+                       "sgd 0.1)")
+    train.add_argument("--eps", type=float, help="epsilon of adam or adagrad (default: theirs)")
+    train.add_argument("--sparse-grad", action="store_true", help="row-sparse weight gradients "
+                       "and the row-sparse optimizers (only selected rows are updated)")
+    train.add_argument("--simplify", action="store_true", help="meSimp: prune rarely selected "
+                       "hidden neurons (meProp modes only)")
+    train.add_argument("--threshold", type=float, default=0.1, help="meSimp: prune neurons "
+                       "selected in fewer than this fraction of examples (default 0.1)")
+    train.add_argument("--prune-fraction", type=float, default=0.5, help="meSimp: prune after "
+                       "each epoch in this first fraction of training (default 0.5)")
+    train.add_argument("--seeds", type=int, nargs="+", default=[0])
+    train.add_argument("--train", dest="train_file", help="POS: training file")
+    train.add_argument("--dev", dest="dev_file", help="POS: development file")
+    train.add_argument("--test", dest="test_file", help="POS: test file")
+    train.add_argument("--embedding-dim", type=_positive_int, default=100, help="POS only")
+    _add_common(train, "mebp-train")
+
+    for name, text in (("sweep", "kernel benchmark sweep (arguments go to triton_mebp.bench.sweep)"),
+                       ("plot", "charts from sweep results (arguments go to triton_mebp.bench.plot)")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _report(summaries, out, *, extra=None, benchmark=None, meta=None):
+    from .report import format_table, write_report
+    print()
+    print(format_table(summaries))
+    if out:
+        written = write_report(out, summaries, extra=extra, benchmark=benchmark, meta=meta)
+        print(f"\nwrote {', '.join(sorted(written.values()))}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _meta(dataset, device, seeds, started_at):
+    import platform
+
+    import torch
+
+    from .. import __version__, backend
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() or platform.processor() or platform.machine()
+    return dict(dataset=dataset.describe(), device=str(device), device_name=name,
+                torch=torch.__version__, triton_mebp=__version__, backend=backend.get_backend(),
+                cpu_threads=torch.get_num_threads(), seeds=list(seeds), date=started_at)
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def run_demo(args) -> int:
+    from .data import load_digits
+    from .train import add_comparisons, benchmark_backward, demo_configs, resolve_device, run_experiment
+    device = resolve_device(args.device)
+    _set_threads(args)
+    dataset = load_digits()
+    print(f"{dataset.describe()}; device {device}; seeds {args.seeds}")
+    started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    main, sweep = demo_configs(epochs=args.epochs, hidden=args.hidden, k_ratio=args.k,
+                               batch_size=args.batch_size)
+    progress = not args.no_progress
+    summaries = run_experiment(main, dataset, seeds=args.seeds, device=device, progress=progress)
+    extra = []
+    if not args.no_sweep and sweep:
+        extra = run_experiment(sweep, dataset, seeds=args.seeds[:1], device=device, progress=progress)
+        dense = [s for s in summaries if s["config"]["mode"] == "dense"]
+        extra = [s for s in add_comparisons(dense + extra) if s not in dense]
+    benchmark = None
+    if not args.no_benchmark:
+        benchmark = benchmark_backward(args.benchmark_width, args.benchmark_batch, device=device)
+    meta = _meta(dataset, device, args.seeds, started_at)
+    _report(summaries, args.out, extra=extra, benchmark=benchmark, meta=meta)
+    if extra:
+        print("\nk sweep (meProp unified, AdaGrad, seed %d):" % args.seeds[0])
+        for s in sorted(extra, key=lambda s: s["config"]["k"]):
+            print(f"  {s['label']}: {s['test_acc_mean']:.2f}% ({s['gap_to_dense']:+.2f} vs dense), "
+                  f"backward {s['backward_s_mean']:.3f} s/epoch ({s['speedup']:.2f}×)")
+    if benchmark:
+        r0 = benchmark[0]
+        print(f"\nbackward of one {r0['width']}x{r0['width']} layer, batch {r0['batch']}: dense "
+              f"{1e3 * r0['backward_s']:.2f} ms")
+        for r in benchmark[1:]:
+            print(f"  {r['mode']:<11} k={r['k']:<5} {1e3 * r['backward_s']:8.2f} ms  "
+                  f"{r['speedup']:.2f}×")
+    print(f"\nmeasured in {time.perf_counter() - started:.0f} s on {meta['device']} "
+          f"({meta['device_name']})")
+    return 0
+
+
+def run_train(args) -> int:
+    from .data import load_dataset
+    from .train import TrainConfig, resolve_device, run_experiment
+    device = resolve_device(args.device)
+    _set_threads(args)
+    if args.task == "pos":
+        return _run_pos(args, device)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    if args.standardize:
+        dataset = dataset.standardized()
+    configs = []
+    for optimizer in args.optimizer:
+        common = dict(hidden=args.hidden, layers=args.layers, epochs=args.epochs,
+                      batch_size=args.batch_size, optimizer=optimizer, lr=args.lr, eps=args.eps,
+                      sparse_grad=args.sparse_grad)
+        if "dense" in args.mode:
+            configs.append(TrainConfig(mode="dense", **common))
+        for mode in (m for m in args.mode if m != "dense"):
+            for k in args.k:
+                configs.append(TrainConfig(mode=mode, k=k, simplify=args.simplify,
+                                           threshold=args.threshold,
+                                           prune_fraction=args.prune_fraction, **common))
+    if args.simplify and all(m == "dense" for m in args.mode):
+        raise ValueError("--simplify needs --mode unified or per_example")
+    print(f"{dataset.describe()}; device {device}; seeds {args.seeds}")
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    summaries = run_experiment(configs, dataset, seeds=args.seeds, device=device,
+                               progress=not args.no_progress)
+    _report(summaries, args.out, meta=_meta(dataset, device, args.seeds, started_at))
+    return 0
+
+
+def _run_pos(args, device) -> int:
+    if not args.train_file or not args.dev_file:
+        raise ValueError("--task pos needs --train FILE and --dev FILE (and optionally --test FILE)")
+    if len(args.mode) != 1 or len(args.k) != 1 or len(args.optimizer) != 1:
+        raise ValueError("--task pos takes one --mode, one --k and one --optimizer")
+    from .pos import run_pos_task
+    result = run_pos_task(args.train_file, args.dev_file, args.test_file, mode=args.mode[0],
+                          k=args.k[0], hidden=args.hidden, embedding_dim=args.embedding_dim,
+                          epochs=args.epochs, batch_size=args.batch_size,
+                          optimizer=args.optimizer[0], lr=args.lr, seeds=tuple(args.seeds),
+                          device=str(device), out=args.out, progress=not args.no_progress)
+    for name, model in result.get("models", {}).items():
+        if isinstance(model, dict):
+            numbers = ", ".join(f"{key} {value:.4g}" for key, value in model.items()
+                                if isinstance(value, float))
+            print(f"{name}: {numbers}")
+    if "backward_speedup" in result:
+        print(f"backward speedup over dense: {result['backward_speedup']:.2f}×")
+    if args.out:
+        print(f"results in {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # sweep and plot take their own options: hand everything after the command over unparsed.
+    if argv and argv[0] in ("sweep", "plot"):
+        import importlib
+        module = importlib.import_module(f"triton_mebp.bench.{argv[0]}")
+        return module.main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        from .. import __version__
+        print(__version__)
+        return 0
+    try:
+        if args.command == "demo":
+            return run_demo(args)
+        return run_train(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"mebp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
