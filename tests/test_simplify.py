@@ -190,16 +190,46 @@ def test_per_row_state_and_failed_prune_is_atomic():
     assert torch.equal(optimizer.state[out.weight]["row_step"], torch.arange(3))  # columns only
 
 
-def test_k_follows_width():
+def test_ratio_k_becomes_a_count_capped_at_the_width():
     model = make_mlp((6, 16, 12, 3), k=6)
     model[2].k = 0.5
     simp = Simplifier(model, threshold=1.0)
+    assert model[0].k == 6 and model[2].k == 6  # 0.5 of 12, resolved when the Simplifier is built
     train_steps(model, steps=4)
     simp.prune()
-    # at most 6 neurons can be selected at every step, so the first layer keeps 6 or fewer
-    assert model[0].out_features <= 6 and model[0].k == model[0].out_features
-    assert model[2].k == 0.5 and model[2].k_count == max(1, round(0.5 * model[2].out_features))
+    # at most 6 neurons can be selected at every step, so each layer keeps 6 or fewer
+    for layer in (model[0], model[2]):
+        assert layer.out_features <= 6 and layer.k == layer.out_features
     train_steps(model, steps=1)
+
+
+def _prune_spread_out(k, width=100, rounds=12, steps=4, batch=32):
+    """Widths after each prune of a layer whose selections are spread out over all neurons."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, width), nn.Linear(width, width))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(width))  # the hidden layer's dy is the output gradient
+    model = mebp.convert(model.to(DEVICE), k=k, mode="per_example", inplace=True)
+    simp = Simplifier(model, threshold=0.1)
+    scale = 1 + torch.arange(width) / width  # hit rates differ a little from neuron to neuron
+    widths = []
+    for _ in range(rounds):
+        for _ in range(steps):
+            x = torch.randn(batch, 6, generator=generator).to(DEVICE)
+            dy = (torch.randn(batch, width, generator=generator) * scale).to(DEVICE)
+            model(x).backward(dy)
+        widths.append(simp.prune()["0"][1])
+    return widths, model[0].k
+
+
+def test_pruning_stops_at_a_sensible_width_with_a_ratio_k():
+    # 5% of 100 means k = 5; with threshold 0.1 a neuron's expected hit rate k / width reaches
+    # the threshold at width 50, so pruning must stop between k and 50, for a ratio k as for
+    # the same absolute k (the papers' setting), instead of shrinking k with the layer.
+    widths, k = _prune_spread_out(0.05)
+    assert k == 5
+    assert 5 <= widths[-1] <= 50 and len(set(widths[-6:])) == 1, widths
+    assert _prune_spread_out(5) == (widths, 5)
 
 
 def test_min_width_keeps_most_hit_rows():
@@ -366,6 +396,9 @@ def test_save_and_load_simplified(tmp_path):
     assert [m.out_features for m in fresh if isinstance(m, nn.Linear)] == \
         [m.out_features for m in model if isinstance(m, nn.Linear)]
     assert fresh[0].hits.shape == (fresh[0].out_features,)
+    # the ratio k=0.25 means the count the Simplifier kept (of the full width, capped)
+    assert [fresh[i].k for i in (0, 2)] == [model[i].k for i in (0, 2)] == [
+        min(4, model[0].out_features), min(5, model[2].out_features)]
     x = torch.randn(4, 7, device=DEVICE)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))

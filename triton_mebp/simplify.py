@@ -284,8 +284,18 @@ def _apply_cuts(param_cuts, layer_widths, optimizer, labels):
         setattr(layer, attr, width)
 
 
+def _fix_k_count(layer: MeLinear) -> None:
+    """Turns a ratio k into the count it means at the layer's current width.
+
+    Pruning keeps k fixed as a count, as the papers do: a neuron's expected hit rate k/width then
+    rises as the layer shrinks, and pruning stops near width k/threshold. A ratio that followed
+    the width would keep the rate at k, below a larger threshold, and prune on to one neuron.
+    """
+    layer.k = layer.k_count
+
+
 def _resize_me_linear(layer: MeLinear, width: int) -> None:
-    """Hit counters of the new width, and an absolute k capped at it."""
+    """Hit counters of the new width, and k (a count: see ``_fix_k_count``) capped at it."""
     layer.hits = torch.zeros(width, dtype=torch.int64, device=layer.weight.device)
     layer.refs.zero_()
     if isinstance(layer.k, numbers.Integral) and not isinstance(layer.k, bool) and layer.k > width:
@@ -301,7 +311,9 @@ class Simplifier:
     ``threshold``: neuron j stays iff it was selected in at least ``threshold`` of the examples
     seen since the last prune. ``optimizer``: its per-parameter state is sliced with the
     parameters (built before pruning, it keeps training the pruned model). ``min_width``: the
-    fewest neurons a layer keeps (its most selected ones). ``layers`` names the prunable layers,
+    fewest neurons a layer keeps (its most selected ones). A ratio ``k`` of a prunable layer is
+    resolved here to a count of its current width (``layer.k`` becomes that int) and stays that
+    count while the layer shrinks (capped at the width). ``layers`` names the prunable layers,
     ``consumers`` what reads each, ``skipped`` the other MeLinear layers and why.
     """
 
@@ -335,6 +347,7 @@ class Simplifier:
                 continue
             self.plans.append(PrunePlan(name, layer, list(consumers)))
         for plan in self.plans:
+            _fix_k_count(plan.layer)
             plan.layer.count_hits = True
             plan.layer.reset_hits()
 
@@ -389,6 +402,8 @@ class Simplifier:
                     param_cuts.setdefault(id(param), (param, {}))[1][dim] = keep
             widths.append((layer, "out_features", new))
             widths += [(c, "in_features", new) for _, c in plan.consumers]
+        for plan in self.plans:  # a ratio set on a layer after the Simplifier was built
+            _fix_k_count(plan.layer)
         _apply_cuts(param_cuts, widths, self.optimizer, names)
         for plan in self.plans:
             _resize_me_linear(plan.layer, plan.layer.out_features)
@@ -516,6 +531,8 @@ def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
         replace_parameter_data(layer.weight, layer.weight.new_empty(out_f, in_f))
         if layer.bias is not None:
             replace_parameter_data(layer.bias, layer.bias.new_empty(out_f))
+        if isinstance(layer, MeLinear):
+            _fix_k_count(layer)  # against the full width, as the Simplifier resolved it
         layer.out_features, layer.in_features = out_f, in_f
         if isinstance(layer, MeLinear):
             _resize_me_linear(layer, out_f)
