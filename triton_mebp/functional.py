@@ -5,6 +5,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend
 
@@ -37,6 +38,10 @@ def check_options(mode: str, grad: str) -> None:
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
 
+
+# weight -> the object that runs its layer's backward across a process group: global selection and
+# reduced weight gradients (registered by triton_mebp.distributed; see docs/distributed.md).
+distributed_backward = WeakIdKeyDictionary()
 
 _dense_grad_storage = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
 _CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
@@ -136,7 +141,10 @@ class MebpLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, n_in)
         if ctx.refs is not None:
             ctx.refs += dy.shape[0]
-        if dy.shape[0] == 0:
+        sync = distributed_backward.get(weight)
+        if sync is not None:
+            dx, dw, db = sync.backward(dy, x2, weight, ctx)
+        elif dy.shape[0] == 0:
             dx, dw, db = dy.new_zeros(0, n_in), torch.zeros_like(weight), dy.new_zeros(n_out)
             if ctx.grad == "sparse":
                 dw = dw.to_sparse()
