@@ -9,14 +9,15 @@ from .backend import get_backend, set_backend
 from .estimate import estimate_speedup, mebp_is_faster
 from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
 from .inference import FusedLinear, FusedMLP, optimize_for_inference
-from .modules import MeLinear, convert
+from .modules import ConvertReport, MeLinear, convert
 from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
 from .rnn import MeLSTM, mebp_lstm_layer
+from .transformer import MeMultiheadAttention
 from .simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified
 
 __all__ = [
-    "FusedLinear", "FusedMLP", "MeLSTM", "MeLinear", "MebpLinearFunction", "PruneReport",
-    "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "Simplifier", "SimplifySchedule", "convert",
+    "ConvertReport", "FusedLinear", "FusedMLP", "MeLSTM", "MeLinear", "MeMultiheadAttention",
+    "MebpLinearFunction", "PruneReport", "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "Simplifier", "SimplifySchedule", "convert",
     "estimate_speedup", "get_backend", "load_simplified", "mebp_is_faster", "mebp_linear",
     "mebp_lstm_layer", "optim", "optimize_for_inference", "resolve_k", "save_simplified",
     "set_backend", "sgd_step_rows",

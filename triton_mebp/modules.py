@@ -1,6 +1,7 @@
 """``MeLinear`` (a drop-in ``nn.Linear``) and ``convert`` for whole models."""
 import copy
 import fnmatch
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,45 +87,155 @@ class MeLinear(nn.Linear):
         return f"{super().extra_repr()}, k={self.k}, mode={self.mode}, grad={self.grad}{auto}"
 
 
+@dataclass
+class ConvertEntry:
+    """One module (or the in-projection of an attention module) that ``convert`` looked at."""
+    name: str
+    kind: str
+    role: str
+    width: int | None
+    k: int | None            # the kept count when converted
+    reason: str = ""         # why it stays dense
+
+    @property
+    def converted(self) -> bool:
+        return self.k is not None
+
+
+class ConvertReport(list):
+    """What ``convert(..., report=True)`` did: a list of ``ConvertEntry``, one per module with
+    weights (an attention module's packed in-projection listed as ``NAME.in_proj``)."""
+
+    @property
+    def converted(self) -> dict:
+        """``{name: k}`` of the projections that now back-propagate with meProp."""
+        return {e.name: e.k for e in self if e.converted}
+
+    @property
+    def dense(self) -> dict:
+        """``{name: reason}`` of the modules left on full back propagation."""
+        return {e.name: e.reason for e in self if not e.converted}
+
+    def __str__(self) -> str:
+        rows = [("module", "kind", "role", "width", "k", "backward")] + [
+            (e.name or "(model)", e.kind, e.role, "" if e.width is None else str(e.width),
+             "" if e.k is None else str(e.k), "meProp" if e.converted else f"dense: {e.reason}")
+            for e in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5]
+                         for row in rows)
+
+
 def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(),
             skip_output=True, inplace=False, sparse_bias=False, count_hits=False,
-            auto=False) -> nn.Module:
+            auto=False, attention_k=None, mlp_k=None, roles=None, report=False):
     """Replace the model's ``nn.Linear`` layers by ``MeLinear`` sharing the same parameters.
 
     ``nn.LSTM`` layers (without ``proj_size``) become ``MeLSTM``, with ``k`` taken against the
     4 * hidden_size gate width; their weight gradients are always dense.
+    ``nn.MultiheadAttention`` layers (also inside ``nn.Transformer*Layer``) become
+    ``MeMultiheadAttention``: meProp for the packed in-projection (``k`` against its 3 * embed_dim
+    outputs, listed as ``NAME.in_proj``) and a ``MeLinear`` output projection.
     ``exclude``: qualified module names (shell-style patterns allowed) to leave dense.
     ``skip_output``: keep the last ``nn.Linear`` (in registration order, the output layer of an
     ``nn.Sequential`` MLP) on full back propagation, as the paper does. The input model is left
     as it is unless ``inplace=True``. Subclasses of ``nn.Linear`` and ``nn.LSTM`` are left alone.
+    ``attention_k`` / ``mlp_k``: ``k`` of the attention projections / the MLP layers of
+    transformer blocks, instead of ``k`` (roles: ``triton_mebp.transformer.linear_roles``;
+    ``roles`` overrides its name patterns, e.g. ``{"attention": ["*.attn.*"]}``).
+    ``report=True`` returns ``(model, ConvertReport)``: which modules were converted, with which
+    ``k``, and why the others were left dense.
     """
     from .rnn import MeLSTM
+    from .transformer import MeMultiheadAttention, k_for_role, linear_roles
 
     check_options(mode, grad)
     if isinstance(exclude, str):
         exclude = (exclude,)
     target = model if inplace else copy.deepcopy(model)
-    linears = [(name, m) for name, m in target.named_modules() if type(m) is nn.Linear]
-    if skip_output and linears:
-        linears = linears[:-1]
-    lstms = [(name, m) for name, m in target.named_modules() if type(m) is nn.LSTM and not m.proj_size]
-    replacements = {}
-    for name, module in linears + lstms:
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+    role_of = linear_roles(target, roles)
+    linear_options = dict(mode=mode, grad=grad, sparse_bias=sparse_bias, count_hits=count_hits,
+                          auto=auto)
+
+    def excluded_by(name):
+        pattern = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
+        return None if pattern is None else f"excluded by the pattern {pattern!r}"
+
+    def linear_k(name, module):
+        layer_k = k_for_role(role_of.get(name, "other"), k, attention_k, mlp_k)
+        return resolve_k(layer_k, module.out_features, f"layer {name!r}"), layer_k
+
+    entries, replacements, done = ConvertReport(), {}, set()
+    plain = [name for name, m in target.named_modules() if type(m) is nn.Linear]
+    output = plain[-1] if skip_output and plain else None
+    for name, module in target.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
             continue
-        if isinstance(module, nn.LSTM):
-            resolve_k(k, 4 * module.hidden_size, f"LSTM {name!r} (4 * hidden_size gates)")
-            replacements[id(module)] = MeLSTM.from_lstm(module, k=k, mode=mode)
+        prefix = f"{name}." if name else ""
+        in_name, out_name, width = f"{prefix}in_proj", f"{prefix}out_proj", 3 * module.embed_dim
+        done.add(id(module.out_proj))
+        why = excluded_by(name) or (None if type(module) is nn.MultiheadAttention else
+                                    f"{type(module).__name__} is a subclass of "
+                                    "nn.MultiheadAttention: left alone")
+        if why:
+            entries.append(ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width,
+                                        None, why))
+            entries.append(ConvertEntry(out_name, type(module.out_proj).__name__, "attention",
+                                        module.out_proj.out_features, None, why))
             continue
-        resolve_k(k, module.out_features, f"layer {name!r}")
-        replacements[id(module)] = MeLinear.from_linear(module, k=k, mode=mode, grad=grad,
-                                                        sparse_bias=sparse_bias, count_hits=count_hits,
-                                                        auto=auto)
+        role_k = k_for_role("attention", k, attention_k, mlp_k)
+        in_why = excluded_by(in_name)
+        in_k = None if in_why else role_k
+        in_count = None if in_why else resolve_k(in_k, width, f"layer {in_name!r} (3 * embed_dim)")
+        new = MeMultiheadAttention.from_mha(module, in_proj_k=in_k, mode=mode, grad=grad)
+        entries.append(ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width,
+                                    in_count, in_why or ""))
+        out_why = excluded_by(out_name)
+        out_count = None
+        if not out_why:
+            out_count, out_k = linear_k(out_name, module.out_proj)
+            new.out_proj = MeLinear.from_linear(module.out_proj, k=out_k, **linear_options)
+        entries.append(ConvertEntry(out_name, type(module.out_proj).__name__, "attention",
+                                    module.out_proj.out_features, out_count, out_why or ""))
+        replacements[id(module)] = new
+    for name, module in target.named_modules():
+        if id(module) in done or isinstance(module, nn.MultiheadAttention):
+            continue
+        if isinstance(module, nn.Linear):
+            role, why = role_of.get(name, "other"), excluded_by(name)
+            if type(module) is not nn.Linear:
+                why = f"{type(module).__name__} is a subclass of nn.Linear: left alone"
+            elif name == output:
+                why = "the last nn.Linear, taken as the output layer (skip_output=True)"
+            count = None
+            if not why:
+                count, layer_k = linear_k(name, module)
+                replacements[id(module)] = MeLinear.from_linear(module, k=layer_k, **linear_options)
+            entries.append(ConvertEntry(name, type(module).__name__, role, module.out_features,
+                                        count, why or ""))
+        elif isinstance(module, nn.LSTM):
+            width = 4 * module.hidden_size
+            why = excluded_by(name) or (
+                f"{type(module).__name__} is a subclass of nn.LSTM: left alone"
+                if type(module) is not nn.LSTM else
+                "an LSTM with proj_size has no meProp path" if module.proj_size else None)
+            count = None
+            if not why:
+                count = resolve_k(k, width, f"LSTM {name!r} (4 * hidden_size gates)")
+                replacements[id(module)] = MeLSTM.from_lstm(module, k=k, mode=mode)
+            entries.append(ConvertEntry(name, type(module).__name__, "other", width, count,
+                                        why or ""))
+        elif next(module.parameters(recurse=False), None) is not None:
+            entries.append(ConvertEntry(name, type(module).__name__, "other", None, None,
+                                        f"no meProp path for {type(module).__name__}"))
+    order = {name: i for i, (name, _) in enumerate(target.named_modules())}
+    entries.sort(key=lambda e: order.get(e.name, order.get(e.name.rpartition(".")[0], -1)))
     if id(target) in replacements:
-        return replacements[id(target)]
-    for parent in target.modules():
-        # _modules, not named_children(): the latter skips a child registered twice.
-        for child_name, child in list(parent._modules.items()):
-            if id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
-    return target
+        target = replacements[id(target)]
+    else:
+        for parent in target.modules():
+            # _modules, not named_children(): the latter skips a child registered twice.
+            for child_name, child in list(parent._modules.items()):
+                if id(child) in replacements:
+                    setattr(parent, child_name, replacements[id(child)])
+    return (target, entries) if report else target
