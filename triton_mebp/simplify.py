@@ -8,6 +8,7 @@ consumer's weight, slices the optimizer's state the same way, and resets the cou
 ``SimplifySchedule`` calls it on the paper's cycle schedule; ``save_simplified`` /
 ``load_simplified`` store and restore a compacted model without pickled objects.
 """
+import inspect
 import numbers
 import operator
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
 SCALAR_OPERATORS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul,
                     torch.add}
 CHECKPOINT_FORMAT = "triton_mebp.simplified/1"
+# torch's transformer layers trace (with the fast path off); their stacks do not (their forward
+# branches on tensor properties), so a stack is a leaf and each of its layers is traced alone.
+TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
 
 
 def _is_elementwise_module(module) -> bool:
@@ -108,8 +113,24 @@ def _sequential_links(model: nn.Module, is_root: bool, producer=MeLinear):
 
 
 class _LinearLeafTracer(torch.fx.Tracer):
+    """Linear layers, attention modules and transformer stacks are leaves; torch's transformer
+    layers are traced through, so their MLP (linear1 -> activation -> dropout -> linear2) is seen."""
+
     def is_leaf_module(self, module, qualified_name):
-        return _is_linear(module) or super().is_leaf_module(module, qualified_name)
+        if isinstance(module, TRANSFORMER_LAYERS):
+            return False
+        return (_is_linear(module) or isinstance(module, (nn.MultiheadAttention,) + TRANSFORMER_STACKS)
+                or super().is_leaf_module(module, qualified_name))
+
+    def trace(self, root, concrete_args=None):
+        # With the fast path off, nn.Transformer*Layer runs (and traces) its plain Python forward,
+        # the one training uses; the fast path is an inference-only fusion of the same math.
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _node_label(node) -> str:
@@ -152,6 +173,11 @@ def _fx_links(model: nn.Module, graph, producer=MeLinear):
         if not isinstance(module, producer):
             continue
         nodes = calls.get(name, [])
+        owner = name.rpartition(".")[0]
+        if not nodes and isinstance(modules.get(owner), nn.MultiheadAttention):
+            reasons[name] = ("it is the output projection of an nn.MultiheadAttention; "
+                             "attention is not simplified")
+            continue
         if len(nodes) != 1:
             reasons[name] = ("it is never called in the traced forward" if not nodes else
                              f"it is called {len(nodes)} times in the forward")
@@ -195,7 +221,43 @@ def _find_links(model: nn.Module, producer=MeLinear):
             if isinstance(module, producer) and name not in links and name not in reasons:
                 reasons[name] = f"{why} and the layer is not inside an nn.Sequential chain"
         return links, reasons
-    return _fx_links(model, graph, producer)
+    links, reasons = _fx_links(model, graph, producer)
+    _stack_layer_links(model, graph, producer, links, reasons)
+    return links, reasons
+
+
+def _stack_layer_links(model, graph, producer, links, reasons):
+    """Links inside the layers of each nn.TransformerEncoder/Decoder the traced forward calls.
+
+    The stack's own forward (torch's code) only calls each layer and its final norm, and the
+    stack is a leaf of the trace, so nothing else reaches a layer's linear layers: a chain that a
+    layer's own traced forward proves (its MLP) is safe wherever the layer sits.
+    """
+    modules = dict(model.named_modules())
+    stacks = [node.target for node in graph.nodes if node.op == "call_module"
+              and isinstance(modules[node.target], TRANSFORMER_STACKS)]
+    for stack_name in stacks:
+        for index, layer in enumerate(modules[stack_name].layers):
+            prefix = f"{stack_name}.layers.{index}."
+            try:
+                # The masks and flags only reach the attention calls (leaves): the layer's other
+                # data flow is the same for every value, so tracing with the defaults proves it.
+                defaults = {name: p.default for name, p in
+                            inspect.signature(layer.forward).parameters.items()
+                            if p.default is not inspect.Parameter.empty}
+                layer_graph = _LinearLeafTracer().trace(layer, concrete_args=defaults)
+            except Exception as error:
+                for name, module in layer.named_modules():
+                    if isinstance(module, producer):
+                        reasons[prefix + name] = (f"torch.fx could not trace its transformer layer "
+                                                  f"({type(error).__name__}: {error})")
+                continue
+            layer_links, layer_reasons = _fx_links(layer, layer_graph, producer)
+            for name, consumers in layer_links.items():
+                reasons.pop(prefix + name, None)
+                links[prefix + name] = [(prefix + c, m) for c, m in consumers]
+            for name, reason in layer_reasons.items():
+                reasons[prefix + name] = reason
 
 
 def _shared_objects(model: nn.Module):
