@@ -1,43 +1,295 @@
-"""MeLinear under DistributedDataParallel (gloo, 2 CPU processes): trains, ranks stay identical."""
+"""meProp and meSimp under DistributedDataParallel: gloo on loopback, 2 and 3 CPU processes
+started by the tests themselves. Each run of ranks is compared with one process training on the
+concatenated batches (the reference the distributed path must equal)."""
 import os
 import tempfile
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import triton_mebp as mebp
+from triton_mebp.distributed import DistributedBackwardError
 
-WORLD = 2
+BATCH = 4  # examples per rank and step
+STEPS = 3
+K = 4
+# (mode, grad, optimizer) of the equivalence runs
+CONFIGS = [("unified", "dense", "sgd"), ("unified", "sparse", "sgd"),
+           ("unified", "dense", "rowadam"), ("unified", "sparse", "rowadam"),
+           ("per_example", "dense", "sgd"), ("per_example", "sparse", "rowadam")]
 
 
-def _train(rank, init_file, result_dir, grad):
-    os.environ.pop("TRITON_INTERPRET", None)  # this path runs the PyTorch backend on CPU
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.manual_seed(0)
-    model = mebp.convert(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-                                       nn.Linear(16, 3)), k=4, grad=grad)
-    start = [p.detach().clone() for p in model.parameters()]
-    ddp = nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees its own data
-    for _ in range(4):
-        x = torch.randn(6, 8, generator=generator)
-        y = torch.randint(0, 3, (6,), generator=generator)
+def _mlp(widths=(8, 32, 16, 3), seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def _model(mode, grad, seed=0):
+    model = mebp.convert(_mlp(seed=seed), k=K, mode=mode, grad=grad)
+    if mode == "per_example":
+        model[2].k = 16  # every row selected: the union is the whole gradient (dense fallback)
+    return model
+
+
+def _optimizer(name, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    return mebp.RowAdam(params, lr=1e-2)
+
+
+def _batch(step, rank, n_in=8, classes=3):
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return (torch.randn(BATCH, n_in, generator=generator),
+            torch.randint(0, classes, (BATCH,), generator=generator))
+
+
+def _concatenated(step, world, **kwargs):
+    parts = [_batch(step, rank, **kwargs) for rank in range(world)]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def _train(model, optimizer, batches):
+    for x, y in batches:
         optimizer.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
+        F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    torch.save({"params": [p.detach() for p in model.parameters()], "start": start},
-               os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_ddp_ranks_stay_identical(grad="dense"):
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- what each rank runs -------------------------------------------------------------------------
+
+
+def _equivalence(rank, world):
+    results = {}
+    for mode, grad, opt_name in CONFIGS:
+        model = _model(mode, grad, seed=rank)  # rank 0's weights must win (DDP's broadcast)
+        ddp = mebp.DistributedDataParallel(model)
+        optimizer = _optimizer(opt_name, ddp.parameters())
+        _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS)])
+        results[(mode, grad, opt_name)] = dict(params=_params(model),
+                                               stats=ddp.comm_stats.as_dict())
+        ddp.release()
+    # torch's own DDP on a converted model with dense gradients: ranks select locally, DDP
+    # all-reduces every weight gradient whole; the ranks stay identical.
+    model = _model("unified", "dense")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    _train(ddp, _optimizer("sgd", ddp.parameters()), [_batch(step, rank) for step in range(STEPS)])
+    results["torch-ddp"] = dict(params=_params(model))
+    return results
+
+
+def _simplify(rank, world, checkpoint):
+    model = mebp.convert(_mlp(widths=(8, 32, 32, 3)), k=K, mode="per_example", grad="sparse")
+    ddp = mebp.DistributedDataParallel(model)
+    optimizer = mebp.RowAdam(ddp.parameters(), lr=1e-2)
+    simp = mebp.DistributedSimplifier(ddp, threshold=0.25, optimizer=optimizer)
+    _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS)])
+    report = dict(simp.prune())
+    _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS, STEPS + 2)])
+    if rank == 0:
+        mebp.save_simplified(model, checkpoint)
+    return dict(report=report, params=_params(model),
+                row_steps=[optimizer.state[p]["row_step"].clone() for p in (model[0].weight,
+                                                                           model[2].weight)])
+
+
+def _resume(rank, world, checkpoint):
+    model = mebp.load_simplified(mebp.convert(_mlp(widths=(8, 32, 32, 3)), k=K), checkpoint)
+    ddp = mebp.DistributedDataParallel(model)
+    optimizer = mebp.RowAdam(ddp.parameters(), lr=1e-2)
+    _train(ddp, optimizer, [_batch(0, rank)])
+    return dict(params=_params(model))
+
+
+class _FailOn(torch.autograd.Function):
+    """Identity whose backward raises on one rank (a bad batch found only there)."""
+
+    @staticmethod
+    def forward(ctx, x, fail):
+        ctx.fail = fail
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.fail:
+            raise ValueError("bad batch on this rank")
+        return grad, None
+
+
+def _failure(rank, world, how):
+    ddp = mebp.DistributedDataParallel(_model("unified", "dense"), timeout=3)
+    if how == "k":
+        ddp.module[0].k = K + rank  # misconfigured: the ranks disagree on k
+        x, y = _batch(0, rank)
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+        except DistributedBackwardError as error:
+            return dict(error=str(error))
+        return dict(error=None)
+    x, y = _batch(0, rank)
+    start = time.perf_counter()
+    try:
+        F.cross_entropy(_FailOn.apply(ddp(x), rank == 1), y).backward()
+    except Exception as error:  # noqa: BLE001
+        result = dict(error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - start)
+    else:
+        result = dict(error=None, seconds=time.perf_counter() - start)
+    if rank == 1 and how == "stays":
+        time.sleep(8)  # alive without taking part: only a timeout can end rank 0's wait
+    return result
+
+
+SCENARIOS = {"equivalence": _equivalence, "simplify": _simplify, "resume": _resume,
+             "failure": _failure}
+
+
+def _worker(rank, world, init_file, out_dir, scenario, args):
+    os.environ.pop("TRITON_INTERPRET", None)  # the PyTorch backend runs on CPU tensors
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = SCENARIOS[scenario](rank, world, *args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # skip the process group's teardown: a failed rank may leave work pending
+
+
+def _launch(world, scenario, *args, timeout=60):
+    """Runs ``scenario`` on ``world`` processes; returns each rank's result (None if it wrote none)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_train, args=(os.path.join(tmp, "init"), tmp, grad), nprocs=WORLD, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    for a, b in zip(results[0]["params"], results[1]["params"]):
-        assert torch.equal(a, b)
-    moved = [not torch.equal(p, s) for p, s in zip(results[0]["params"], results[0]["start"])]
-    assert all(moved)
+        context = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, scenario,
+                                                    args),
+                                     nprocs=world, join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{scenario} on {world} ranks ran past {timeout} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world)]
+        return [torch.load(p, weights_only=False) if os.path.exists(p) else None for p in paths]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def equivalence_runs(request):
+    return request.param, _launch(request.param, "equivalence")
+
+
+def _single_process(world, mode, grad, opt_name, steps=STEPS):
+    model = _model(mode, grad, seed=0)
+    optimizer = _optimizer(opt_name, model.parameters())
+    _train(model, optimizer, [_concatenated(step, world) for step in range(steps)])
+    return _params(model)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c))
+def test_ranks_equal_one_process_on_the_concatenated_batch(equivalence_runs, config):
+    world, results = equivalence_runs
+    ranks = [r[config]["params"] for r in results]
+    for other in ranks[1:]:
+        for a, b in zip(ranks[0], other):
+            assert torch.equal(a, b)
+    start = _params(_model(config[0], config[1], seed=0))
+    for got, expected, initial in zip(ranks[0], _single_process(world, *config), start):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(got, initial)
+
+
+def test_torch_ddp_with_dense_gradients_keeps_ranks_identical(equivalence_runs):
+    world, results = equivalence_runs
+    for other in results[1:]:
+        for a, b in zip(results[0]["torch-ddp"]["params"], other["torch-ddp"]["params"]):
+            assert torch.equal(a, b)
+    start = _params(_model("unified", "dense"))
+    assert all(not torch.equal(p, s) for p, s in zip(results[0]["torch-ddp"]["params"], start))
+
+
+def test_only_the_selected_rows_travel(equivalence_runs):
+    world, results = equivalence_runs
+    stats = results[0][("unified", "sparse", "sgd")]["stats"]
+    for name, (n_in, n_out) in {"0": (8, 32), "2": (32, 16)}.items():
+        rows = STEPS * K * n_in * 4
+        scores = STEPS * n_out * 8  # the column scores travel as float64
+        assert rows + scores <= stats["layer_bytes"][name] <= rows + scores + STEPS * 64
+        assert stats["layer_bytes"][name] < STEPS * n_out * n_in * 4 or n_in < 16
+    dense_params = 32 + 16 + (3 * 16 + 3)  # the biases and the dense output layer
+    assert stats["ddp_bytes"] == STEPS * dense_params * 4
+    assert stats["mebp_bytes"] == sum(stats["layer_bytes"].values())
+
+
+def test_per_example_counts_union_and_dense_exchanges(equivalence_runs):
+    world, results = equivalence_runs
+    stats = results[0][("per_example", "dense", "sgd")]["stats"]
+    # layer 0 (k=4 of 32) exchanged the union of the rows; layer 2 (k=16 of 16) every row
+    assert stats["per_example_union"] == STEPS
+    assert stats["per_example_dense"] == STEPS
+    union_bytes = stats["layer_bytes"]["0"] - STEPS * (32 + 5) * 8
+    assert 0 < union_bytes < STEPS * 32 * 8 * 4
+
+
+def test_mesimp_prunes_in_step_and_checkpoints_load_on_any_world_size():
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "small.pt")
+        results = _launch(2, "simplify", checkpoint)
+        # The same neurons, weights and optimizer state on both ranks...
+        assert results[0]["report"] == results[1]["report"]
+        for key in ("params", "row_steps"):
+            for a, b in zip(results[0][key], results[1][key]):
+                assert torch.equal(a, b)
+        # ...and those of one process pruning after training on the concatenated batches.
+        model = mebp.convert(_mlp(widths=(8, 32, 32, 3)), k=K, mode="per_example", grad="sparse")
+        optimizer = mebp.RowAdam(model.parameters(), lr=1e-2)
+        simp = mebp.Simplifier(model, threshold=0.25, optimizer=optimizer)
+        _train(model, optimizer, [_concatenated(step, 2) for step in range(STEPS)])
+        assert dict(simp.prune()) == results[0]["report"]
+        assert any(new < old for old, new in results[0]["report"].values())
+        _train(model, optimizer, [_concatenated(step, 2) for step in range(STEPS, STEPS + 2)])
+        for got, expected in zip(results[0]["params"], _params(model)):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        # The checkpoint of rank 0 loads in one process and in three.
+        single = mebp.load_simplified(mebp.convert(_mlp(widths=(8, 32, 32, 3)), k=K), checkpoint)
+        for got, expected in zip(_params(single), results[0]["params"]):
+            assert torch.equal(got, expected)
+        three = _launch(3, "resume", checkpoint)
+    for r in three[1:]:
+        for a, b in zip(three[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    assert [tuple(p.shape) for p in three[0]["params"]] == [tuple(p.shape) for p in
+                                                          results[0]["params"]]
+
+
+def test_ranks_that_disagree_on_k_fail_at_once():
+    results = _launch(2, "failure", "k")
+    for result in results:
+        assert "disagree on k" in result["error"]
+
+
+@pytest.mark.parametrize("how", ["stays", "exits"])
+def test_a_rank_failing_in_backward_fails_the_others_within_the_timeout(how):
+    results = _launch(2, "failure", how, timeout=40)
+    assert "bad batch on this rank" in results[1]["error"]
+    assert "DistributedBackwardError" in results[0]["error"]
+    assert "another rank did not take part" in results[0]["error"]
+    assert results[0]["seconds"] < 3 + 10  # the 3 s timeout, with slack for a busy machine
+
+
+def test_plain_modules_and_bad_arguments():
+    with pytest.raises(RuntimeError, match="process group"):
+        mebp.DistributedDataParallel(_model("unified", "dense"))
+    with pytest.raises(ValueError, match="timeout"):
+        mebp.distributed._timedelta(-1)

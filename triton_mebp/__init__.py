@@ -6,6 +6,7 @@ layer, so only k rows of each weight take part and receive a gradient.
 from . import _checkout  # noqa: F401  (first: triton_mebp.kernels in a source checkout)
 from . import optim
 from .backend import get_backend, set_backend
+from .distributed import DistributedDataParallel, DistributedSimplifier
 from .estimate import estimate_speedup, mebp_is_faster
 from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
 from .inference import FusedLinear, FusedMLP, optimize_for_inference
@@ -16,8 +17,9 @@ from .transformer import MeMultiheadAttention
 from .simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified
 
 __all__ = [
-    "ConvertReport", "FusedLinear", "FusedMLP", "MeLSTM", "MeLinear", "MeMultiheadAttention",
-    "MebpLinearFunction", "PruneReport", "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "Simplifier", "SimplifySchedule", "convert",
+    "ConvertReport", "DistributedDataParallel", "DistributedSimplifier", "FusedLinear",
+    "FusedMLP", "MeLSTM", "MeLinear", "MeMultiheadAttention", "MebpLinearFunction", "PruneReport",
+    "RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "Simplifier", "SimplifySchedule", "convert",
     "estimate_speedup", "get_backend", "load_simplified", "mebp_is_faster", "mebp_linear",
     "mebp_lstm_layer", "optim", "optimize_for_inference", "resolve_k", "save_simplified",
     "set_backend", "sgd_step_rows",
