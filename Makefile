@@ -5,14 +5,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo sweep gpu-check clean
+.PHONY: test check wheel-check demo sweep gpu-check clean
 
 $(STAMP): pyproject.toml .ci/setup-venv
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup-venv
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: wheel-check
+
+wheel-check: $(STAMP)  # the sdist and wheel built, the wheel installed and smoke-tested (.ci/wheel-check)
+	PY=$(PY) bash .ci/wheel-check
 
 demo: $(STAMP)
 	$(PY) -m triton_mebp demo
@@ -24,4 +29,4 @@ gpu-check:  # on a machine with a CUDA GPU and its own PyTorch + Triton; install
 	bash perf/gpu_check.sh perf/gpu-check-out
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache
