@@ -25,7 +25,8 @@ import triton_mebp as mebp  # noqa: E402
 import triton_mebp.kernels  # noqa: E402
 from triton_mebp.estimate import estimate  # noqa: E402
 
-source_tree = Path(sys.argv[1]).resolve()
+# The checkout, and the copy of its files that the sdist and wheel were built from.
+checkout, source_tree = (Path(arg).resolve() for arg in sys.argv[1:3])
 installed = Path(mebp.__file__).resolve().parent
 
 
@@ -37,7 +38,8 @@ def check(condition: bool, message: str) -> None:
 # The installed package, not the checkout; the kernels installed under it; its metadata.
 for module in (mebp, triton_mebp.kernels):
     path = Path(module.__file__).resolve()
-    check(source_tree not in path.parents, f"{module.__name__} imported from the checkout: {path}")
+    check(not {checkout, source_tree} & set(path.parents),
+          f"{module.__name__} imported from the source tree: {path}")
 check(Path(triton_mebp.kernels.__file__).resolve().parent == installed / "kernels",
       f"triton_mebp.kernels is not installed under the package: {triton_mebp.kernels.__file__}")
 check(importlib.metadata.version("triton_mebp") == mebp.__version__,
@@ -51,15 +53,13 @@ for line in importlib.metadata.requires("triton_mebp") or []:
     check(requirement.specifier.contains(found, prereleases=True),
           f"dependency {requirement} not satisfied by the installed {found}")
 
-# Every module of the checkout is in the wheel (a module left out of the package list fails).
+# Every file of the package in the source tree (modules, py.typed, data) is in the wheel.
 for folder, package in ((source_tree / "triton_mebp", installed),
                         (source_tree / "kernels", installed / "kernels")):
-    for source in folder.rglob("*.py"):
-        check((package / source.relative_to(folder)).is_file(),
-              f"{source.relative_to(source_tree)} is not in the wheel")
-for data in (source_tree / "triton_mebp").rglob("*.json"):
-    check((installed / data.relative_to(source_tree / "triton_mebp")).is_file(),
-          f"package data {data.relative_to(source_tree)} is not in the wheel")
+    for source in folder.rglob("*"):
+        if source.is_file() and "__pycache__" not in source.parts:
+            check((package / source.relative_to(folder)).is_file(),
+                  f"{source.relative_to(source_tree)} is not in the wheel")
 
 
 def masked_reference(x, weight, dy, k):
