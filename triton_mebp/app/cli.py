@@ -1,7 +1,8 @@
 """Command line: ``python -m triton_mebp COMMAND`` (also installed as ``mebp``).
 
 Commands: ``demo`` (meProp and meSimp on the bundled digits, with a report), ``train`` (any
-setting, on digits or MNIST; ``--task pos`` for the LSTM tagger), ``sweep`` and ``plot`` (kernel
+setting, on digits or MNIST; ``--task pos`` for the LSTM tagger, ``--task lm`` for a
+character-level transformer), ``sweep`` and ``plot`` (kernel
 benchmarks and their charts), ``version``.
 """
 import argparse
@@ -75,25 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--benchmark-batch", type=_positive_int, default=256)
     _add_common(demo, "mebp-demo", threads_default=1)
 
-    train = sub.add_parser("train", help="train with chosen settings (MLP on digits/MNIST, or the "
-                           "POS tagger with --task pos)")
-    train.add_argument("--task", choices=("mlp", "pos"), default="mlp")
+    train = sub.add_parser("train", help="train with chosen settings (MLP on digits/MNIST, the "
+                           "POS tagger with --task pos, a character-level transformer with --task lm)")
+    train.add_argument("--task", choices=("mlp", "pos", "lm"), default="mlp")
     train.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     train.add_argument("--data-dir", help="MNIST: folder with the four IDX files (.gz or not)")
     train.add_argument("--standardize", action="store_true",
                        help="zero-mean, unit-variance inputs (training-set statistics) instead of "
                             "pixels scaled to [0, 1]; meProp with Adam needs it (see the README)")
-    train.add_argument("--mode", nargs="+", choices=TRAIN_MODES, default=["unified"],
-                       help="one or more of dense, unified, per_example (each is trained)")
-    train.add_argument("--k", type=parse_k, nargs="+", default=[0.05],
-                       help="one or more k: int count, ratio (0.05) or percentage (5%%)")
+    train.add_argument("--mode", nargs="+", choices=TRAIN_MODES,
+                       help="one or more of dense, unified, per_example (each is trained; "
+                       "default unified)")
+    train.add_argument("--k", type=parse_k, nargs="+",
+                       help="one or more k: int count, ratio (0.05) or percentage (5%%) "
+                       "(default 5%%)")
     train.add_argument("--hidden", type=_positive_int, default=500)
-    train.add_argument("--layers", type=_positive_int, default=2, help="hidden layers (MLP)")
+    train.add_argument("--layers", type=_positive_int,
+                       help="hidden layers (MLP, default 2) or transformer blocks (lm, default 2)")
     train.add_argument("--epochs", type=_positive_int, default=20)
-    train.add_argument("--batch-size", type=_positive_int, default=10)
-    train.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=["adagrad"])
+    train.add_argument("--batch-size", type=_positive_int, help="default 10 (MLP), 16 (lm)")
+    train.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS + ("adamw",),
+                       help="default adagrad (MLP); the lm task trains with adamw")
     train.add_argument("--lr", type=float, help="learning rate (default: adam 1e-3, adagrad 0.1, "
-                       "sgd 0.1)")
+                       "sgd 0.1; lm 2e-3)")
     train.add_argument("--eps", type=float, help="epsilon of adam or adagrad (default: theirs)")
     train.add_argument("--sparse-grad", action="store_true", help="row-sparse weight gradients "
                        "and the row-sparse optimizers (only selected rows are updated)")
@@ -108,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dev", dest="dev_file", help="POS: development file")
     train.add_argument("--test", dest="test_file", help="POS: test file")
     train.add_argument("--embedding-dim", type=_positive_int, default=100, help="POS only")
+    lm = train.add_argument_group("--task lm", "a causal character-level transformer on the "
+                                  "pydoc_data topics text; without --mode, --k, --sparse-grad, "
+                                  "--simplify or --attention-k it trains the comparison set "
+                                  "(dense, meProp at several k with AdamW and RowAdamW, meSimp)")
+    lm.add_argument("--width", type=_positive_int, default=128, help="model width (default 128)")
+    lm.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default 4)")
+    lm.add_argument("--context", type=_positive_int, default=64, help="characters per window "
+                    "(default 64)")
+    lm.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    lm.add_argument("--eval-every", type=_positive_int, default=50, help="steps between "
+                    "validation passes (default 50)")
+    lm.add_argument("--eval-tokens", type=_positive_int, default=16384, help="validation "
+                    "characters scored (default 16384)")
+    lm.add_argument("--attention-k", type=parse_k, help="k of the attention projections "
+                    "(default: --k; 100%% keeps them exact)")
+    lm.add_argument("--arch", choices=("gpt", "torch"), default="gpt", help="blocks built from "
+                    "nn.Linear (gpt) or nn.TransformerEncoderLayer (torch)")
+    lm.add_argument("--prune-every", type=_positive_int, default=50, help="meSimp: steps between "
+                    "prunes (default 50)")
     _add_common(train, "mebp-train")
 
     for name, text in (("sweep", "kernel benchmark sweep (arguments go to triton_mebp.bench.sweep)"),
@@ -198,11 +222,19 @@ def run_demo(args) -> int:
     return 0
 
 
+MLP_DEFAULTS = dict(mode=["unified"], k=[0.05], optimizer=["adagrad"], batch_size=10, layers=2)
+
+
 def run_train(args) -> int:
     from .data import load_dataset
     from .train import TrainConfig, resolve_device, run_experiment
     device = resolve_device(args.device)
     _set_threads(args)
+    if args.task == "lm":
+        return _run_lm(args, device)
+    for name, value in MLP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.task == "pos":
         return _run_pos(args, device)
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -227,6 +259,48 @@ def run_train(args) -> int:
     summaries = run_experiment(configs, dataset, seeds=args.seeds, device=device,
                                progress=not args.no_progress)
     _report(summaries, args.out, meta=_meta(dataset, device, args.seeds, started_at))
+    return 0
+
+
+def _run_lm(args, device) -> int:
+    from .lm import LMConfig, comparison_configs, load_pydoc_topics, run_lm_experiment
+    if args.optimizer and set(args.optimizer) != {"adamw"}:
+        raise ValueError("--task lm trains with adamw (--sparse-grad: the row-sparse RowAdamW)")
+    common = dict(arch=args.arch, width=args.width, layers=args.layers or 2, heads=args.heads,
+                  context=args.context, batch_size=args.batch_size or 16, steps=args.steps,
+                  lr=args.lr or 2e-3, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+                  threshold=args.threshold, prune_fraction=args.prune_fraction,
+                  prune_every=args.prune_every)
+    chosen = (args.mode, args.k, args.attention_k, args.sparse_grad or None, args.simplify or None)
+    if all(option is None for option in chosen):
+        configs = comparison_configs(**common)
+    else:
+        configs = []
+        for mode in args.mode or ["unified"]:
+            if mode == "dense":
+                configs.append(LMConfig(mode="dense", **common))
+                continue
+            for k in args.k or [0.05]:
+                configs.append(LMConfig(mode=mode, k=k, attention_k=args.attention_k,
+                                        sparse_grad=args.sparse_grad, simplify=args.simplify,
+                                        **common))
+    corpus = load_pydoc_topics()
+    print(f"{corpus.describe()}; device {device}; seeds {args.seeds}")
+    started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    summaries = run_lm_experiment(configs, corpus, seeds=args.seeds, device=device,
+                                  progress=not args.no_progress)
+    from .lm import LM_COLUMNS, lm_table_rows, write_lm_report
+    from .report import format_markdown_table
+    print()
+    print(format_markdown_table(LM_COLUMNS, lm_table_rows(summaries)))
+    meta = _meta(corpus, device, args.seeds, started_at)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.out:
+        written = write_lm_report(args.out, summaries, meta=meta)
+        print(f"\nwrote {', '.join(sorted(written.values()))}")
+    print(f"\nmeasured in {meta['wall_s']:.0f} s on {meta['device']} ({meta['device_name']}, "
+          f"{meta['cpu_threads']} threads)")
     return 0
 
 

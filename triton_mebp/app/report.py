@@ -32,8 +32,13 @@ def table_rows(summaries) -> list[list[str]]:
 
 def format_table(summaries) -> str:
     """A Markdown table (also readable as plain text) of the summaries."""
-    rows = [list(TABLE_COLUMNS)] + table_rows(summaries)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    return format_markdown_table(TABLE_COLUMNS, table_rows(summaries))
+
+
+def format_markdown_table(header, body) -> str:
+    """A Markdown table (also readable as plain text): ``header`` cells, then ``body`` rows."""
+    rows = [list(header)] + [list(row) for row in body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
