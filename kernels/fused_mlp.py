@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_dtypes
 from ._tiles import grouped_tile
 from ._tuning import TunedKernel, pow2_bucket
 
@@ -167,6 +168,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                activation: str = "identity") -> torch.Tensor:
     """``act(x @ weight.T + bias)`` for a 2-D ``x`` (B x K), ``weight`` N x K; any strides."""
     _check_activation(activation)
+    check_dtypes("linear_act", x=x, weight=weight, bias=bias)
     B, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
@@ -218,6 +220,8 @@ def fused_mlp(x: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Ten
     ``first_bias`` of H) and the packed later layers of ``pack_layers``; returns B x out_features."""
     _check_activation(hidden_activation)
     _check_activation(output_activation)
+    check_dtypes("fused_mlp", x=x, first_weight=first_weight, first_bias=first_bias,
+                 rest_weight=rest_weight, rest_bias=rest_bias)
     B, K = x.shape
     num_rest, width, _ = rest_weight.shape
     H = first_weight.shape[0]

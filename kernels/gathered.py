@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_dtypes, check_indices
 from ._tiles import grouped_tile
 from ._tuning import TunedKernel, pow2_bucket
 
@@ -181,6 +182,8 @@ def _input_precision(dtype):
 
 def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``."""
+    check_dtypes("gathered_input_grad", dy_c=dy_c, weight=weight)
+    check_indices("gathered_input_grad", idx=idx)
     B, K = dy_c.shape
     M = weight.shape[1]
     dx = torch.empty((B, M), dtype=dy_c.dtype, device=dy_c.device)
@@ -196,6 +199,8 @@ def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Ten
 def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """``dy_c.T @ x``: the k selected rows of dW (k x M), or written into ``out[idx]`` if given."""
+    check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out)
+    check_indices("gathered_weight_grad", idx=idx)
     B, K = dy_c.shape
     M = x.shape[1]
     scatter = out is not None
@@ -214,6 +219,8 @@ def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
 
 def per_example_input_grad(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
+    check_dtypes("per_example_input_grad", values=values, weight=weight)
+    check_indices("per_example_input_grad", idx=idx)
     B, K = values.shape
     M = weight.shape[1]
     dx = torch.empty((B, M), dtype=values.dtype, device=values.device)
@@ -232,6 +239,8 @@ def per_example_weight_grad(values: torch.Tensor, idx: torch.Tensor, x: torch.Te
     Returns ``(rows, grad)``: the distinct selected rows ascending (int64) and their gradient
     (len(rows) x M), or with ``dense=True`` the whole n_rows x M gradient, zero elsewhere.
     """
+    check_dtypes("per_example_weight_grad", values=values, x=x)
+    check_indices("per_example_weight_grad", idx=idx)
     B, K = values.shape
     M = x.shape[1]
     flat = idx.reshape(-1).long()

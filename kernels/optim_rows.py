@@ -14,6 +14,7 @@ import math
 import triton
 import triton.language as tl
 
+from ._checks import check_dtypes, check_indices
 from ._tuning import TunedKernel, pow2_bucket
 
 _CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w)
@@ -148,6 +149,8 @@ def row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, d
     ``param``, ``grad`` (K x M) and ``momentum_buffer`` (param's shape, or None without momentum)
     are 2-D; ``row_step`` counts each row's updates (0 means its buffer is not yet initialised).
     """
+    check_dtypes("row_sgd_step", param=param, grad=grad, momentum_buffer=momentum_buffer)
+    check_indices("row_sgd_step", idx=idx)
     K, M = grad.shape
     if K == 0:
         return
@@ -162,6 +165,8 @@ def row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, d
 def row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, weight_decay,
                      eps) -> None:
     """In place on rows ``idx``: Adagrad with the learning-rate decay taken per row."""
+    check_dtypes("row_adagrad_step", param=param, grad=grad, state_sum=state_sum)
+    check_indices("row_adagrad_step", idx=idx)
     K, M = grad.shape
     if K == 0:
         return
@@ -174,6 +179,8 @@ def row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, wei
 def row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
                   weight_decay, decoupled) -> None:
     """In place on rows ``idx``: Adam (AdamW if ``decoupled``) bias-corrected per row."""
+    check_dtypes("row_adam_step", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    check_indices("row_adam_step", idx=idx)
     K, M = grad.shape
     if K == 0:
         return

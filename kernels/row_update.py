@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_dtypes, check_indices
 from ._tuning import TunedKernel
 
 
@@ -34,6 +35,8 @@ row_sgd = TunedKernel(
 
 def row_sgd_update(weight: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lr: float) -> None:
     """In place: ``weight[idx] -= lr * rows`` for distinct ``idx``."""
+    check_dtypes("row_sgd_update", weight=weight, rows=rows)
+    check_indices("row_sgd_update", idx=idx)
     K, M = rows.shape
     if K == 0:
         return

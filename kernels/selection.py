@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_dtypes
 from ._tuning import TunedKernel, pow2_bucket
 
 RADIX_BITS = 4
@@ -178,6 +179,7 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     Returns ``(idx, dy_c)``: int32 column indices sorted ascending (k) and ``dy[:, idx]`` (B x k,
     contiguous). ``hits`` (int64, N), if given, gets B added at every selected column.
     """
+    check_dtypes("unified_select", dy=dy)
     B, N = dy.shape
     scores = torch.empty(N, dtype=torch.float32, device=dy.device)
     column_scores[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
@@ -199,6 +201,7 @@ def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = Non
     Returns ``(values, idx)``, both B x k: the signed entries of ``dy`` and their int32 column
     indices, ascending within each row. ``hits`` (int64, N), if given, gets 1 added per selection.
     """
+    check_dtypes("per_example_select", dy=dy)
     B, N = dy.shape
     values = torch.empty((B, k), dtype=dy.dtype, device=dy.device)
     idx = torch.empty((B, k), dtype=torch.int32, device=dy.device)

@@ -9,6 +9,7 @@ in ``TARGETS`` and prints one JSON list of results. It runs without
 import importlib
 import json
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -35,7 +36,9 @@ def _compile(job):
                                   options={"num_warps": config.num_warps,
                                            "num_stages": config.num_stages})
         result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
-                      mma="mma" in compiled.asm["ptx"], cubin=len(compiled.asm["cubin"]) > 0)
+                      mma="mma" in compiled.asm["ptx"], cubin=len(compiled.asm["cubin"]) > 0,
+                      mma_instructions=sorted(set(re.findall(
+                          r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", compiled.asm["ptx"]))))
     except Exception as error:  # reported to the test, which fails on it
         result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
     return result

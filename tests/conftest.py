@@ -17,7 +17,8 @@ import triton_mebp as mebp  # noqa: E402  (after the interpreter switch)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
-# Dtypes the kernels are tested in. The interpreter gets bf16 arithmetic wrong: GPU only there.
+# Dtypes the kernels are tested in. The interpreter gets bf16 arithmetic wrong (tl.dot multiplies
+# the raw bit patterns): GPU only here; tests/test_dtypes.py runs bf16 with the `bf16_dot` fixture.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 TOLERANCES = {
@@ -61,3 +62,35 @@ def any_backend(request):
     mebp.set_backend(request.param)
     yield request.param
     mebp.set_backend(before)
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Under the interpreter, ``tl.dot`` of bfloat16 operands computed on their values.
+
+    Triton's interpreter stores bfloat16 as uint16 bit patterns and its dot multiplies those
+    integers (the compiled kernels use bf16 x bf16 -> fp32 MMA instructions); this widens the
+    operands to float32 first, so the kernels' bf16 loads, masks and stores can be tested.
+    """
+    if not os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widened(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        values = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(values, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if d.dtype.scalar == tl.bfloat16:
+            raise NotImplementedError("bf16 accumulators are not widened")
+        return original(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    yield

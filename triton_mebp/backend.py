@@ -3,13 +3,18 @@
 ``set_backend("triton")`` (or ``TRITON_MEBP_BACKEND=triton``) forces the kernels on CPU tensors
 as well, which works under Triton's interpreter (``TRITON_INTERPRET=1``); that is how the test
 suite runs every kernel without a GPU. ``"torch"`` forces PyTorch ops everywhere.
+Tensors of a dtype the kernels do not compute (float64) always take the PyTorch ops.
 """
 import os
 import types
 
+import torch
+
 from . import torch_ops
 
 BACKENDS = ("auto", "torch", "triton")
+# The dtypes of kernels/_checks.py: written out here so that choosing a backend imports no Triton.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _chosen: str | None = None
 _triton_ops = None
 
@@ -54,8 +59,11 @@ def triton_ops():
 
 
 def ops_for(tensor):
-    """The operations to use for ``tensor`` under the current backend choice."""
+    """The operations to use for ``tensor`` under the current backend choice; PyTorch ops for
+    dtypes the kernels do not support (float64), whatever the choice."""
     name = get_backend()
+    if tensor.dtype not in KERNEL_DTYPES:
+        return torch_ops
     if name == "auto":
         name = "triton" if tensor.is_cuda else "torch"
     if name == "torch":

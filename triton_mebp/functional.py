@@ -136,9 +136,10 @@ class MebpLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
         n_out, n_in = weight.shape
-        # Under autocast the output gradient may come in another dtype than the saved operands.
+        # Under autocast the output gradient and the input may come in another dtype than the
+        # weight: the products run in the weight's dtype (autograd casts dx back to x's dtype).
         dy = grad_output.reshape(-1, n_out).to(weight.dtype)
-        x2 = x.reshape(-1, n_in)
+        x2 = x.reshape(-1, n_in).to(weight.dtype)
         if ctx.refs is not None:
             ctx.refs += dy.shape[0]
         sync = distributed_backward.get(weight)

@@ -1,0 +1,186 @@
+"""Dtypes: every kernel launcher computes a dtype correctly or refuses it before launching;
+float64 takes the PyTorch ops whatever the backend; bfloat16 runs in the interpreter too."""
+import pytest
+import torch
+from torch import nn
+
+import triton_mebp as mebp
+from aot import compile_specs
+from conftest import DEVICE, assert_close
+from reference import mebp_reference, separated_grad
+from triton_mebp import backend, torch_ops
+from triton_mebp.kernels import fused_mlp, gathered, optim_rows, row_update, selection
+
+MODES = ["unified", "per_example"]
+
+
+def _launches(dtype):
+    """Every kernel launcher with small arguments of ``dtype``: [(name, call, written tensors)]."""
+    f = dict(dtype=dtype, device=DEVICE)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    rand = lambda *shape: (torch.randn(*shape) * 4).to(**f)
+    dy, x, w = rand(3, 6), rand(3, 4), rand(6, 4)
+    idx, dy_c = torch.tensor([1, 4], **i32), rand(3, 2)
+    values, pidx = rand(3, 2), torch.tensor([[0, 2], [1, 2], [3, 5]], **i32)
+    out, param, grad = torch.zeros(6, 4, **f), rand(6, 4), rand(2, 4)
+    state, state2 = torch.zeros(6, 4, **f), torch.zeros(6, 4, **f)
+    row_step = torch.zeros(6, dtype=torch.float32, device=DEVICE)
+    bias = rand(6)
+    packed_w, packed_b = torch.zeros(1, 16, 16, **f), torch.zeros(1, 16, **f)
+    return [
+        ("unified_select", lambda: selection.unified_select(dy, 2), []),
+        ("per_example_select", lambda: selection.per_example_select(dy, 2), []),
+        ("gathered_input_grad", lambda: gathered.gathered_input_grad(dy_c, w, idx), []),
+        ("gathered_weight_grad", lambda: gathered.gathered_weight_grad(dy_c, x, idx, out=out), [out]),
+        ("per_example_input_grad", lambda: gathered.per_example_input_grad(values, pidx, w), []),
+        ("per_example_weight_grad", lambda: gathered.per_example_weight_grad(values, pidx, x, 6), []),
+        ("row_sgd_update", lambda: row_update.row_sgd_update(param, idx, grad, 0.1), [param]),
+        ("row_sgd_step", lambda: optim_rows.row_sgd_step(
+            param, idx, grad, row_step, state, lr=0.1, momentum=0.9, dampening=0.0,
+            weight_decay=0.0, nesterov=False), [param, state]),
+        ("row_adagrad_step", lambda: optim_rows.row_adagrad_step(
+            param, idx, grad, row_step, state, lr=0.1, lr_decay=0.0, weight_decay=0.0,
+            eps=1e-10), [param, state]),
+        ("row_adam_step", lambda: optim_rows.row_adam_step(
+            param, idx, grad, row_step, state, state2, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+            weight_decay=0.0, decoupled=False), [param, state, state2]),
+        ("linear_act", lambda: fused_mlp.linear_act(x, w[:, :4], None, "relu"), []),
+        ("fused_mlp", lambda: fused_mlp.fused_mlp(x, w, bias, packed_w, packed_b, 5), []),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+@pytest.mark.parametrize("position", range(12))
+def test_every_launcher_refuses_other_dtypes_before_launching(position, dtype):
+    name, call, written = _launches(dtype)[position]
+    before = [t.clone() for t in written]
+    with pytest.raises(TypeError, match=f"{name}: .*{dtype}"):
+        call()
+    for tensor, old in zip(written, before):
+        assert torch.equal(tensor, old)
+
+
+def test_float64_takes_the_torch_ops_whatever_the_backend(triton_backend):
+    assert backend.ops_for(torch.zeros(1, dtype=torch.float64, device=DEVICE)) is torch_ops
+    assert backend.ops_for(torch.zeros(1, device=DEVICE)) is not torch_ops
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_gradients_on_the_triton_backend(triton_backend, mode):
+    B, M, N, k = 5, 8, 10, 3
+    x = torch.randn(B, M, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(N, M, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    dy = separated_grad(B, N, mode, torch.float64, DEVICE)
+    mebp.mebp_linear(x, w, k=k, mode=mode).backward(dy)
+    ref_dx, ref_dw, _ = mebp_reference(x.detach(), w.detach(), dy, k, mode)
+    assert_close(x.grad, ref_dx)
+    assert_close(w.grad, ref_dw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_lstm_on_the_triton_backend(mode):
+    torch.manual_seed(0)
+    lstm = mebp.MeLSTM(3, 4, k=5, mode=mode).double().to(DEVICE)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, device=DEVICE)
+    grads = {}
+    before = mebp.get_backend()
+    try:
+        for name in ("torch", "triton"):
+            mebp.set_backend(name)
+            lstm.zero_grad()
+            lstm(x)[0].square().sum().backward()
+            grads[name] = [p.grad.clone() for p in lstm.parameters()]
+    finally:
+        mebp.set_backend(before)
+    for ours, theirs in zip(grads["triton"], grads["torch"]):
+        assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_input_of_another_dtype_than_the_weight(any_backend, mode):
+    """A bf16 input (an earlier autocast layer's output) into a float32 layer under autocast."""
+    B, M, N, k = 4, 8, 6, 2
+    x = torch.randn(B, M, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(N, M, device=DEVICE, requires_grad=True)
+    dy = separated_grad(B, N, mode, torch.float32, DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = mebp.mebp_linear(x, w, k=k, mode=mode)
+    y.float().backward(dy)
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # The forward rounded w to bf16; the backward uses the float32 weight.
+    ref_dx, ref_dw, _ = mebp_reference(x.detach(), w.detach(), dy, k, mode)
+    assert_close(x.grad, ref_dx, torch.bfloat16)
+    assert_close(w.grad, ref_dw, torch.bfloat16)
+
+
+# bfloat16 in the interpreter, through the `bf16_dot` fixture (see conftest.py).
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,M,N", [(1, 7, 33), (7, 33, 20)])
+def test_bf16_backward_on_the_kernels(triton_backend, bf16_dot, B, M, N, mode):
+    x = torch.randn(B, M, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(N, M, device=DEVICE).to(torch.bfloat16)
+    dy = separated_grad(B, N, mode, torch.float64, DEVICE)
+    dy16 = dy.to(torch.bfloat16)
+    for k in (1, N // 3, N):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        mebp.mebp_linear(xg, wg, k=k, mode=mode).backward(dy16)
+        ref_dx, ref_dw, _ = mebp_reference(x, w, dy16, k, mode)
+        assert_close(xg.grad, ref_dx, torch.bfloat16)
+        assert_close(wg.grad, ref_dw, torch.bfloat16)
+
+
+def test_bf16_sparse_gradient_and_row_sgd_on_the_kernels(triton_backend, bf16_dot):
+    layer = mebp.MeLinear(9, 12, k=4, grad="sparse").to(DEVICE, torch.bfloat16)
+    x = torch.randn(5, 9, device=DEVICE).to(torch.bfloat16)
+    dy = separated_grad(5, 12, "unified", torch.bfloat16, DEVICE)
+    layer(x).backward(dy)
+    _, ref_dw, _ = mebp_reference(x, layer.weight.detach(), dy, 4, "unified")
+    assert_close(layer.weight.grad.to_dense(), ref_dw, torch.bfloat16)
+    expected = layer.weight.detach().double() - 0.5 * ref_dw
+    mebp.sgd_step_rows([layer.weight], lr=0.5)
+    assert_close(layer.weight.detach(), expected, torch.bfloat16)
+
+
+def test_bf16_fused_inference_kernels(bf16_dot):
+    widths = (7, 16, 9, 3)
+    weights = [(torch.randn(n, m) / m ** 0.5).to(DEVICE, torch.bfloat16)
+               for m, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n).to(DEVICE, torch.bfloat16) for n in widths[1:]]
+    x = torch.randn(5, 7, device=DEVICE).to(torch.bfloat16)
+    h = x.double()
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = h @ w.double().t() + b.double()
+        h = h if i == len(weights) - 1 else torch.relu(h)
+    first = torch.relu(x.double() @ weights[0].double().t() + biases[0].double())
+    assert_close(fused_mlp.linear_act(x, weights[0], biases[0], "relu"), first, torch.bfloat16)
+    width = fused_mlp.fused_width(widths[1:])
+    packed_w, packed_b = fused_mlp.pack_layers(weights[1:], biases[1:], width)
+    y = fused_mlp.fused_mlp(x, weights[0], biases[0], packed_w, packed_b, 3, "relu", "identity")
+    assert_close(y, h, torch.bfloat16)
+
+
+def test_bf16_products_compile_to_bf16_mma_with_float32_accumulation():
+    """What the interpreter cannot show: the compiled products multiply bf16 operands and add
+    in float32 (wgmma on sm_90, mma.sync on sm_80)."""
+    strides = ("stride_ab", "stride_ak")
+    common = {"B": "i32", "M": "i32", "K": "i32", "B_BUCKET": "i32"}
+    specs = [
+        dict(kernel="triton_mebp.kernels.gathered:gathered_rows_matmul", configs=[3],
+             signature={"a_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i32", "c_ptr": "*bf16",
+                        **common, **{s: "i32" for s in strides + ("stride_wn", "stride_wm",
+                                                                  "stride_cb", "stride_cm")}},
+             constexprs={"INPUT_PRECISION": "ieee"}),
+        dict(kernel="triton_mebp.kernels.gathered:transposed_matmul_rows", configs=[3],
+             signature={"a_ptr": "*bf16", "x_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16",
+                        **common, **{s: "i32" for s in strides + ("stride_xb", "stride_xm",
+                                                                  "stride_on", "stride_om")}},
+             constexprs={"SCATTER": True, "INPUT_PRECISION": "ieee"}),
+    ]
+    results = compile_specs(specs)
+    assert len(results) == 4 and all(r["ok"] for r in results), results
+    for r in results:
+        products = r["mma_instructions"]
+        assert products, (r["kernel"], r["target"])
+        assert all(".f32.bf16.bf16" in p for p in products), (r["kernel"], r["target"], products)
