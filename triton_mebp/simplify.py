@@ -1,14 +1,16 @@
 """meSimp: remove the hidden neurons that meProp seldom selects, physically, and keep training.
 
 ``Simplifier(model)`` finds each hidden ``MeLinear`` whose output reaches only ``nn.Linear``
-layers through element-wise modules (an ``nn.Sequential`` chain, or a ``torch.fx`` trace of other
-models) and switches its hit counting on. ``prune()`` keeps neuron j iff ``hits[j] >= threshold *
+layers through element-wise modules and switches its hit counting on. It follows only what it can
+prove: a model whose class is exactly ``nn.Sequential`` is a chain; any other model must trace
+with ``torch.fx``; every other layer is skipped with the reason. ``prune()`` keeps neuron j iff ``hits[j] >= threshold *
 refs``, deletes the other rows of the layer's weight and bias and the matching columns of every
 consumer's weight, slices the optimizer's state the same way, and resets the counters.
 ``SimplifySchedule`` calls it on the paper's cycle schedule; ``save_simplified`` /
 ``load_simplified`` store and restore a compacted model without pickled objects.
 """
 import inspect
+import math
 import numbers
 import operator
 from dataclasses import dataclass, field
@@ -41,20 +43,48 @@ TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.AlphaDropout)
+DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
+
+
+def _has_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _is_elementwise_module(module) -> bool:
-    return type(module) in ELEMENTWISE_MODULES
+    return type(module) in ELEMENTWISE_MODULES and not _has_hooks(module)
 
 
 def _is_linear(module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _is_plain_linear(module) -> bool:
+    """An ``nn.Linear`` computing ``x W^T + b`` and nothing else: a subclass counts only if it
+    keeps the forward and adds no parameters, buffers or submodules (a LoRA adapter does not)."""
+    return (isinstance(module, nn.Linear)
+            and type(module).forward in (nn.Linear.forward, MeLinear.forward)
+            and {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
+            and {n for n, _ in module.named_buffers(recurse=False)} <= {"hits", "refs"}
+            and not any(True for _ in module.children()) and not _has_hooks(module))
+
+
+def _is_plain_me_linear(module) -> bool:
+    return isinstance(module, MeLinear) and _is_plain_linear(module)
+
+
 @dataclass
 class PrunePlan:
-    """One prunable layer and the layers that read its output."""
+    """One prunable layer and the layers that read its output.
+
+    ``offsets``: {consumer name: f(0)}, where f is the element-wise path from the layer to that
+    consumer; a removed neuron contributes the constant ``f(0) * W_consumer[:, j]``, which prune()
+    folds into the consumer's bias (omitted where f(0) = 0).
+    """
     name: str
     layer: MeLinear
     consumers: list = field(default_factory=list)  # [(name, nn.Linear)]
+    offsets: dict = field(default_factory=dict)
 
 
 class PruneReport(dict):
@@ -70,46 +100,59 @@ class PruneReport(dict):
 
 
 def _flatten_sequential(seq: nn.Sequential, prefix: str):
-    """The modules a Sequential runs, in order, nested Sequentials expanded: [(name, module)]."""
+    """The modules a Sequential runs, in order, nested plain Sequentials expanded: [(name, module)].
+
+    Only a module whose class is exactly ``nn.Sequential`` (and that has no forward hooks) is
+    known to run its children as a chain; a subclass may have a forward of its own.
+    """
     chain = []
     for child_name, child in seq.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
-        if isinstance(child, nn.Sequential):
+        if type(child) is nn.Sequential and not _has_hooks(child):
             chain += _flatten_sequential(child, name)
         else:
             chain.append((name, child))
     return chain
 
 
-def _sequential_links(model: nn.Module, is_root: bool, producer=MeLinear):
-    """Consumers found by walking nn.Sequential chains: ({name: consumers}, {name: reason})."""
-    links, reasons = {}, {}
-    roots = [("", model)] if isinstance(model, nn.Sequential) else [
-        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Sequential)]
-    for root_name, seq in roots:
-        chain = _flatten_sequential(seq, root_name)
-        for i, (name, module) in enumerate(chain):
-            if not isinstance(module, producer) or name in links or name in reasons:
+def _module_step(module):
+    """What an element-wise module does to a removed neuron's zero in eval mode."""
+    return (lambda v: v) if isinstance(module, DROPOUT_MODULES) else module
+
+
+def _sequential_links(model: nn.Sequential, producer):
+    """Consumers found by walking the chain of an exact nn.Sequential: (links, reasons, paths).
+
+    ``links``: {name: [(consumer name, consumer)]}; ``paths``: {name: {consumer name: [steps]}},
+    the element-wise steps between them; ``reasons``: {name: why it has no consumers to prune}.
+    """
+    links, reasons, paths = {}, {}, {}
+    chain = _flatten_sequential(model, "")
+    for i, (name, module) in enumerate(chain):
+        if not producer(module):
+            continue
+        consumers, steps, reason = [], [], None
+        for next_name, following in chain[i + 1:]:
+            if _is_elementwise_module(following):
+                steps.append(_module_step(following))
                 continue
-            consumers, reason = [], None
-            for next_name, following in chain[i + 1:]:
-                if _is_elementwise_module(following):
-                    continue
-                if _is_linear(following):
-                    consumers.append((next_name, following))
-                else:
-                    reason = (f"its output reaches {next_name!r} ({type(following).__name__}), "
-                              "which is not element-wise")
-                break
+            if _is_plain_linear(following):
+                consumers.append((next_name, following))
             else:
-                reason = ("its output is the model's output" if is_root and root_name == "" else
-                          f"its output leaves the nn.Sequential {root_name or 'model'!r}, where "
-                          "the simplifier cannot follow it")
-            if reason:
-                reasons[name] = reason
-            else:
-                links[name] = consumers
-    return links, reasons
+                reason = (f"its output reaches {next_name!r} ({type(following).__name__}), "
+                          "which is not element-wise" + (
+                              "" if not _is_linear(following) else
+                              " (an nn.Linear subclass with a forward, parameters or hooks of "
+                              "its own)"))
+            break
+        else:
+            reason = "its output is the model's output"
+        if reason:
+            reasons[name] = reason
+        else:
+            links[name] = consumers
+            paths[name] = {consumers[0][0]: steps}
+    return links, reasons, paths
 
 
 class _LinearLeafTracer(torch.fx.Tracer):
@@ -161,16 +204,37 @@ def _passes_through(node, source, modules) -> bool:
     return False
 
 
-def _fx_links(model: nn.Module, graph, producer=MeLinear):
-    """Consumers found in a torch.fx graph: ({name: consumers}, {name: reason})."""
+def _node_step(node, source, modules):
+    """What the pass-through ``node`` does to its source's value, in eval mode."""
+    if node.op == "call_module":
+        return _module_step(modules[node.target])
+    if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
+        return lambda v: v
+    swap = lambda v: ([v if a is source else a for a in node.args],
+                      {key: v if a is source else a for key, a in node.kwargs.items()})
+    if node.op == "call_method":
+        def step(v):
+            args, kwargs = swap(v)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return step
+
+    def step(v):
+        args, kwargs = swap(v)
+        return node.target(*args, **kwargs)
+    return step
+
+
+def _fx_links(model: nn.Module, graph, producer):
+    """Consumers found in a torch.fx graph of the model's forward: (links, reasons, paths)."""
     modules = dict(model.named_modules())
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
-    links, reasons = {}, {}
+    read_directly = [node.target for node in graph.nodes if node.op == "get_attr"]
+    links, reasons, paths = {}, {}, {}
     for name, module in modules.items():
-        if not isinstance(module, producer):
+        if not producer(module):
             continue
         nodes = calls.get(name, [])
         owner = name.rpartition(".")[0]
@@ -183,50 +247,65 @@ def _fx_links(model: nn.Module, graph, producer=MeLinear):
                              f"it is called {len(nodes)} times in the forward")
             continue
         consumers, reason, frontier = [], None, [nodes[0]]
+        steps = {nodes[0]: []}  # the element-wise steps from the layer's output to each node
         while frontier and reason is None:
             source = frontier.pop()
             for user in source.users:
                 if _passes_through(user, source, modules):
+                    steps[user] = steps[source] + [_node_step(user, source, modules)]
                     frontier.append(user)
-                elif (user.op == "call_module" and _is_linear(modules[user.target])
+                elif (user.op == "call_module" and _is_plain_linear(modules[user.target])
                       and user.args == (source,) and not user.kwargs):
                     if len(calls[user.target]) != 1:
                         reason = (f"its consumer {user.target!r} is called "
                                   f"{len(calls[user.target])} times in the forward")
                         break
                     consumers.append((user.target, modules[user.target]))
+                    paths.setdefault(name, {})[user.target] = steps[source]
                 else:
                     reason = f"its output reaches {_node_label(user)}, which is not element-wise"
+                    if user.op == "call_module" and _is_linear(modules[user.target]):
+                        reason += (" (an nn.Linear subclass with a forward, parameters or hooks "
+                                   "of its own)")
                     break
         if reason is None and not consumers:
             reason = "its output is not used by any layer"
+        if reason is None:
+            involved = [name] + [c for c, _ in consumers]
+            direct = [t for t in read_directly if any(t.startswith(f"{m}.") for m in involved)]
+            if direct:
+                reason = f"the forward reads {direct[0]!r} directly"
         if reason:
             reasons[name] = reason
+            paths.pop(name, None)
         else:
             links[name] = consumers
-    return links, reasons
+    return links, reasons, paths
 
 
-def _find_links(model: nn.Module, producer=MeLinear):
-    """For each ``producer`` layer: the Linear layers that read its output, or why it has none
-    the simplifier can follow."""
-    if isinstance(model, nn.Sequential):
-        return _sequential_links(model, is_root=True, producer=producer)
+def _find_links(model: nn.Module, producer=_is_plain_me_linear):
+    """For each ``producer`` layer: the Linear layers that read its output, the element-wise
+    steps in between, or why it has none the simplifier can follow: (links, reasons, paths)."""
+    if type(model) is nn.Sequential:
+        return _sequential_links(model, producer)
+    # torch.fx traces through containers without their hooks (leaf modules are checked one by one)
+    hooked = [name for name, m in model.named_modules() if name and _has_hooks(m)
+              and any(True for _ in m.children())]
+    if hooked:
+        why = f"module {hooked[0]!r} has forward hooks, which the simplifier cannot see through"
+        return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
     try:
         graph = _LinearLeafTracer().trace(model)
-    except Exception as error:  # any untraceable forward: fall back to Sequential chains
-        links, reasons = _sequential_links(model, is_root=False, producer=producer)
-        why = f"torch.fx could not trace the model ({type(error).__name__}: {error})"
-        for name, module in model.named_modules():
-            if isinstance(module, producer) and name not in links and name not in reasons:
-                reasons[name] = f"{why} and the layer is not inside an nn.Sequential chain"
-        return links, reasons
-    links, reasons = _fx_links(model, graph, producer)
-    _stack_layer_links(model, graph, producer, links, reasons)
-    return links, reasons
+    except Exception as error:  # any untraceable forward: nothing is proven safe
+        why = (f"torch.fx could not trace the model ({type(error).__name__}: {error}), so the "
+               "simplifier cannot see what reads the layer's output")
+        return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
+    links, reasons, paths = _fx_links(model, graph, producer)
+    _stack_layer_links(model, graph, producer, links, reasons, paths)
+    return links, reasons, paths
 
 
-def _stack_layer_links(model, graph, producer, links, reasons):
+def _stack_layer_links(model, graph, producer, links, reasons, paths):
     """Links inside the layers of each nn.TransformerEncoder/Decoder the traced forward calls.
 
     The stack's own forward (torch's code) only calls each layer and its final norm, and the
@@ -248,14 +327,15 @@ def _stack_layer_links(model, graph, producer, links, reasons):
                 layer_graph = _LinearLeafTracer().trace(layer, concrete_args=defaults)
             except Exception as error:
                 for name, module in layer.named_modules():
-                    if isinstance(module, producer):
+                    if producer(module):
                         reasons[prefix + name] = (f"torch.fx could not trace its transformer layer "
                                                   f"({type(error).__name__}: {error})")
                 continue
-            layer_links, layer_reasons = _fx_links(layer, layer_graph, producer)
+            layer_links, layer_reasons, layer_paths = _fx_links(layer, layer_graph, producer)
             for name, consumers in layer_links.items():
                 reasons.pop(prefix + name, None)
                 links[prefix + name] = [(prefix + c, m) for c, m in consumers]
+                paths[prefix + name] = {prefix + c: steps for c, steps in layer_paths[name].items()}
             for name, reason in layer_reasons.items():
                 reasons[prefix + name] = reason
 
@@ -319,17 +399,22 @@ def _sliced_state(optimizer, param, cuts, label):
     return sliced
 
 
-def _apply_cuts(param_cuts, layer_widths, optimizer, labels):
+def _apply_cuts(param_cuts, layer_widths, optimizer, labels, shifts=None):
     """Slices parameters (and their grads and optimizer state), validating everything first.
 
-    ``param_cuts``: {id: (param, {dim: kept indices})}; ``layer_widths``: [(layer, attr, width)].
+    ``param_cuts``: {id: (param, {dim: kept indices})}; ``layer_widths``: [(layer, attr, width)];
+    ``shifts``: {id: float64 tensor added to the parameter before slicing}.
     """
     staged = []
+    shifts = shifts or {}
     for param, cuts in param_cuts.values():
         label = labels[id(param)]
         cuts = {d: i.to(param.device) for d, i in cuts.items()}
         with torch.no_grad():
-            data = _slice(param.detach(), cuts)
+            data = param.detach()
+            if id(param) in shifts:
+                data = (data.double() + shifts[id(param)].to(data.device)).to(data.dtype)
+            data = _slice(data, cuts)
         grad = param.grad
         new_grad = None
         if grad is not None and grad.layout == torch.strided and grad.shape == param.shape:
@@ -364,6 +449,27 @@ def _resize_me_linear(layer: MeLinear, width: int) -> None:
         layer.k = width
 
 
+def _offsets(name, consumers, paths):
+    """({consumer: f(0)} for the paths with f(0) != 0, None) or ({}, why the layer cannot be
+    pruned exactly): what a removed neuron, forced to zero, still feeds each consumer."""
+    offsets = {}
+    for consumer_name, consumer in consumers:
+        value = torch.zeros(1, dtype=torch.float64)
+        with torch.no_grad():
+            for step in paths[consumer_name]:
+                value = step(value)
+        constant = float(value.reshape(-1)[0])
+        if not math.isfinite(constant):
+            return {}, (f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to "
+                        f"{constant}")
+        if constant != 0.0:
+            if consumer.bias is None:
+                return {}, (f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to "
+                            f"{constant:g}, and {consumer_name!r} has no bias to absorb it")
+            offsets[consumer_name] = constant
+    return offsets, None
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -395,11 +501,16 @@ class Simplifier:
                              "(triton_mebp.convert(model))")
         self.model, self.threshold = model, float(threshold)
         self.optimizer, self.min_width = optimizer, int(min_width)
-        links, reasons = _find_links(model)
+        links, reasons, paths = _find_links(model)
         shared = _shared_objects(model)
+        modules = dict(model.named_modules())
         self.plans, self.skipped = [], dict(reasons)
+        for name, module in modules.items():
+            if isinstance(module, MeLinear) and name not in links and name not in reasons:
+                self.skipped[name] = (f"it is a {type(module).__name__} with a forward, "
+                                      "parameters or hooks of its own")
         for name, consumers in links.items():
-            layer = dict(model.named_modules())[name]
+            layer = modules[name]
             involved = [(name, layer)] + consumers
             tied = [n for n, m in involved if id(m) in shared
                     or any(id(p) in shared for p in m.parameters(recurse=False))]
@@ -407,7 +518,11 @@ class Simplifier:
                 self.skipped[name] = (f"{tied[0]!r} or its parameters are used at several places "
                                       "in the model")
                 continue
-            self.plans.append(PrunePlan(name, layer, list(consumers)))
+            offsets, reason = _offsets(name, consumers, paths[name])
+            if reason:
+                self.skipped[name] = reason
+                continue
+            self.plans.append(PrunePlan(name, layer, list(consumers), offsets))
         for plan in self.plans:
             _fix_k_count(plan.layer)
             plan.layer.count_hits = True
@@ -447,7 +562,7 @@ class Simplifier:
         kept = {plan.name: self._kept(plan) for plan in self.plans}
         names = {id(p): f"{mname}.{pname}" for mname, m in self.model.named_modules()
                  for pname, p in m.named_parameters(recurse=False)}
-        param_cuts, widths, report = {}, [], {}
+        param_cuts, shifts, widths, report = {}, {}, [], {}
         for plan in self.plans:
             layer, keep = plan.layer, kept[plan.name]
             old, new = layer.out_features, keep.numel()
@@ -462,11 +577,20 @@ class Simplifier:
                     (c.weight, 1) for _, c in plan.consumers]:
                 if param is not None:
                     param_cuts.setdefault(id(param), (param, {}))[1][dim] = keep
+            removed = torch.ones(old, dtype=torch.bool)
+            removed[keep.cpu()] = False
+            for name, consumer in plan.consumers:
+                if name in plan.offsets:
+                    # The removed inputs' constant f(0) * W[:, removed], folded into the bias.
+                    weight = consumer.weight.detach()
+                    delta = weight[:, removed.to(weight.device)].double().sum(1) * plan.offsets[name]
+                    param_cuts.setdefault(id(consumer.bias), (consumer.bias, {}))
+                    shifts[id(consumer.bias)] = shifts.get(id(consumer.bias), 0) + delta
             widths.append((layer, "out_features", new))
             widths += [(c, "in_features", new) for _, c in plan.consumers]
         for plan in self.plans:  # a ratio set on a layer after the Simplifier was built
             _fix_k_count(plan.layer)
-        _apply_cuts(param_cuts, widths, self.optimizer, names)
+        _apply_cuts(param_cuts, widths, self.optimizer, names, shifts)
         for plan in self.plans:
             _resize_me_linear(plan.layer, plan.layer.out_features)
         return PruneReport(report, self.skipped)
@@ -562,7 +686,7 @@ def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
             raise ValueError(f"layer {name!r} of the model is missing from the checkpoint")
     # Only a hidden width may be smaller: a layer's output read by Linear layers alone (through
     # element-wise modules), and those layers' inputs with it. Every other width must match.
-    links, _ = _find_links(model, producer=nn.Linear)
+    links, _, _ = _find_links(model, producer=_is_plain_linear)
     read_from = {consumer: producer for producer, consumers in links.items() for consumer, _ in consumers}
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     for name, (out_f, in_f) in saved_shapes.items():
