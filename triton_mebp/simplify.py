@@ -666,16 +666,42 @@ def save_simplified(model: nn.Module, path) -> None:
                 "state_dict": model.state_dict()}, path)
 
 
+def _not_a_checkpoint(path, why):
+    return ValueError(f"{path}: not a triton_mebp checkpoint: {why}")
+
+
+def _read_checkpoint(path, map_location):
+    """The checkpoint's (linear_shapes, state_dict), their types checked in full."""
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location=map_location or "cpu")
+    except OSError:
+        raise
+    except Exception as error:  # empty, truncated, not a zip archive, pickled code, ...
+        raise _not_a_checkpoint(path, f"torch.load failed ({type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise _not_a_checkpoint(path, f"no format {CHECKPOINT_FORMAT!r} entry")
+    shapes, state = checkpoint.get("linear_shapes"), checkpoint.get("state_dict")
+    is_width = lambda w: isinstance(w, int) and not isinstance(w, bool)
+    if not isinstance(shapes, dict) or not all(
+            isinstance(name, str) and isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(is_width(w) for w in pair) for name, pair in shapes.items()):
+        raise _not_a_checkpoint(path, "'linear_shapes' must map layer names to "
+                                      "[out_features, in_features] ints")
+    if not isinstance(state, dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise _not_a_checkpoint(path, "'state_dict' must map names to tensors")
+    return {name: (int(o), int(i)) for name, (o, i) in shapes.items()}, state
+
+
 def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
     """Resizes a freshly built full-size ``model`` to a saved simplified one and loads its weights.
 
-    Loads with ``torch.load(weights_only=True)``. A checkpoint that does not fit the model's
-    architecture raises an error naming the layer; the model is changed only once all fits.
+    Loads with ``torch.load(weights_only=True)``. A file that is not such a checkpoint, or one that
+    does not fit the model's architecture, raises a ValueError (naming the layer where one does
+    not fit) before anything in the model changes.
     """
-    checkpoint = torch.load(path, weights_only=True, map_location=map_location or "cpu")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a simplified-model checkpoint (format {CHECKPOINT_FORMAT!r})")
-    saved_shapes, state = checkpoint["linear_shapes"], checkpoint["state_dict"]
+    saved_shapes, state = _read_checkpoint(path, map_location)
     modules = dict(model.named_modules())
     model_shapes = _linear_shapes(model)
     for name in saved_shapes:
@@ -688,7 +714,8 @@ def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
     # element-wise modules), and those layers' inputs with it. Every other width must match.
     links, _, _ = _find_links(model, producer=_is_plain_linear)
     read_from = {consumer: producer for producer, consumers in links.items() for consumer, _ in consumers}
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    current = model.state_dict()
+    expected = {key: tuple(value.shape) for key, value in current.items()}
     for name, (out_f, in_f) in saved_shapes.items():
         full_out, full_in = model_shapes[name]
         fits_out = out_f == full_out or (name in links and 1 <= out_f < full_out)
@@ -705,11 +732,19 @@ def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    values = {}
     for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            layer = key.rsplit(".", 1)[0] if "." in key else key
+        value, target = state[key], current[key]
+        layer = key.rsplit(".", 1)[0] if "." in key else key
+        if tuple(value.shape) != shape:
             raise ValueError(f"checkpoint entry {key!r} (layer {layer!r}) has shape "
-                             f"{tuple(state[key].shape)}, expected {shape}")
+                             f"{tuple(value.shape)}, expected {shape}")
+        if (value.layout != torch.strided or value.is_complex() != target.is_complex()
+                or value.is_floating_point() != target.is_floating_point()):
+            raise ValueError(f"checkpoint entry {key!r} (layer {layer!r}) is a {value.layout} "
+                             f"{value.dtype} tensor, expected a dense {target.dtype} one")
+        values[key] = value.to(device=target.device, dtype=target.dtype)
+    # Everything fits: from here on nothing can fail.
     for name, (out_f, in_f) in saved_shapes.items():
         layer = modules[name]
         if (layer.out_features, layer.in_features) == (out_f, in_f):
@@ -722,5 +757,5 @@ def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
         layer.out_features, layer.in_features = out_f, in_f
         if isinstance(layer, MeLinear):
             _resize_me_linear(layer, out_f)
-    model.load_state_dict(state)
+    model.load_state_dict(values)
     return model
