@@ -71,7 +71,8 @@ def test_miniature_demo(tmp_path, capsys):
     assert table[0]["label"] == "dense, adagrad" and table[0]["test_acc_mean"] > 40.0
     simplified = [s for s in table if s["config"]["simplify"]]
     assert simplified and all(max(s["widths_mean"]) < 32 for s in simplified)
-    assert payload["meta"]["dataset"].startswith("digits")
+    assert payload["meta"]["dataset"].startswith("digits (standardized)")  # the demo's default
+    assert cli.build_parser().parse_args(["demo", "--no-standardize"]).standardize is False
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))

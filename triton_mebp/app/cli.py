@@ -1,8 +1,8 @@
 """Command line: ``python -m triton_mebp COMMAND`` (also installed as ``mebp``).
 
 Commands: ``demo`` (meProp and meSimp on the bundled digits, with a report), ``train`` (any
-setting, on digits or MNIST; ``--task pos`` for the LSTM tagger, ``--task lm`` for a
-character-level transformer), ``sweep`` and ``plot`` (kernel
+setting, on digits or MNIST; ``--task pos`` for the LSTM tagger, ``--task window`` for the window
+MLP tagger, ``--task lm`` for a character-level transformer), ``sweep`` and ``plot`` (kernel
 benchmarks and their charts), ``version``.
 """
 import argparse
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     demo.add_argument("--k", type=parse_k, default=0.05, help="k of the main rows (default 5%%)")
     demo.add_argument("--batch-size", type=_positive_int, default=10)
+    demo.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                      help="zero-mean, unit-variance inputs (training-set statistics; default); "
+                           "--no-standardize feeds pixels scaled to [0, 1] (docs/demo.md)")
     demo.add_argument("--no-sweep", action="store_true", help="skip the k sweep")
     demo.add_argument("--no-benchmark", action="store_true", help="skip the one-layer benchmark")
     demo.add_argument("--benchmark-width", type=_positive_int, default=2048)
@@ -77,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo, "mebp-demo", threads_default=1)
 
     train = sub.add_parser("train", help="train with chosen settings (MLP on digits/MNIST, the "
-                           "POS tagger with --task pos, a character-level transformer with --task lm)")
-    train.add_argument("--task", choices=("mlp", "pos", "lm"), default="mlp")
+                           "POS tagger with --task pos or --task window, a character-level "
+                           "transformer with --task lm)")
+    train.add_argument("--task", choices=("mlp", "pos", "window", "lm"), default="mlp",
+                       help="mlp (digits/MNIST), pos (the LSTM tagger), window (the window MLP "
+                            "tagger: best epoch by held-out accuracy, test accuracy there) or lm")
     train.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     train.add_argument("--data-dir", help="MNIST: folder with the four IDX files (.gz or not)")
     train.add_argument("--standardize", action="store_true",
@@ -109,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prune-fraction", type=float, default=0.5, help="meSimp: prune after "
                        "each epoch in this first fraction of training (default 0.5)")
     train.add_argument("--seeds", type=int, nargs="+", default=[0])
-    train.add_argument("--train", dest="train_file", help="POS: training file")
-    train.add_argument("--dev", dest="dev_file", help="POS: development file")
-    train.add_argument("--test", dest="test_file", help="POS: test file")
+    train.add_argument("--train", dest="train_file", help="pos/window: training file (CoNLL-U)")
+    train.add_argument("--dev", dest="dev_file", help="pos/window: development file (window: "
+                       "default, every 10th training sentence is held out to pick the epoch)")
+    train.add_argument("--test", dest="test_file", help="pos/window: test file")
     train.add_argument("--embedding-dim", type=_positive_int, default=100, help="POS only")
     lm = train.add_argument_group("--task lm", "a causal character-level transformer on the "
                                   "pydoc_data topics text; without --mode, --k, --sparse-grad, "
@@ -188,6 +195,8 @@ def run_demo(args) -> int:
     device = resolve_device(args.device)
     _set_threads(args)
     dataset = load_digits()
+    if args.standardize:
+        dataset = dataset.standardized()
     print(f"{dataset.describe()}; device {device}; seeds {args.seeds}")
     started = time.perf_counter()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -237,6 +246,8 @@ def run_train(args) -> int:
             setattr(args, name, value)
     if args.task == "pos":
         return _run_pos(args, device)
+    if args.task == "window":
+        return _run_window(args, device)
     dataset = load_dataset(args.dataset, args.data_dir)
     if args.standardize:
         dataset = dataset.standardized()
@@ -324,6 +335,57 @@ def _run_pos(args, device) -> int:
         print(f"backward speedup over dense: {result['backward_speedup']:.2f}×")
     if args.out:
         print(f"results in {args.out}")
+    return 0
+
+
+def _run_window(args, device) -> int:
+    import json
+    import os
+
+    from .window import WindowConfig, load_window_data, summarize_window, train_window
+    if not args.train_file:
+        raise ValueError("--task window needs --train FILE (and optionally --dev FILE, --test FILE)")
+    if "sgd" in args.optimizer:
+        raise ValueError("--task window trains with adam or adagrad")
+    common = dict(hidden=args.hidden, layers=args.layers, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr)
+    configs = []
+    for optimizer in args.optimizer:
+        name = "rowadam" if optimizer == "adam" and args.sparse_grad else optimizer
+        if "dense" in args.mode:
+            configs.append(WindowConfig(mode="dense", optimizer=optimizer, **common))
+        for mode in (m for m in args.mode if m != "dense"):
+            for k in args.k:
+                configs.append(WindowConfig(mode=mode, k=k, optimizer=name, simplify=args.simplify,
+                                            threshold=args.threshold,
+                                            prune_fraction=args.prune_fraction, **common))
+    data, vocab, counts = load_window_data(args.train_file, args.test_file, args.dev_file)
+    print(", ".join(f"{key} {value}" for key, value in counts.items()), flush=True)
+    summaries = []
+    for config in configs:
+        runs = []
+        for seed in args.seeds:
+            def on_epoch(record, seed=seed):
+                if not args.no_progress:
+                    scores = ", ".join(f"{key} {record[key]:.2f}" for key in ("held_out_acc", "test_acc")
+                                       if key in record)
+                    print(f"  {config.mode} {config.optimizer} seed {seed} epoch {record['epoch']}: "
+                          f"loss {record['train_loss']:.4f}, {scores}", flush=True)
+            runs.append(train_window(config, data, vocab, seed, device, on_epoch))
+        summary = summarize_window(runs)
+        summaries.append(summary)
+        test = "n/a" if summary["test_acc"] is None else \
+            f"{summary['test_acc']:.2f} ± {summary['test_acc_std']:.2f}%"
+        k = "" if config.mode == "dense" else f" k={config.k_count}"
+        print(f"{config.mode}{k} {config.optimizer}: test {test} at the best held-out epoch "
+              f"(held-out {summary['held_out_acc']:.2f}%), hidden "
+              f"{'/'.join(f'{w:.0f}' for w in summary['widths'])}", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "window_results.json")
+        with open(path, "w") as f:
+            json.dump(dict(data=counts, summaries=summaries), f, indent=1)
+        print(f"wrote {path}")
     return 0
 
 
