@@ -113,6 +113,12 @@ def test_run_pos_task_trains_and_compares_with_nn_lstm(tmp_path):
         assert all(len(r["epochs"]) == 4 and r["backward_s_per_epoch"] > 0 for r in model["runs"])
         first, last = model["runs"][0]["epochs"][0], model["runs"][0]["epochs"][-1]
         assert last["train_loss"] < first["train_loss"]
+        for run in model["runs"]:  # test accuracy at the first epoch with the best dev accuracy
+            dev = [e["dev_accuracy"] for e in run["epochs"]]
+            best = run["epochs"][dev.index(max(dev))]
+            assert (run["best_epoch"], run["dev_accuracy"], run["test_accuracy"]) == (
+                best["epoch"], best["dev_accuracy"], best["test_accuracy"])
+            assert run["last_test_accuracy"] == run["epochs"][-1]["test_accuracy"]
     assert "MeLSTM" in result["models"]["mebp"]["lstm"]
     assert result["models"]["dense"]["lstm"].startswith("LSTM(")
     assert result["backward_speedup"] == pytest.approx(
