@@ -132,11 +132,20 @@ def _failure(rank, world, how):
     if how == "k":
         ddp.module[0].k = K + rank  # misconfigured: the ranks disagree on k
         x, y = _batch(0, rank)
+        result = dict(error=None, tensor_parallel=None)
         try:
             F.cross_entropy(ddp(x), y).backward()
         except DistributedBackwardError as error:
-            return dict(error=str(error))
-        return dict(error=None)
+            result["error"] = str(error)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        model = _model("unified", "dense")
+        parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel()})
+        try:
+            model(x)
+        except TypeError as error:
+            result["tensor_parallel"] = str(error)
+        return result
     x, y = _batch(0, rank)
     start = time.perf_counter()
     try:
@@ -273,10 +282,11 @@ def test_mesimp_prunes_in_step_and_checkpoints_load_on_any_world_size():
                                                           results[0]["params"]]
 
 
-def test_ranks_that_disagree_on_k_fail_at_once():
+def test_ranks_that_disagree_on_k_and_tensor_parallel_layers_fail_clearly():
     results = _launch(2, "failure", "k")
     for result in results:
         assert "disagree on k" in result["error"]
+        assert "does not support tensor parallelism" in result["tensor_parallel"]
 
 
 @pytest.mark.parametrize("how", ["stays", "exits"])

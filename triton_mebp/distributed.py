@@ -243,6 +243,15 @@ class _HookState:
         self.world = dist.get_world_size(group)
 
 
+def count_ddp_bytes(ddp: nn.parallel.DistributedDataParallel, stats: CommStats | None = None
+                    ) -> CommStats:
+    """Registers ``counting_allreduce_hook`` on any DDP (before its first backward, in place of
+    another comm hook) and returns the ``CommStats`` whose ``ddp_bytes`` it counts."""
+    stats = stats if stats is not None else CommStats()
+    ddp.register_comm_hook(_HookState(ddp.process_group, stats), counting_allreduce_hook)
+    return stats
+
+
 def _timedelta(timeout):
     if timeout is None or isinstance(timeout, datetime.timedelta):
         return timeout
@@ -301,6 +310,10 @@ class DistributedDataParallel(_DDP):
             raise RuntimeError("triton_mebp.distributed.DistributedDataParallel needs an "
                                "initialised process group (torch.distributed.init_process_group)")
         timeout = _timedelta(timeout)
+        sharded = [n for n, p in module.named_parameters() if type(p).__name__ == "DTensor"]
+        if sharded:
+            raise TypeError(f"parameter {sharded[0]!r} is a DTensor (FSDP2 or tensor parallelism): "
+                            "triton_mebp.DistributedDataParallel supports replicated models only")
         bound = inspect.signature(_DDP.__init__).bind(None, module, *args, **kwargs).arguments
         layers = _me_layers(module)
         ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
@@ -342,8 +355,7 @@ class DistributedDataParallel(_DDP):
 
     def _ensure_comm_hook(self):
         if not self._comm_hooks:
-            self.register_comm_hook(_HookState(self.process_group, self.comm_stats),
-                                    counting_allreduce_hook)
+            count_ddp_bytes(self, self.comm_stats)
 
     def forward(self, *inputs, **kwargs):
         if self._current_shapes() != self._shapes:
@@ -431,4 +443,4 @@ class DistributedSimplifier(Simplifier):
 
 
 __all__ = ["CommStats", "DistributedBackwardError", "DistributedDataParallel",
-           "DistributedSimplifier", "counting_allreduce_hook"]
+           "DistributedSimplifier", "count_ddp_bytes", "counting_allreduce_hook"]

@@ -187,6 +187,9 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
         raise ValueError("grad='sparse' needs a dense (strided) weight")
     if not torch.is_grad_enabled():
         return F.linear(input, weight, bias)
+    if type(weight).__name__ == "DTensor":
+        raise TypeError("mebp_linear's backward does not support tensor parallelism: the weight "
+                        "is a DTensor; leave this layer dense (convert(..., exclude=[name]))")
     return MebpLinearFunction.apply(input, weight, bias, k, mode, grad, sparse_bias, hits, refs)
 
 
