@@ -176,7 +176,7 @@ def _no_hits(device):
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """Batch-shared top-k columns of ``dy`` (B x N) by ``sum_b |dy[b, n]|``.
 
-    Returns ``(idx, dy_c)``: int32 column indices sorted ascending (k) and ``dy[:, idx]`` (B x k,
+    Returns ``(idx, dy_c)``: int64 column indices sorted ascending (k) and ``dy[:, idx]`` (B x k,
     contiguous). ``hits`` (int64, N), if given, gets B added at every selected column.
     """
     check_dtypes("unified_select", dy=dy)
@@ -184,7 +184,7 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     scores = torch.empty(N, dtype=torch.float32, device=dy.device)
     column_scores[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         dy, scores, B, N, dy.stride(0), dy.stride(1))
-    idx = torch.empty(k, dtype=torch.int32, device=dy.device)
+    idx = torch.empty(k, dtype=torch.int64, device=dy.device)
     count = hits is not None
     unified_select_row[(1,)](scores, idx, hits if count else _no_hits(dy.device), N, k, B,
                              COUNT_HITS=count)
@@ -198,13 +198,13 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
 def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """Top-k of ``|dy[b, :]|`` for each row b of ``dy`` (B x N).
 
-    Returns ``(values, idx)``, both B x k: the signed entries of ``dy`` and their int32 column
+    Returns ``(values, idx)``, both B x k: the signed entries of ``dy`` and their int64 column
     indices, ascending within each row. ``hits`` (int64, N), if given, gets 1 added per selection.
     """
     check_dtypes("per_example_select", dy=dy)
     B, N = dy.shape
     values = torch.empty((B, k), dtype=dy.dtype, device=dy.device)
-    idx = torch.empty((B, k), dtype=torch.int32, device=dy.device)
+    idx = torch.empty((B, k), dtype=torch.int64, device=dy.device)
     if B > 0:
         count = hits is not None
         per_example_select_rows[(B,)](dy, values, idx, hits if count else _no_hits(dy.device),

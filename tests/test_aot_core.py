@@ -11,7 +11,6 @@ from triton_mebp.kernels import gathered
 
 SEL = "triton_mebp.kernels.selection"
 GAT = "triton_mebp.kernels.gathered"
-ROW = "triton_mebp.kernels.row_update"
 STREAM_DTYPES = ("fp32", "bf16")
 DOT_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -24,15 +23,15 @@ def _specs():
                  signature={"dy_ptr": f"*{dt}", "scores_ptr": "*fp32", "B": "i32", "N": "i32",
                             "stride_b": "i32", "stride_n": "i32"}),
             dict(kernel=f"{SEL}:gather_columns", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "idx_ptr": "*i32", "out_ptr": f"*{dt}", "B": "i32",
+                 signature={"dy_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}", "B": "i32",
                             "K": "i32", "stride_b": "i32", "stride_n": "i32"}),
             dict(kernel=f"{SEL}:per_example_select_rows", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "val_ptr": f"*{dt}", "idx_ptr": "*i32",
+                 signature={"dy_ptr": f"*{dt}", "val_ptr": f"*{dt}", "idx_ptr": "*i64",
                             "hits_ptr": "*i64", "N": "i32", "k": "i32", "stride_b": "i32",
                             "stride_n": "i32"},
                  constexprs={"COUNT_HITS": True}),
             dict(kernel=f"{GAT}:per_example_dx", label=dt,
-                 signature={"v_ptr": f"*{dt}", "i_ptr": "*i32", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                 signature={"v_ptr": f"*{dt}", "i_ptr": "*i64", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
                             "M": "i32", "K": "i32", "stride_wn": "i32", "stride_wm": "i32",
                             "stride_xb": "i32", "stride_xm": "i32"}),
             dict(kernel=f"{GAT}:segment_rows", label=dt,
@@ -41,14 +40,10 @@ def _specs():
                             "stride_xb": "i32", "stride_xm": "i32", "stride_on": "i32",
                             "stride_om": "i32"},
                  constexprs={"SCATTER": dt == "bf16"}),
-            dict(kernel=f"{ROW}:row_sgd", label=dt,
-                 signature={"w_ptr": f"*{dt}", "idx_ptr": "*i64", "rows_ptr": f"*{dt}", "K": "i32",
-                            "M": "i32", "lr": "fp32", "stride_wn": "i32", "stride_wm": "i32",
-                            "stride_rk": "i32", "stride_rm": "i32"}),
         ]
     for count in (True, False):
         specs.append(dict(kernel=f"{SEL}:unified_select_row", label=f"hits={count}",
-                          signature={"scores_ptr": "*fp32", "idx_ptr": "*i32", "hits_ptr": "*i64",
+                          signature={"scores_ptr": "*fp32", "idx_ptr": "*i64", "hits_ptr": "*i64",
                                      "N": "i32", "k": "i32", "hit_increment": "i32"},
                           constexprs={"COUNT_HITS": count}))
     for dt in DOT_DTYPES:
@@ -56,12 +51,12 @@ def _specs():
         common = {"B": "i32", "M": "i32", "K": "i32", "B_BUCKET": "i32"}
         specs += [
             dict(kernel=f"{GAT}:gathered_rows_matmul", label=f"dot-{dt}",
-                 signature={"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "idx_ptr": "*i32", "c_ptr": f"*{dt}",
+                 signature={"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "idx_ptr": "*i64", "c_ptr": f"*{dt}",
                             **common, **{s: "i32" for s in ("stride_ab", "stride_ak", "stride_wn",
                                                             "stride_wm", "stride_cb", "stride_cm")}},
                  constexprs={"INPUT_PRECISION": precision}),
             dict(kernel=f"{GAT}:transposed_matmul_rows", label=f"dot-{dt}",
-                 signature={"a_ptr": f"*{dt}", "x_ptr": f"*{dt}", "idx_ptr": "*i32", "out_ptr": f"*{dt}",
+                 signature={"a_ptr": f"*{dt}", "x_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}",
                             **common, **{s: "i32" for s in ("stride_ab", "stride_ak", "stride_xb",
                                                             "stride_xm", "stride_on", "stride_om")}},
                  constexprs={"INPUT_PRECISION": precision, "SCATTER": dt != "fp16"}),

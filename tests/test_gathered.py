@@ -1,4 +1,4 @@
-"""Row-gathered products and the row update, against float64 references."""
+"""Row-gathered products, against float64 references."""
 import pytest
 import torch
 
@@ -15,15 +15,11 @@ def distinct_indices(N, k, dtype):
     return torch.randperm(N)[:k].sort().values.to(dtype).to(DEVICE)
 
 
-def index_dtype(ops):
-    return torch.int32 if ops is not torch_ops else torch.int64
-
-
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("B,M,N", SHAPES)
 def test_unified_products(ops, B, M, N, dtype):
     k = max(1, N // 3)
-    idx = distinct_indices(N, k, index_dtype(ops))
+    idx = distinct_indices(N, k, torch.int64)
     dy_c = torch.randn(B, k, device=DEVICE).to(dtype)
     x = torch.randn(B, M, device=DEVICE).to(dtype)
     w = torch.randn(N, M, device=DEVICE).to(dtype)
@@ -44,7 +40,7 @@ def test_unified_products(ops, B, M, N, dtype):
 @pytest.mark.parametrize("B,M,N", SHAPES)
 def test_per_example_products(ops, B, M, N, dtype):
     k = max(1, N // 4)
-    idx = torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)]).to(index_dtype(ops)).to(DEVICE)
+    idx = torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)]).to(torch.int64).to(DEVICE)
     values = torch.randn(B, k, device=DEVICE).to(dtype)
     x = torch.randn(B, M, device=DEVICE).to(dtype)
     w = torch.randn(N, M, device=DEVICE).to(dtype)
@@ -64,7 +60,7 @@ def test_per_example_products(ops, B, M, N, dtype):
 
 def test_products_accept_strided_operands(ops):
     N, M, B, k = 40, 24, 9, 7
-    idx = distinct_indices(N, k, index_dtype(ops))
+    idx = distinct_indices(N, k, torch.int64)
     w = torch.randn(M, N, device=DEVICE).t()             # transposed weight
     x = torch.randn(B, 2 * M, device=DEVICE)[:, ::2]     # sliced input
     dy_c = torch.randn(k, B, device=DEVICE).t()          # transposed gradient
@@ -85,21 +81,9 @@ def test_per_example_weight_grad_is_deterministic():
 
 
 def test_empty_batch_products(ops):
-    idx = distinct_indices(10, 3, index_dtype(ops))
+    idx = distinct_indices(10, 3, torch.int64)
     w = torch.randn(10, 6, device=DEVICE)
     empty = torch.zeros(0, 3, device=DEVICE)
     assert ops.gathered_input_grad(empty, w, idx).shape == (0, 6)
     assert torch.equal(ops.gathered_weight_grad(empty, torch.zeros(0, 6, device=DEVICE), idx),
                        torch.zeros(3, 6, device=DEVICE))
-
-
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("N,M,k", [(1, 1, 1), (33, 7, 5), (257, 130, 64), (17, 1030, 17)])
-def test_row_sgd_update_moves_only_listed_rows(ops, N, M, k, dtype):
-    w = torch.randn(N, M, device=DEVICE).to(dtype)
-    idx = distinct_indices(N, k, index_dtype(ops))
-    rows = torch.randn(k, M, device=DEVICE).to(dtype)
-    expected = w.double().clone()
-    expected[idx.long()] -= 0.1 * rows.double()
-    ops.row_sgd_update(w, idx, rows, 0.1)
-    assert_close(w, expected, dtype)

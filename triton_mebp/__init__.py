@@ -8,10 +8,10 @@ from . import optim
 from .backend import get_backend, set_backend
 from .distributed import DistributedDataParallel, DistributedSimplifier
 from .estimate import estimate_speedup, mebp_is_faster
-from .functional import MebpLinearFunction, mebp_linear, resolve_k, sgd_step_rows
+from .functional import MebpLinearFunction, mebp_linear, resolve_k
 from .inference import FusedLinear, FusedMLP, optimize_for_inference
 from .modules import ConvertReport, MeLinear, convert
-from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
+from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD, sgd_step_rows
 from .rnn import MeLSTM, mebp_lstm_layer
 from .transformer import MeMultiheadAttention
 from .simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified

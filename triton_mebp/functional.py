@@ -191,23 +191,3 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
         raise TypeError("mebp_linear's backward does not support tensor parallelism: the weight "
                         "is a DTensor; leave this layer dense (convert(..., exclude=[name]))")
     return MebpLinearFunction.apply(input, weight, bias, k, mode, grad, sparse_bias, hits, refs)
-
-
-def sgd_step_rows(params, lr: float) -> None:
-    """Plain SGD ``p -= lr * p.grad`` that touches only the gradient's rows when it is row-sparse.
-
-    Row-sparse gradients (``grad="sparse"``) go through the fused row update (a Triton kernel on
-    CUDA), so no dense gradient is formed; dense gradients get the ordinary update.
-    """
-    with torch.no_grad():
-        for p in params:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                g = p.grad.coalesce()
-                ops = backend.ops_for(p)
-                ops.row_sgd_update(p, g.indices()[0], g.values(), lr)
-            else:
-                p.add_(p.grad, alpha=-lr)
-
-

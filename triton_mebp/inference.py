@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend, torch_ops
+from . import backend
 from .modules import MeLinear
+from .torch_ops import ACTIVATIONS as TORCH_ACTIVATIONS
 
 ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 PASS_THROUGH = (nn.Dropout, nn.Identity)
-TORCH_ACTIVATIONS = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh,
-                     "sigmoid": torch.sigmoid, "gelu": F.gelu}
 
 
 def _activation_name(module):
@@ -28,12 +27,11 @@ def _activation_name(module):
     return ACTIVATION_MODULES.get(type(module))
 
 
-def _use_kernels(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Kernels for inputs they handle; the PyTorch path (and its errors) for the rest."""
-    if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != weight.dtype \
-            or x.device != weight.device or x.dim() == 0:
-        return False
-    return backend.ops_for(x) is not torch_ops
+def _backend_handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The backend's inference ops for inputs they handle; plain PyTorch (with autograd and its
+    own errors) for inputs that need a gradient or do not match the weights."""
+    return not ((torch.is_grad_enabled() and x.requires_grad) or x.dtype != weight.dtype
+                or x.device != weight.device or x.dim() == 0)
 
 
 def _kernels():
@@ -46,7 +44,7 @@ def _frozen(tensor):
 
 
 class FusedLinear(nn.Module):
-    """``act(x @ W.T + b)`` in one kernel on CUDA (PyTorch ops on the CPU)."""
+    """``act(x @ W.T + b)``: one kernel on CUDA, the backend's ``linear_act``."""
 
     def __init__(self, linear: nn.Linear, activation: str = "identity"):
         super().__init__()
@@ -57,9 +55,10 @@ class FusedLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x):
-        if not _use_kernels(x, self.weight):
+        if not _backend_handles(x, self.weight):
             return TORCH_ACTIVATIONS[self.activation](F.linear(x, self.weight, self.bias))
-        y = _kernels().linear_act(x.reshape(-1, self.in_features), self.weight, self.bias, self.activation)
+        y = backend.ops_for(x).linear_act(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                          self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -113,9 +112,9 @@ class FusedMLP(nn.Module):
         return x
 
     def forward(self, x):
-        if not _use_kernels(x, self.weights[0]):
+        if not _backend_handles(x, self.weights[0]):
             return self._torch_forward(x)
-        y = _kernels().fused_mlp(x.reshape(-1, self.in_features), self.weights[0], self.first_bias,
+        y = backend.ops_for(x).fused_mlp(x.reshape(-1, self.in_features), self.weights[0], self.first_bias,
                                  self.packed_weight, self.packed_bias, self.out_features,
                                  self.hidden_activation, self.output_activation)
         return y.reshape(*x.shape[:-1], self.out_features)

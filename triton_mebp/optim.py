@@ -2,9 +2,9 @@
 
 ``RowSGD``, ``RowAdagrad``, ``RowAdam`` and ``RowAdamW`` are ``torch.optim.Optimizer`` subclasses.
 A parameter whose gradient is row-sparse (``grad="sparse"``: a ``torch.sparse_coo`` tensor with
-one sparse dimension) is updated on its gradient's rows only, with one fused Triton kernel on
-CUDA (PyTorch ops on the CPU); rows not in the gradient are neither read nor written, and their
-state does not decay. Each such parameter keeps a per-row step count ``row_step`` (float32,
+one sparse dimension) is updated on its gradient's rows only, with the backend's fused row
+update (one Triton kernel on CUDA, PyTorch ops on the CPU); rows not in the gradient are neither
+read nor written, and their state does not decay. Each such parameter keeps a per-row step count ``row_step`` (float32,
 ``(param.shape[0],)``); Adam bias-corrects every row with its own count. Parameters with dense
 gradients get exactly the update of the matching ``torch.optim`` class. See docs/optim.md.
 
@@ -15,12 +15,7 @@ import math
 
 import torch
 
-from . import backend, torch_ops
-
-
-def _kernels():
-    from .kernels import optim_rows
-    return optim_rows
+from . import backend
 
 
 def _check_range(name, value, low=0.0, high=math.inf, high_open=False):
@@ -67,13 +62,9 @@ def _row_sparse_parts(param, grad):
     return rows, values.reshape(values.shape[0], math.prod(param.shape[1:]))
 
 
-def _compute_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
 class _RowOptimizer(torch.optim.Optimizer):
-    """Shared step loop: row-sparse gradients go to ``_rows_torch`` (PyTorch ops) or
-    ``_rows_triton`` (the fused kernels), dense ones to ``_dense`` (the torch.optim update)."""
+    """Shared step loop: row-sparse gradients go to ``_rows`` (the backend's fused row update),
+    dense ones to ``_dense`` (the torch.optim update)."""
 
     _per_element = ()  # names of the per-element state tensors
 
@@ -83,10 +74,7 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _dense(self, param, grad, state, group):
         raise NotImplementedError
 
-    def _rows_torch(self, param, rows, values, state, group):
-        raise NotImplementedError
-
-    def _rows_triton(self, param, rows, values, state, group):
+    def _rows(self, ops, param, rows, values, state, group):
         raise NotImplementedError
 
     @torch.no_grad()
@@ -141,10 +129,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         for name in self._per_element:
             if name in state and param.dim() != 2 and not state[name].is_contiguous():
                 state[name] = state[name].contiguous()
-        if backend.ops_for(param) is torch_ops:
-            self._rows_torch(param, rows, values, state, group)
-        else:
-            self._rows_triton(param, rows, values, state, group)
+        self._rows(backend.ops_for(param), param, rows, values, state, group)
         state["step"] += 1
 
     def load_state_dict(self, state_dict):
@@ -207,29 +192,9 @@ class RowSGD(_RowOptimizer):
             d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         param.add_(d_p, alpha=-group["lr"])
 
-    def _rows_torch(self, param, rows, values, state, group):
-        p2 = _rows_view(param, "parameter")
-        dtype = _compute_dtype(param.dtype)
-        row_step = state["row_step"]
-        first = (row_step.index_select(0, rows) == 0).unsqueeze(1)
-        row_step.index_add_(0, rows, torch.ones_like(rows, dtype=row_step.dtype))
-        p_rows = p2.index_select(0, rows).to(dtype)
-        d_p = values.to(dtype)
-        if group["weight_decay"]:
-            d_p = d_p.add(p_rows, alpha=group["weight_decay"])
-        if group["momentum"]:
-            buf2 = _rows_view(self._buffer(param, state), "momentum_buffer")
-            momentum = group["momentum"]
-            buf = buf2.index_select(0, rows).to(dtype)
-            buf = torch.where(first, d_p,
-                              buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"]))
-            buf2.index_copy_(0, rows, buf.to(buf2.dtype))
-            d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
-        p2.index_copy_(0, rows, p_rows.sub_(d_p, alpha=group["lr"]).to(p2.dtype))
-
-    def _rows_triton(self, param, rows, values, state, group):
+    def _rows(self, ops, param, rows, values, state, group):
         buf = self._buffer(param, state) if group["momentum"] else None
-        _kernels().row_sgd_step(
+        ops.row_sgd_step(
             _rows_view(param, "parameter"), rows, values, state["row_step"],
             None if buf is None else _rows_view(buf, "momentum_buffer"),
             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
@@ -263,24 +228,8 @@ class RowAdagrad(_RowOptimizer):
         state["sum"].addcmul_(grad, grad, value=1)
         param.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-clr)
 
-    def _rows_torch(self, param, rows, values, state, group):
-        p2, sum2 = _rows_view(param, "parameter"), _rows_view(state["sum"], "sum")
-        dtype = _compute_dtype(param.dtype)
-        row_step = state["row_step"]
-        step = row_step.index_select(0, rows) + 1
-        row_step.index_copy_(0, rows, step)
-        clr = (group["lr"] / (1 + (step.to(torch.float64) - 1) * group["lr_decay"])).to(dtype)
-        p_rows = p2.index_select(0, rows).to(dtype)
-        grad = values.to(dtype)
-        if group["weight_decay"]:
-            grad = grad.add(p_rows, alpha=group["weight_decay"])
-        total = sum2.index_select(0, rows).to(dtype).addcmul_(grad, grad)
-        sum2.index_copy_(0, rows, total.to(sum2.dtype))
-        p_rows -= clr.unsqueeze(1) * grad / total.sqrt().add_(group["eps"])
-        p2.index_copy_(0, rows, p_rows.to(p2.dtype))
-
-    def _rows_triton(self, param, rows, values, state, group):
-        _kernels().row_adagrad_step(
+    def _rows(self, ops, param, rows, values, state, group):
+        ops.row_adagrad_step(
             _rows_view(param, "parameter"), rows, values, state["row_step"],
             _rows_view(state["sum"], "sum"), lr=group["lr"], lr_decay=group["lr_decay"],
             weight_decay=group["weight_decay"], eps=group["eps"])
@@ -326,36 +275,9 @@ class RowAdam(_RowOptimizer):
         denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
-    def _rows_torch(self, param, rows, values, state, group):
-        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
-        p2 = _rows_view(param, "parameter")
-        m2 = _rows_view(state["exp_avg"], "exp_avg")
-        v2 = _rows_view(state["exp_avg_sq"], "exp_avg_sq")
-        dtype = _compute_dtype(param.dtype)
-        row_step = state["row_step"]
-        step = row_step.index_select(0, rows) + 1
-        row_step.index_copy_(0, rows, step)
-        step = step.to(torch.float64).unsqueeze(1)
-        step_size = (lr / (1 - torch.pow(beta1, step))).to(dtype)
-        bc2_sqrt = (1 - torch.pow(beta2, step)).sqrt_().to(dtype)
-        p_rows = p2.index_select(0, rows).to(dtype)
-        grad = values.to(dtype)
-        if wd:
-            if self._decoupled:
-                p_rows.mul_(1 - lr * wd)
-            else:
-                grad = grad.add(p_rows, alpha=wd)
-        m = m2.index_select(0, rows).to(dtype).lerp_(grad, 1 - beta1)
-        v = v2.index_select(0, rows).to(dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m2.index_copy_(0, rows, m.to(m2.dtype))
-        v2.index_copy_(0, rows, v.to(v2.dtype))
-        denom = v.sqrt_().div_(bc2_sqrt).add_(group["eps"])
-        p_rows -= m.mul_(step_size).div_(denom)
-        p2.index_copy_(0, rows, p_rows.to(p2.dtype))
-
-    def _rows_triton(self, param, rows, values, state, group):
+    def _rows(self, ops, param, rows, values, state, group):
         beta1, beta2 = group["betas"]
-        _kernels().row_adam_step(
+        ops.row_adam_step(
             _rows_view(param, "parameter"), rows, values, state["row_step"],
             _rows_view(state["exp_avg"], "exp_avg"), _rows_view(state["exp_avg_sq"], "exp_avg_sq"),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -374,4 +296,12 @@ class RowAdamW(RowAdam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-__all__ = ["RowAdagrad", "RowAdam", "RowAdamW", "RowSGD"]
+def sgd_step_rows(params, lr: float) -> None:
+    """Plain SGD ``p -= lr * p.grad`` that touches only the gradient's rows when it is row-sparse
+    (one ``RowSGD`` step without momentum); dense gradients get the ordinary update."""
+    with_grads = [p for p in params if p.grad is not None]
+    if with_grads:
+        RowSGD(with_grads, lr=lr).step()
+
+
+__all__ = ["RowAdagrad", "RowAdam", "RowAdamW", "RowSGD", "sgd_step_rows"]

@@ -71,6 +71,48 @@ def _gate_grads(dh_new, dc_new, acts_t, c_prev_t, tanh_c_t, H):
     return dgates, dc_total * f
 
 
+def deferred_products(ops, mode, kept, kept_idx, x, h_prev, w_ih, w_hh, need_x=True,
+                      need_w_ih=True, need_w_hh=True):
+    """``(dx, dW_ih, dW_hh)`` from the kept gate gradients of all T steps at once.
+
+    ``mode``: "dense" (``kept`` is T x B x 4H), "unified" (``kept`` T x B x k with column indices
+    ``kept_idx`` T x k) or "per_example" (``kept`` values and ``kept_idx`` both T x B x k).
+    A product not needed is returned as None.
+    """
+    T, B, n_in = x.shape
+    H = w_hh.shape[1]
+    dx = dw_ih = dw_hh = None
+    if mode == "dense":
+        flat = kept.reshape(T * B, 4 * H)
+        dx = (flat @ w_ih).view(T, B, n_in) if need_x else None
+        dw_ih = flat.t() @ x.reshape(T * B, n_in) if need_w_ih else None
+        dw_hh = flat.t() @ h_prev.reshape(T * B, H) if need_w_hh else None
+    elif mode == "unified":
+        # Every step is a dense product on its gathered rows: batched over time.
+        k = kept.shape[2]
+        rows = kept_idx.reshape(-1)
+        if need_x:
+            dx = torch.bmm(kept, w_ih.index_select(0, rows).view(T, k, n_in))
+        kept_t = kept.transpose(1, 2)
+        if need_w_ih:
+            dw_ih = torch.zeros_like(w_ih).index_add_(0, rows, torch.bmm(kept_t, x).reshape(T * k, n_in))
+        if need_w_hh:
+            dw_hh = torch.zeros_like(w_hh).index_add_(0, rows, torch.bmm(kept_t, h_prev).reshape(T * k, H))
+    else:
+        # Each (step, example) pair is one example of a per-example product.
+        k = kept.shape[2]
+        values, idx = kept.reshape(T * B, k), kept_idx.reshape(T * B, k)
+        if need_x:
+            dx = ops.per_example_input_grad(values, idx, w_ih).view(T, B, n_in)
+        if need_w_ih:
+            _, dw_ih = ops.per_example_weight_grad(values, idx, x.reshape(T * B, n_in), 4 * H,
+                                                   dense=True)
+        if need_w_hh:
+            _, dw_hh = ops.per_example_weight_grad(values, idx, h_prev.reshape(T * B, H), 4 * H,
+                                                   dense=True)
+    return dx, dw_ih, dw_hh
+
+
 class MeLSTMLayerFunction(torch.autograd.Function):
     """One direction of one LSTM layer; backward sparsifies the gate gradients step by step."""
 
@@ -128,33 +170,9 @@ class MeLSTMLayerFunction(torch.autograd.Function):
                 dh, dc = dh + carried_h, dc + carried_c
 
         need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx = dw_ih = dw_hh = None
-        if dense:
-            flat = kept.reshape(T * B, 4 * H)
-            dx = (flat @ w_ih).view(T, B, n_in) if need_x else None
-            dw_ih = flat.t() @ x.reshape(T * B, n_in) if need_w_ih else None
-            dw_hh = flat.t() @ h_prev.reshape(T * B, H) if need_w_hh else None
-        elif mode == "unified":
-            # Every step is a dense product on its gathered rows: batched over time.
-            rows = kept_idx.reshape(-1)
-            if need_x:
-                dx = torch.bmm(kept, w_ih.index_select(0, rows).view(T, k, n_in))
-            kept_t = kept.transpose(1, 2)
-            if need_w_ih:
-                dw_ih = torch.zeros_like(w_ih).index_add_(0, rows, torch.bmm(kept_t, x).reshape(T * k, n_in))
-            if need_w_hh:
-                dw_hh = torch.zeros_like(w_hh).index_add_(0, rows, torch.bmm(kept_t, h_prev).reshape(T * k, H))
-        else:
-            # Each (step, example) pair is one example of a per-example product.
-            values, idx = kept.reshape(T * B, k), kept_idx.reshape(T * B, k)
-            if need_x:
-                dx = ops.per_example_input_grad(values, idx, w_ih).view(T, B, n_in)
-            if need_w_ih:
-                _, dw_ih = ops.per_example_weight_grad(values, idx, x.reshape(T * B, n_in), 4 * H,
-                                                       dense=True)
-            if need_w_hh:
-                _, dw_hh = ops.per_example_weight_grad(values, idx, h_prev.reshape(T * B, H), 4 * H,
-                                                       dense=True)
+        dx, dw_ih, dw_hh = deferred_products(ops, "dense" if dense else mode, kept,
+                                             None if dense else kept_idx, x, h_prev, w_ih, w_hh,
+                                             need_x, need_w_ih, need_w_hh)
         db_ih = db if ctx.has_bias and ctx.needs_input_grad[5] else None
         db_hh = db.clone() if ctx.has_bias and ctx.needs_input_grad[6] else None
         dh0 = dh if ctx.needs_input_grad[1] else None

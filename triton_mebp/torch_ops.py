@@ -1,10 +1,12 @@
-"""The PyTorch-ops backend: the same operations as the Triton kernels, for CPU tensors.
+"""The PyTorch-ops backend: every operation of ``backend.Backend``, for CPU tensors.
 
-Every function here matches a launcher in ``triton_mebp.kernels`` by name and meaning, except
-that indices are int64. No Python loops over rows or examples.
+Each function matches a launcher in ``triton_mebp.kernels`` by name, signature and meaning.
+No Python loops over rows or examples.
 """
 import torch
 import torch.nn.functional as F
+
+name = "torch"
 
 
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
@@ -60,5 +62,90 @@ def per_example_weight_grad(values, idx, x, n_rows, dense=False):
     return rows, grad
 
 
-def row_sgd_update(weight, idx, rows, lr):
-    weight.index_add_(0, idx, rows, alpha=-lr)
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, dampening,
+                 weight_decay, nesterov) -> None:
+    dtype = _compute_dtype(param.dtype)
+    first = (row_step.index_select(0, idx) == 0).unsqueeze(1)
+    row_step.index_add_(0, idx, torch.ones_like(idx, dtype=row_step.dtype))
+    p_rows = param.index_select(0, idx).to(dtype)
+    d_p = grad.to(dtype)
+    if weight_decay:
+        d_p = d_p.add(p_rows, alpha=weight_decay)
+    if momentum_buffer is not None:
+        buf = momentum_buffer.index_select(0, idx).to(dtype)
+        buf = torch.where(first, d_p, buf.mul_(momentum).add_(d_p, alpha=1 - dampening))
+        momentum_buffer.index_copy_(0, idx, buf.to(momentum_buffer.dtype))
+        d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+    param.index_copy_(0, idx, p_rows.sub_(d_p, alpha=lr).to(param.dtype))
+
+
+def row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, weight_decay,
+                     eps) -> None:
+    dtype = _compute_dtype(param.dtype)
+    step = row_step.index_select(0, idx) + 1
+    row_step.index_copy_(0, idx, step)
+    clr = (lr / (1 + (step.to(torch.float64) - 1) * lr_decay)).to(dtype)
+    p_rows = param.index_select(0, idx).to(dtype)
+    g = grad.to(dtype)
+    if weight_decay:
+        g = g.add(p_rows, alpha=weight_decay)
+    total = state_sum.index_select(0, idx).to(dtype).addcmul_(g, g)
+    state_sum.index_copy_(0, idx, total.to(state_sum.dtype))
+    p_rows -= clr.unsqueeze(1) * g / total.sqrt().add_(eps)
+    param.index_copy_(0, idx, p_rows.to(param.dtype))
+
+
+def row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
+                  weight_decay, decoupled) -> None:
+    dtype = _compute_dtype(param.dtype)
+    step = row_step.index_select(0, idx) + 1
+    row_step.index_copy_(0, idx, step)
+    step = step.to(torch.float64).unsqueeze(1)
+    step_size = (lr / (1 - torch.pow(beta1, step))).to(dtype)
+    bc2_sqrt = (1 - torch.pow(beta2, step)).sqrt_().to(dtype)
+    p_rows = param.index_select(0, idx).to(dtype)
+    g = grad.to(dtype)
+    if weight_decay:
+        if decoupled:
+            p_rows.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p_rows, alpha=weight_decay)
+    m = exp_avg.index_select(0, idx).to(dtype).lerp_(g, 1 - beta1)
+    v = exp_avg_sq.index_select(0, idx).to(dtype).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg.index_copy_(0, idx, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, idx, v.to(exp_avg_sq.dtype))
+    denom = v.sqrt_().div_(bc2_sqrt).add_(eps)
+    p_rows -= m.mul_(step_size).div_(denom)
+    param.index_copy_(0, idx, p_rows.to(param.dtype))
+
+
+ACTIVATIONS = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh,
+               "sigmoid": torch.sigmoid, "gelu": F.gelu}
+
+
+def _activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def linear_act(x, weight, bias=None, activation="identity"):
+    return _activation(activation)(F.linear(x, weight, bias))
+
+
+def fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias, out_features,
+              hidden_activation="relu", output_activation="identity"):
+    """The packed layers' zero padding adds nothing: padded columns meet zero weights."""
+    hidden, output = _activation(hidden_activation), _activation(output_activation)
+    width = rest_weight.shape[1]
+    h = hidden(F.linear(x, first_weight, first_bias))
+    h = F.pad(h, (0, width - h.shape[1]))
+    last = rest_weight.shape[0] - 1
+    for i in range(last + 1):
+        h = F.linear(h, rest_weight[i], rest_bias[i])
+        h = output(h[:, :out_features]) if i == last else hidden(h)
+    return h

@@ -29,7 +29,7 @@ from torch import nn
 
 from triton_mebp import backend
 from triton_mebp.functional import resolve_k
-from triton_mebp.rnn import MeLSTM
+from triton_mebp.rnn import MeLSTM, deferred_products
 
 COLUMNS = ["kernel", "provider", "metric", "dtype", "seq", "batch", "input", "hidden", "layers",
            "k", "median_ms", "q20_ms", "q80_ms", "device", "torch", "timestamp"]
@@ -79,7 +79,8 @@ def _layer_closures(lstm, x, onednn=True):
 
 
 def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
-    """The matrix products of BPTT alone: dense, unified top-k and per-example top-k."""
+    """The matrix products of BPTT alone, as MeLSTM's backward runs them: the recurrent product at
+    every step (after that step's selection), then the library's deferred products."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
@@ -91,34 +92,25 @@ def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
     def dense():
         for t in range(seq):
             dgates[t] @ w_hh
-        flat = dgates.reshape(-1, 4 * hidden)
-        flat @ w_ih, flat.t() @ x.reshape(-1, n_in), flat.t() @ h_prev.reshape(-1, hidden)
+        deferred_products(ops, "dense", dgates, None, x, h_prev, w_ih, w_hh)
 
-    def unified():
-        kept, idx = [], []
-        for t in range(seq):
-            i, dc = ops.unified_select(dgates[t], k)
-            ops.gathered_input_grad(dc, w_hh, i)
-            kept.append(dc)
-            idx.append(i)
-        kept, rows = torch.stack(kept), torch.stack(idx).reshape(-1).long()
-        torch.bmm(kept, w_ih.index_select(0, rows).view(seq, k, n_in))
-        kept_t = kept.transpose(1, 2)
-        torch.zeros_like(w_ih).index_add_(0, rows, torch.bmm(kept_t, x).reshape(-1, n_in))
-        torch.zeros_like(w_hh).index_add_(0, rows, torch.bmm(kept_t, h_prev).reshape(-1, hidden))
+    def sparse(mode, select, recurrent):
+        def run():
+            kept, idx = [], []
+            for t in range(seq):
+                a, b = select(dgates[t], k)
+                values, i = (b, a) if mode == "unified" else (a, b)
+                recurrent(values, i)
+                kept.append(values)
+                idx.append(i)
+            deferred_products(ops, mode, torch.stack(kept), torch.stack(idx), x, h_prev, w_ih, w_hh)
+        return run
 
-    def per_example():
-        kept, idx = [], []
-        for t in range(seq):
-            v, i = ops.per_example_select(dgates[t], k)
-            ops.per_example_input_grad(v, i, w_hh)
-            kept.append(v)
-            idx.append(i)
-        values, rows = torch.cat(kept), torch.cat(idx)
-        ops.per_example_input_grad(values, rows, w_ih)
-        ops.per_example_weight_grad(values, rows, x.reshape(-1, n_in), 4 * hidden, dense=True)
-        ops.per_example_weight_grad(values, rows, h_prev.reshape(-1, hidden), 4 * hidden, dense=True)
-    return {"dense": dense, "unified": unified, "per_example": per_example}
+    return {"dense": dense,
+            "unified": sparse("unified", ops.unified_select,
+                              lambda dc, i: ops.gathered_input_grad(dc, w_hh, i)),
+            "per_example": sparse("per_example", ops.per_example_select,
+                                  lambda v, i: ops.per_example_input_grad(v, i, w_hh))}
 
 
 def run(seq=30, batch=32, n_in=100, hidden=500, layers=1, k=0.05, device="cpu",

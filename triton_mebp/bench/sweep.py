@@ -238,7 +238,7 @@ def _step_optimizers():
 
 def _kernel_groups():
     """The TunedKernels behind each timed operation, for the config column (GPU only)."""
-    from ..kernels import gathered, row_update, selection
+    from ..kernels import gathered, optim_rows, selection
     return {
         ("unified", "select"): [selection.column_scores, selection.unified_select_row,
                                 selection.gather_columns],
@@ -247,8 +247,8 @@ def _kernel_groups():
         ("per_example", "select"): [selection.per_example_select_rows],
         ("per_example", "input_grad"): [gathered.per_example_dx],
         ("per_example", "weight_grad"): [gathered.segment_rows],
-        ("unified", "update"): [row_update.row_sgd],
-        ("per_example", "update"): [row_update.row_sgd],
+        ("unified", "update"): [optim_rows.row_sgd],
+        ("per_example", "update"): [optim_rows.row_sgd],
     }
 
 
@@ -317,8 +317,9 @@ def _layer_closures(task: Task, device):
 
 
 def _kernel_closures(task: Task, device):
-    """kernel -> callable, each operation of one backward alone."""
-    from .. import backend, torch_ops
+    """kernel -> callable, each operation of one backward alone: the backend's own operations,
+    the ones the autograd Function and the row optimizers call (run_task sets the backend)."""
+    from .. import backend
     dtype = DTYPES[task.dtype]
     x = torch.randn(task.B, task.M, device=device, dtype=dtype)
     weight = torch.randn(task.N, task.M, device=device, dtype=dtype) / math.sqrt(task.M)
@@ -327,7 +328,13 @@ def _kernel_closures(task: Task, device):
         dw = dy.t() @ x
         return {"input_grad": lambda: dy @ weight, "weight_grad": lambda: dy.t() @ x,
                 "update": lambda: weight.add_(dw, alpha=-LR)}
-    ops = torch_ops if task.provider == "mebp-torch" else backend.triton_ops()
+    ops = backend.ops_for(dy)
+    row_step = torch.zeros(task.N, dtype=torch.float32, device=device)
+
+    def update(idx, rows):
+        return lambda: ops.row_sgd_step(weight, idx, rows, row_step, None, lr=LR, momentum=0.0,
+                                        dampening=0.0, weight_decay=0.0, nesterov=False)
+
     if task.mode == "unified":
         idx, dy_c = ops.unified_select(dy, task.k)
         rows = ops.gathered_weight_grad(dy_c, x, idx)
@@ -338,9 +345,9 @@ def _kernel_closures(task: Task, device):
         closures = {"select": lambda: ops.unified_select(dy, task.k),
                     "input_grad": lambda: ops.gathered_input_grad(dy_c, weight, idx),
                     "weight_grad": weight_grad,
-                    "update": lambda: ops.row_sgd_update(weight, idx, rows, LR)}
+                    "update": update(idx, rows)}
         # The library GEMM on operands gathered beforehand: the bar for the gathered products.
-        w_rows = weight.index_select(0, idx.long())
+        w_rows = weight.index_select(0, idx)
         closures["reduced_gemm"] = lambda: dy_c @ w_rows
         return closures
     values, idx = ops.per_example_select(dy, task.k)
@@ -352,7 +359,7 @@ def _kernel_closures(task: Task, device):
     return {"select": lambda: ops.per_example_select(dy, task.k),
             "input_grad": lambda: ops.per_example_input_grad(values, idx, weight),
             "weight_grad": weight_grad,
-            "update": lambda: ops.row_sgd_update(weight, row_ids, rows, LR)}
+            "update": update(row_ids, rows)}
 
 
 def _row(task, env, kernel, metric, timing, config=""):
