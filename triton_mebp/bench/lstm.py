@@ -13,50 +13,22 @@ Providers, all timed in one run on the same inputs:
 Metrics: ``backward`` (gradients of input, states and weights from a stored graph),
 ``forward``, and ``products``: only the matrix products of BPTT (per step ``dh = dgates @ W_hh``,
 then ``dx``, ``dW_ih``, ``dW_hh`` for all steps), dense against the top-k ones, on fixed gate
-gradients. Medians with 20/80% quantiles: on the CPU the providers run interleaved, round after round
-(robust to a shared machine's changing load); on the GPU, triton.testing.do_bench.
+gradients. Medians with 20/80% quantiles from the benchmark harness: on the CPU the providers
+run interleaved, round after round (robust to a shared machine's changing load); on the GPU,
+triton.testing.do_bench. Rows in the harness's CSV schema (``kernel`` = "lstm", ``in_features``
+the input size, ``out_features`` the 4H gates that k is counted in, ``shape`` the rest).
 """
 import argparse
-import csv
-import datetime
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from triton_mebp import backend
+from triton_mebp.bench import harness
 from triton_mebp.functional import resolve_k
 from triton_mebp.rnn import MeLSTM, deferred_products
-
-COLUMNS = ["kernel", "provider", "metric", "dtype", "seq", "batch", "input", "hidden", "layers",
-           "k", "median_ms", "q20_ms", "q80_ms", "device", "torch", "timestamp"]
-
-
-def time_side_by_side(fns, device, min_run_time):
-    """{name: (median, q20, q80)} in milliseconds for each closure, after a warm-up call each.
-
-    On the CPU the closures run interleaved, round after round, so that a change of machine load
-    affects them all alike; on the GPU each goes through ``triton.testing.do_bench``.
-    """
-    for fn in fns.values():
-        fn()
-    if device.type == "cuda":
-        import triton.testing
-        torch.cuda.synchronize(device)
-        return {name: tuple(float(v) for v in triton.testing.do_bench(
-            fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])) for name, fn in fns.items()}
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_run_time * len(fns) or len(times[next(iter(fns))]) < 5:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: (float(np.median(t)), float(np.quantile(t, 0.2)), float(np.quantile(t, 0.8)))
-            for name, t in times.items()}
 
 
 def _layer_closures(lstm, x, onednn=True):
@@ -115,7 +87,7 @@ def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
 
 def run(seq=30, batch=32, n_in=100, hidden=500, layers=1, k=0.05, device="cpu",
         dtype=torch.float32, min_run_time=0.5, modes=("unified", "per_example")):
-    """Measures every provider and metric; returns long-format rows (dicts of COLUMNS)."""
+    """Measures every provider and metric; returns rows of the harness's columns."""
     device = torch.device(device)
     k_count = resolve_k(k, 4 * hidden, "the LSTM gates")
     torch.manual_seed(0)
@@ -124,30 +96,29 @@ def run(seq=30, batch=32, n_in=100, hidden=500, layers=1, k=0.05, device="cpu",
     providers = {"nn.LSTM": dense, "mebp-dense": MeLSTM.from_lstm(dense, k=1.0)}
     for mode in modes:
         providers[f"mebp-{mode}"] = MeLSTM.from_lstm(dense, k=k_count, mode=mode)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
-    base = dict(kernel="lstm", dtype=str(dtype).replace("torch.", ""), seq=seq, batch=batch,
-                input=n_in, hidden=hidden, layers=layers, device=name, torch=torch.__version__,
-                timestamp=stamp)
+    base = dict(kernel="lstm", dtype=harness.dtype_label(dtype), batch=batch, in_features=n_in,
+                out_features=4 * hidden, shape=harness.shape_text(seq=seq, hidden=hidden, layers=layers),
+                **harness.environment(device), timestamp=harness.now())
     rows = []
 
     def add(provider, metric, kk, timing):
-        rows.append(dict(base, provider=provider, metric=metric, k=kk, median_ms=f"{timing[0]:.6g}",
-                         q20_ms=f"{timing[1]:.6g}", q80_ms=f"{timing[2]:.6g}"))
+        mode = provider[len("mebp-"):] if provider in ("mebp-unified", "mebp-per_example") else ""
+        rows.append(dict(base, provider=provider, mode=mode, metric=metric, k=kk,
+                         **harness.timing_fields(timing)))
     closures = {provider: _layer_closures(lstm, x) for provider, lstm in providers.items()}
     if device.type == "cpu":
         closures = {"nn.LSTM": closures["nn.LSTM"],
                     "nn.LSTM-no-onednn": _layer_closures(dense, x, onednn=False),
                     **{p: c for p, c in closures.items() if p != "nn.LSTM"}}
     for metric, which in (("forward", 0), ("backward", 1)):
-        timings = time_side_by_side({p: c[which] for p, c in closures.items()}, device, min_run_time)
+        timings = harness.measure_side_by_side({p: c[which] for p, c in closures.items()}, device,
+                                               min_run_time=min_run_time)
         for provider, timing in timings.items():
             sparse = provider.startswith("mebp-") and provider != "mebp-dense"
             add(provider, metric, k_count if sparse else 4 * hidden, timing)
     products = _product_closures(seq, batch, n_in, hidden, k_count, device, dtype)
     products = {"dense": products["dense"], **{f"mebp-{m}": products[m] for m in modes}}
-    for provider, timing in time_side_by_side(products, device, min_run_time).items():
+    for provider, timing in harness.measure_side_by_side(products, device, min_run_time=min_run_time).items():
         add(provider, "products", 4 * hidden if provider == "dense" else k_count, timing)
     return rows
 
@@ -174,7 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=float, default=0.05, help="ratio of the 4H gate width")
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="append the rows to this CSV (the benchmark harness's columns)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,13 +160,7 @@ def main(argv=None) -> int:
         print(table(rows))
         all_rows += rows
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.csv.is_file()
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(all_rows)
+        harness.CsvSink(args.csv).write(all_rows)
     return 0
 
 

@@ -12,7 +12,6 @@ device, into ``perf/charts/``:
   the device's measured copy bandwidth and matmul rate.
 """
 import argparse
-import csv
 import glob
 import re
 import sys
@@ -23,17 +22,15 @@ KERNEL_ORDER = ("select", "input_grad", "weight_grad", "update")
 
 
 def load(paths) -> list[dict]:
-    """Rows of the sweep CSVs; a file with other columns is named and left out."""
-    from .sweep import COLUMNS
+    """Rows of the sweep CSVs (older layouts read too); a file of another kind is named and left
+    out."""
+    from .harness import read_rows
     rows = []
     for path in paths:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != COLUMNS:
-                print(f"mebp plot: {path} is not a sweep CSV (columns {reader.fieldnames}); skipped",
-                      file=sys.stderr)
-                continue
-            rows += list(reader)
+        try:
+            rows += read_rows(path)
+        except ValueError as error:
+            print(f"mebp plot: {path} is not a sweep CSV ({error}); skipped", file=sys.stderr)
     return rows
 
 

@@ -12,20 +12,16 @@ Metrics: ``forward``, ``backward`` (``dx``, ``dW``, ``db`` from a stored graph),
 step; and per kernel (``kernel`` column): ``select``, ``input_grad``, ``weight_grad``, ``update``
 (the dense provider's two GEMMs and its SGD update under the same names), and
 ``reduced_gemm``: the library GEMM ``dy_c @ W[idx]`` on operands gathered beforehand, the bar
-that the gathered products are measured against. GPU timings use
-``triton.testing.do_bench`` (median, 20% and 80% quantiles of event-timed runs), CPU timings
-``torch.utils.benchmark`` (quantiles over measured blocks). Each row also holds the autotune
+that the gathered products are measured against. Timings and the CSV come from the benchmark
+harness (``triton_mebp.bench.harness``): on a GPU ``triton.testing.do_bench`` (median, 20% and
+80% quantiles of event-timed runs), on the CPU ``torch.utils.benchmark`` (quantiles over measured
+blocks); every row names the device, versions, commit and time. Each row also holds the autotune
 config the kernel chose, achieved TFLOP/s and GB/s, and the device's measured ceilings are rows of
 their own (``kernel`` = ``copy`` / ``matmul``). Rows are appended to a long-format CSV as each
 measurement finishes; a rerun skips what is already there for this device and commit.
 """
 import argparse
-import csv
-import datetime
 import math
-import os
-import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-COLUMNS = ["kernel", "provider", "mode", "grad", "dtype", "batch", "in_features", "out_features",
-           "k", "metric", "median_ms", "q20_ms", "q80_ms", "tflops", "gbps", "config", "device",
-           "torch", "triton", "commit", "timestamp"]
+from . import harness
+from .harness import (COLUMNS, DTYPES, CsvSink, Timing, device_name, device_slug,  # noqa: F401
+                      git_commit, read_rows)
+
 PROVIDERS = ("dense", "mebp-torch", "mebp-triton")
 MODES = ("unified", "per_example")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = ("select", "input_grad", "weight_grad", "update")
 LR = 1e-6  # tiny, so repeated optimizer steps leave the weights sane
 
@@ -86,61 +82,7 @@ PRESETS["cpu"]["check"] = Preset(shapes=((64, 256, 256),), ks=(0.05,), min_run_t
                                  lstm=(4, 8, 16, 32, 0.25))
 
 
-# ---------------------------------------------------------------- environment and CSV
-
-def git_commit(root: Path | None = None) -> str:
-    """The checked-out commit, read from ``.git`` without running git ("unknown" if none)."""
-    if os.environ.get("TRITON_MEBP_COMMIT"):
-        return os.environ["TRITON_MEBP_COMMIT"]
-    root = Path(root) if root else Path(__file__).resolve().parents[1]
-    for folder in (root, *root.parents):
-        git = folder / ".git"
-        if git.is_file():  # a worktree: "gitdir: PATH"
-            git = Path(git.read_text().split(":", 1)[1].strip())
-        if not git.is_dir():
-            continue
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head[:12]
-        ref = head.split(":", 1)[1].strip()
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()[:12]
-        packed = git / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0][:12]
-        return "unknown"
-    return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu {model} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    """Short file-name form: "cpu", or the GPU's name ("nvidia-h100-80gb-hbm3")."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
+# ---------------------------------------------------------------- timing and the CSV
 
 def task_key(row: dict) -> tuple:
     """What identifies one measurement task (all its rows share it)."""
@@ -148,44 +90,11 @@ def task_key(row: dict) -> tuple:
                                        "batch", "in_features", "out_features", "k"))
 
 
-class CsvSink:
-    """Appends rows to the CSV, writing the header to a new file, flushing after each task."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        existing = read_rows(self.path)
-        if existing and list(existing[0].keys()) != COLUMNS:
-            raise ValueError(f"{self.path} has other columns than this sweep writes: "
-                             f"{list(existing[0].keys())}; use another --out")
-        self.done = {task_key(r) for r in existing}
-
-    def write(self, rows: list[dict]) -> None:
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        self.done.update(task_key(r) for r in rows)
-
-
-# ---------------------------------------------------------------- timing
-
-def measure(fn, device: torch.device, preset: Preset) -> tuple[float, float, float]:
-    """(median, q20, q80) of one call of ``fn`` in milliseconds, after a warm-up call."""
-    fn()  # compiles, autotunes, allocates
-    if device.type == "cuda":
-        import triton.testing
-        torch.cuda.synchronize(device)
-        med, q20, q80 = triton.testing.do_bench(fn, warmup=preset.warmup_ms, rep=preset.rep_ms,
-                                                quantiles=[0.5, 0.2, 0.8])
-        return float(med), float(q20), float(q80)
-    from torch.utils import benchmark
-    import numpy as np
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    times = np.asarray(timer.blocked_autorange(min_run_time=preset.min_run_time).times) * 1e3
-    return (float(np.median(times)), float(np.quantile(times, 0.2)), float(np.quantile(times, 0.8)))
+def measure(fn, device: torch.device, preset: Preset) -> Timing:
+    """(median, q20, q80) of one call of ``fn`` in milliseconds: the harness's timer with the
+    preset's run times."""
+    return harness.measure(fn, device, min_run_time=preset.min_run_time,
+                           warmup_ms=preset.warmup_ms, rep_ms=preset.rep_ms)
 
 
 # ---------------------------------------------------------------- work counts
@@ -616,9 +525,8 @@ def _main(args) -> int:
             print(f"mebp sweep: CPU timings are fp32 only, got {bad}", file=sys.stderr)
             return 2
     out = args.out or Path("perf/results") / f"sweep-{device_slug(device)}.csv"
-    env = dict(device=device_name(device), torch=torch.__version__, triton=_triton_version(),
-               commit=git_commit(), timestamp="")
-    sink = CsvSink(out)
+    env = harness.environment(device)
+    sink = CsvSink(out, key=task_key)
     tasks = plan(preset, providers, device)
     todo = [t for t in tasks if args.fresh or task_key(t.row_base(env)) not in sink.done]
     ceilings = [] if args.no_ceilings else [d for d in preset.dtypes if args.fresh or task_key(
@@ -633,7 +541,7 @@ def _main(args) -> int:
         for dtype in ceilings:
             bar.set_postfix_str(f"ceilings {dtype}")
             try:
-                sink.write(_stamp(measure_ceilings(device, dtype, preset, env)))
+                sink.write(measure_ceilings(device, dtype, preset, env))
             except Exception as error:  # reported; the layer timings still run
                 failures.append(f"ceilings {dtype}: {type(error).__name__}: {error}")
                 print(f"mebp sweep: FAILED {failures[-1]}", file=sys.stderr)
@@ -645,9 +553,7 @@ def _main(args) -> int:
             bar.set_postfix_str(f"{task.provider} {task.mode or 'dense'} {task.dtype} "
                                 f"{task.B}x{task.M}x{task.N} k={task.k}")
             rows, failed = run_task(task, device, preset, env)
-            rows = _stamp(rows)
-            sink.write(rows)
-            written += rows
+            written += sink.write(rows)
             failures += failed
             for line in failed:
                 print(f"mebp sweep: FAILED {line}", file=sys.stderr)
@@ -657,7 +563,7 @@ def _main(args) -> int:
     if preset.lstm is not None and not args.no_lstm:
         failures += run_lstm_section(preset, device, out.with_name(f"lstm-{device_slug(device)}.csv"),
                                      env, args.fresh)
-    every = [r for r in read_rows(out) if r["device"] == env["device"] and r["commit"] == env["commit"]]
+    every = [r for r in sink.rows if r["device"] == env["device"] and r["commit"] == env["commit"]]
     print(summary(every))
     print(f"mebp sweep: wrote {len(written)} rows to {out} in {time.monotonic() - start:.0f} s"
           + (f"; {skipped} tasks left for a rerun (time budget)" if skipped else "")
@@ -666,12 +572,13 @@ def _main(args) -> int:
 
 
 def run_lstm_section(preset: Preset, device, out: Path, env: dict, fresh: bool) -> list[str]:
-    """MeLSTM against nn.LSTM at the preset's sizes, appended to its own CSV (its own columns);
-    skipped when that CSV already holds this device and commit. Returns the failures."""
+    """MeLSTM against nn.LSTM at the preset's sizes, appended to its own CSV; skipped when that
+    CSV already holds this device kind and commit. Returns the failures."""
     from . import lstm as bench_lstm
     seq, batch, n_in, hidden, k = preset.lstm
     dtype = DTYPES[preset.dtypes[0]]
-    done = [r for r in read_rows(out) if r.get("commit") == env["commit"]
+    sink = CsvSink(out)
+    done = [r for r in sink.rows if r["commit"] == env["commit"]
             and r["device"].startswith("cpu") == (device.type == "cpu")]
     if done and not fresh:
         print(f"mebp sweep: LSTM section already in {out}", file=sys.stderr)
@@ -682,14 +589,7 @@ def run_lstm_section(preset: Preset, device, out: Path, env: dict, fresh: bool) 
     except Exception as error:  # reported; the layer rows are already written
         print(f"mebp sweep: FAILED lstm: {type(error).__name__}: {error}", file=sys.stderr)
         return [f"lstm: {type(error).__name__}: {error}"]
-    rows = [dict(r, commit=env["commit"]) for r in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.is_file()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=bench_lstm.COLUMNS + ["commit"])
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    rows = sink.write([dict(r, commit=env["commit"]) for r in rows])
     print(bench_lstm.table(rows))
     return []
 
@@ -697,19 +597,6 @@ def run_lstm_section(preset: Preset, device, out: Path, env: dict, fresh: bool) 
 def _ceiling_dims(device):
     elements = ((1 << 30) if device.type == "cuda" else (1 << 26)) // 4
     return dict(in_features=elements, out_features=elements)
-
-
-def _stamp(rows):
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return [dict(r, timestamp=now) for r in rows]
-
-
-def _triton_version():
-    try:
-        import triton
-    except ImportError:
-        return ""
-    return triton.__version__
 
 
 if __name__ == "__main__":
