@@ -80,6 +80,19 @@ def _equivalence(rank, world):
         results[(mode, grad, opt_name)] = dict(params=_params(model),
                                                stats=ddp.comm_stats.as_dict())
         ddp.release()
+    # Gradient accumulation: DDP skips its buckets under no_sync, the meProp layers still reduce.
+    model = _model("unified", "sparse", seed=rank)
+    ddp = mebp.DistributedDataParallel(model)
+    optimizer = _optimizer("sgd", ddp.parameters())
+    for step in range(2):
+        optimizer.zero_grad()
+        (x0, y0), (x1, y1) = _batch(2 * step, rank), _batch(2 * step + 1, rank)
+        with ddp.no_sync():
+            F.cross_entropy(ddp(x0), y0).backward()
+        F.cross_entropy(ddp(x1), y1).backward()
+        optimizer.step()
+    results["no_sync"] = dict(params=_params(model))
+    ddp.release()
     # torch's own DDP on a converted model with dense gradients: ranks select locally, DDP
     # all-reduces every weight gradient whole; the ranks stay identical.
     model = _model("unified", "dense")
@@ -226,6 +239,23 @@ def test_torch_ddp_with_dense_gradients_keeps_ranks_identical(equivalence_runs):
             assert torch.equal(a, b)
     start = _params(_model("unified", "dense"))
     assert all(not torch.equal(p, s) for p, s in zip(results[0]["torch-ddp"]["params"], start))
+
+
+def test_gradient_accumulation_under_no_sync(equivalence_runs):
+    world, results = equivalence_runs
+    model = _model("unified", "sparse", seed=0)
+    optimizer = _optimizer("sgd", model.parameters())
+    for step in range(2):
+        optimizer.zero_grad()
+        for micro in (2 * step, 2 * step + 1):
+            x, y = _concatenated(micro, world)
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for other in results[1:]:
+        for a, b in zip(results[0]["no_sync"]["params"], other["no_sync"]["params"]):
+            assert torch.equal(a, b)
+    for got, expected in zip(results[0]["no_sync"]["params"], _params(model)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_only_the_selected_rows_travel(equivalence_runs):
