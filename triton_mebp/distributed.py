@@ -261,6 +261,19 @@ def _timedelta(timeout):
     return datetime.timedelta(seconds=float(timeout))
 
 
+_groups = {}  # (ranks, timeout, use, default group) -> process group, reused by later wrappers
+
+
+def _group(parent, timeout, use: str):
+    """A process group over ``parent``'s ranks with ``timeout``: one per use, made once (every
+    rank of ``parent`` makes it at the same point, when it builds its first such wrapper)."""
+    key = (tuple(dist.get_process_group_ranks(parent)), timeout, use, dist.group.WORLD)
+    if key not in _groups:
+        _groups[key] = dist.new_group(list(key[0]), timeout=timeout,
+                                      use_local_synchronization=True)
+    return _groups[key]
+
+
 def _me_layers(module: nn.Module):
     """[(qualified name, MeLinear)], each layer once; raises if a layer's weight is shared."""
     layers, seen = [], set()
@@ -321,14 +334,11 @@ class DistributedDataParallel(_DDP):
             module, ignored + [n for n in _ignored_names(layers) if n not in ignored])
         if (timeout is not None and bound.get("process_group") is None
                 and bound.get("device_mesh") is None):
-            kwargs["process_group"] = dist.new_group(
-                dist.get_process_group_ranks(dist.group.WORLD), timeout=timeout,
-                use_local_synchronization=True)
+            kwargs["process_group"] = _group(dist.group.WORLD, timeout, "ddp")
         super().__init__(module, *args, **kwargs)
         self.mebp_layers = layers
         self.comm_stats = CommStats()
-        self.mebp_group = dist.new_group(dist.get_process_group_ranks(self.process_group),
-                                         timeout=timeout, use_local_synchronization=True)
+        self.mebp_group = _group(self.process_group, timeout, "mebp")
         weights = [layer.weight for _, layer in layers]
         if weights and bound.get("init_sync", True):
             # DDP leaves ignored parameters alone: same shapes everywhere, rank 0's values.
