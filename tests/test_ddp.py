@@ -331,5 +331,14 @@ def test_a_rank_failing_in_backward_fails_the_others_within_the_timeout(how):
 def test_plain_modules_and_bad_arguments():
     with pytest.raises(RuntimeError, match="process group"):
         mebp.DistributedDataParallel(_model("unified", "dense"))
+    model = _model("unified", "dense")
+    tied = nn.ModuleDict(dict(mlp=model, embedding=nn.Embedding(32, 8)))
+    tied.embedding.weight = model[0].weight
+    with pytest.raises(ValueError, match="is also embedding.weight"):
+        mebp.distributed._me_layers(tied)
+    assert [name for name, _ in mebp.distributed._me_layers(model)] == ["0", "2"]
+    attention = mebp.MeMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2), grad="sparse")
+    with pytest.raises(ValueError, match="MeMultiheadAttention 'attention' has grad='sparse'"):
+        mebp.DistributedDataParallel(nn.ModuleDict(dict(attention=attention)))
     with pytest.raises(ValueError, match="timeout"):
         mebp.distributed._timedelta(-1)

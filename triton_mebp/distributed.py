@@ -24,6 +24,7 @@ from . import backend
 from .functional import _row_sparse, _zeroed_grad_buffer, distributed_backward
 from .modules import MeLinear
 from .simplify import Simplifier
+from .transformer import MeMultiheadAttention
 
 _DDP = nn.parallel.DistributedDataParallel
 _MODES = {"unified": 1.0, "per_example": 2.0}
@@ -275,22 +276,33 @@ def _group(parent, timeout, use: str):
 
 
 def _me_layers(module: nn.Module):
-    """[(qualified name, MeLinear)], each layer once; raises if a layer's weight is shared."""
+    """[(qualified name, MeLinear)], each layer once; raises for what the wrapper cannot reduce:
+    DTensor parameters, a weight another module shares, sparse MeMultiheadAttention gradients."""
+    sharded = [n for n, p in module.named_parameters() if type(p).__name__ == "DTensor"]
+    if sharded:
+        raise TypeError(f"parameter {sharded[0]!r} is a DTensor (FSDP2 or tensor parallelism): "
+                        "triton_mebp.DistributedDataParallel supports replicated models only")
+    for name, layer in module.named_modules():
+        if (isinstance(layer, MeMultiheadAttention) and layer.grad == "sparse"
+                and layer.in_proj_k is not None):
+            raise ValueError(f"MeMultiheadAttention {name!r} has grad='sparse': its in-projection "
+                             "goes through DDP's buckets, which take dense gradients only; set "
+                             "its grad to 'dense'")
     layers, seen = [], set()
     for name, layer in module.named_modules():
         if isinstance(layer, MeLinear) and id(layer) not in seen:
             seen.add(id(layer))
             layers.append((name, layer))
     weights = {id(layer.weight): name for name, layer in layers}
-    uses = {}
-    for pname, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in weights:
-            uses.setdefault(id(param), []).append(pname)
-    for key, names in uses.items():
-        if len(names) > 1:
-            raise ValueError(f"the weight of MeLinear {weights[key]!r} is used at several places "
-                             f"({', '.join(names)}): its gradient would not be reduced whole; "
-                             "leave that layer dense (convert(..., exclude=...))")
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        if isinstance(owner, MeLinear):
+            continue
+        for pname, param in owner.named_parameters(recurse=False):
+            if id(param) in weights:
+                raise ValueError(
+                    f"the weight of MeLinear {weights[id(param)]!r} is also {owner_name}.{pname} "
+                    f"({type(owner).__name__}): the gradient of that use would not be reduced; "
+                    "leave the layer dense (convert(..., exclude=...))")
     return layers
 
 
@@ -319,16 +331,12 @@ class DistributedDataParallel(_DDP):
     """
 
     def __init__(self, module, *args, timeout=None, **kwargs):
+        layers = _me_layers(module)
+        timeout = _timedelta(timeout)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("triton_mebp.distributed.DistributedDataParallel needs an "
                                "initialised process group (torch.distributed.init_process_group)")
-        timeout = _timedelta(timeout)
-        sharded = [n for n, p in module.named_parameters() if type(p).__name__ == "DTensor"]
-        if sharded:
-            raise TypeError(f"parameter {sharded[0]!r} is a DTensor (FSDP2 or tensor parallelism): "
-                            "triton_mebp.DistributedDataParallel supports replicated models only")
         bound = inspect.signature(_DDP.__init__).bind(None, module, *args, **kwargs).arguments
-        layers = _me_layers(module)
         ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
         _DDP._set_params_and_buffers_to_ignore_for_model(
             module, ignored + [n for n in _ignored_names(layers) if n not in ignored])
