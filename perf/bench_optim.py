@@ -12,15 +12,11 @@ On the CPU (fp32, B=512, M=N=4096, k=5%, unified) and, when CUDA is available, o
   ``MeLinear(grad="sparse")`` with ``RowAdam`` vs ``nn.Linear`` with ``torch.optim.Adam``; also
   ``F.linear`` forward alone, the floor that the full step cannot beat.
 
-Medians (and 20/80 % quantiles) from ``torch.utils.benchmark`` on the CPU and
-``triton.testing.do_bench`` on the GPU, all cases measured side by side in one run. Appends
-long-format rows to the CSV if ``--csv`` is given.
+Medians (and 20/80 % quantiles) from the benchmark harness (``torch.utils.benchmark`` on the CPU,
+``triton.testing.do_bench`` on the GPU), all cases measured side by side in one run. Appends
+rows in the harness's CSV schema to the CSV if ``--csv`` is given.
 """
 import argparse
-import csv
-import datetime
-import os
-import platform
 import sys
 
 import torch
@@ -28,23 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_mebp as mebp
+from triton_mebp.bench import harness
 from triton_mebp.optim import RowAdam
-
-
-def _cpu_time(fn, min_run_time):
-    from torch.utils import benchmark
-    fn()  # warm-up
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=min_run_time)
-    times = sorted(measurement.times)
-    return (measurement.median, times[int(0.2 * (len(times) - 1))],
-            times[int(0.8 * (len(times) - 1))])
-
-
-def _gpu_time(fn, _min_run_time):
-    import triton.testing
-    low, median, high = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=200)
-    return median * 1e-3, low * 1e-3, high * 1e-3
 
 
 def _cases(device, dtype, B, M, N, k_ratio):
@@ -93,27 +74,22 @@ def _cases(device, dtype, B, M, N, k_ratio):
     }
 
 
-def run(device, dtype, B, M, N, k_ratio, min_run_time, writer):
-    timer = _gpu_time if device.type == "cuda" else _cpu_time
+def run(device, dtype, B, M, N, k_ratio, min_run_time, sink):
     k, cases = _cases(device, dtype, B, M, N, k_ratio)
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
-    print(f"\n{device.type} {device_name} {str(dtype).replace('torch.', '')}  B={B} M={M} N={N} "
-          f"k={k} ({k_ratio:.0%}), threads={torch.get_num_threads()}")
+    env = harness.environment(device)
+    print(f"\n{env['device']} {harness.dtype_label(dtype)}  B={B} M={M} N={N} k={k} ({k_ratio:.0%})")
+    timings = harness.measure_side_by_side(cases, device, min_run_time=min_run_time, warmup_ms=25,
+                                           rep_ms=200)
     results = {}
-    for (metric, provider), fn in cases.items():
-        median, q20, q80 = timer(fn, min_run_time)
+    for (metric, provider), timing in timings.items():
+        median, q20, q80 = timing
         results[(metric, provider)] = median
-        print(f"  {metric:15s} {provider:26s} median {median * 1e3:9.3f} ms  "
-              f"[{q20 * 1e3:.3f}, {q80 * 1e3:.3f}]")
-        if writer is not None:
-            writer.writerow(dict(
-                kernel="optim_rows", provider=provider, shape=f"B={B},M={M},N={N}", k=k,
-                dtype=str(dtype).replace("torch.", ""), metric=metric, median_ms=median * 1e3,
-                q20_ms=q20 * 1e3, q80_ms=q80 * 1e3, device=device_name,
-                versions=f"torch={torch.__version__}", time=datetime.datetime.now().isoformat()))
+        print(f"  {metric:15s} {provider:26s} median {median:9.3f} ms  [{q20:.3f}, {q80:.3f}]")
+    if sink is not None:
+        sink.write([dict(env, kernel="optim_rows", provider=provider, dtype=harness.dtype_label(dtype),
+                         batch=B, in_features=M, out_features=N, k=k, metric=metric,
+                         **harness.timing_fields(timing))
+                    for (metric, provider), timing in timings.items()])
     step = results[("optimizer_step", "torch.optim.Adam")] / results[("optimizer_step", "RowAdam")]
     full = (results[("full_step", "nn.Linear+Adam")]
             / results[("full_step", "MeLinear(sparse)+RowAdam")])
@@ -134,25 +110,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     min_run_time = 0.5 if args.quick else 2.0
-    writer = handle = None
-    if args.csv:
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        new = not os.path.exists(args.csv)
-        handle = open(args.csv, "a", newline="")
-        writer = csv.DictWriter(handle, fieldnames=[
-            "kernel", "provider", "shape", "k", "dtype", "metric", "median_ms", "q20_ms", "q80_ms",
-            "device", "versions", "time"])
-        if new:
-            writer.writeheader()
-    try:
+    sink = harness.CsvSink(args.csv) if args.csv else None
+    for k in args.k:
+        run(torch.device("cpu"), torch.float32, 512, 4096, 4096, k, min_run_time, sink)
+    if torch.cuda.is_available():
         for k in args.k:
-            run(torch.device("cpu"), torch.float32, 512, 4096, 4096, k, min_run_time, writer)
-        if torch.cuda.is_available():
-            for k in args.k:
-                run(torch.device("cuda"), torch.bfloat16, 4096, 8192, 8192, k, min_run_time, writer)
-    finally:
-        if handle is not None:
-            handle.close()
+            run(torch.device("cuda"), torch.bfloat16, 4096, 8192, 8192, k, min_run_time, sink)
     return 0
 
 

@@ -62,7 +62,7 @@ def measure(fn: Callable[[], object], device, *, min_run_time: float = 0.2, warm
         median, q20, q80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
                                                    quantiles=list(QUANTILES))
         return Timing(float(median), float(q20), float(q80))
-    return _summary(_cpu_blocks(fn, min_run_time))
+    return summarize(_cpu_blocks(fn, min_run_time))
 
 
 def measure_side_by_side(fns: dict, device, *, min_run_time: float = 0.5, rounds: int = 5,
@@ -80,7 +80,7 @@ def measure_side_by_side(fns: dict, device, *, min_run_time: float = 0.5, rounds
     for _ in range(rounds):
         for name, fn in fns.items():
             blocks[name] += _cpu_blocks(fn, min_run_time / rounds)
-    return {name: _summary(times) for name, times in blocks.items()}
+    return {name: summarize(times) for name, times in blocks.items()}
 
 
 def _cpu_blocks(fn, min_run_time: float) -> list:
@@ -90,7 +90,9 @@ def _cpu_blocks(fn, min_run_time: float) -> list:
     return [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
 
 
-def _summary(times) -> Timing:
+def summarize(times) -> Timing:
+    """Median, 20% and 80% quantile of samples in milliseconds (for timers of one's own, such as
+    the slowest rank's step of a distributed run)."""
     times = np.asarray(times, dtype=np.float64)
     median, q20, q80 = (float(np.quantile(times, q)) for q in QUANTILES)
     return Timing(median, q20, q80)
