@@ -39,6 +39,13 @@ def _model(mode, grad, seed=0):
     return model
 
 
+def _twice(seed=0):
+    torch.manual_seed(seed)
+    hidden = mebp.MeLinear(32, 32, k=K)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(),
+                         nn.Linear(32, 3))
+
+
 def _optimizer(name, params):
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1)
@@ -80,6 +87,12 @@ def _equivalence(rank, world):
         results[(mode, grad, opt_name)] = dict(params=_params(model),
                                                stats=ddp.comm_stats.as_dict())
         ddp.release()
+    # One MeLinear called twice in the forward: each call reduces its own share of the gradient.
+    model = _twice(seed=rank)
+    ddp = mebp.DistributedDataParallel(model)
+    _train(ddp, _optimizer("sgd", ddp.parameters()), [_batch(step, rank) for step in range(STEPS)])
+    results["twice"] = dict(params=_params(model))
+    ddp.release()
     # Gradient accumulation: DDP skips its buckets under no_sync, the meProp layers still reduce.
     model = _model("unified", "sparse", seed=rank)
     ddp = mebp.DistributedDataParallel(model)
@@ -239,6 +252,18 @@ def test_torch_ddp_with_dense_gradients_keeps_ranks_identical(equivalence_runs):
             assert torch.equal(a, b)
     start = _params(_model("unified", "dense"))
     assert all(not torch.equal(p, s) for p, s in zip(results[0]["torch-ddp"]["params"], start))
+
+
+def test_a_layer_called_twice(equivalence_runs):
+    world, results = equivalence_runs
+    model = _twice(seed=0)
+    _train(model, _optimizer("sgd", model.parameters()),
+           [_concatenated(step, world) for step in range(STEPS)])
+    for other in results[1:]:
+        for a, b in zip(results[0]["twice"]["params"], other["twice"]["params"]):
+            assert torch.equal(a, b)
+    for got, expected in zip(results[0]["twice"]["params"], _params(model)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_accumulation_under_no_sync(equivalence_runs):
