@@ -103,7 +103,7 @@ class _DistributedLayer:
         return dist.all_reduce(tensor, group=self.group, async_op=True)
 
     def _exchange_header(self, payload, k: int, mode: str):
-        """All-reduces ``payload`` (header + N values) and checks that the ranks agree on k, mode."""
+        """Starts the all-reduce of ``payload``: a header (checked by ``_check_header``) + N values."""
         m = _MODES[mode]
         payload[:_HEADER] = torch.tensor([0.0, k, k * k, m, m * m], dtype=payload.dtype)
         return self._all_reduce(payload)
