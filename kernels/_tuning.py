@@ -5,11 +5,17 @@
 import inspect
 import os
 
+import torch
 import triton
 
+from ..backend import interpreting
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+SMEM_LIMIT = 160 * 1024  # shared memory per program: below the 227 KiB of Hopper, 163 KiB of A100
+
+
+def input_precision(dtype) -> str:
+    """The dot precision matching PyTorch's matmul setting for the operands' dtype."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def tuning_enabled() -> bool:

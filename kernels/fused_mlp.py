@@ -17,11 +17,10 @@ import triton.language as tl
 
 from ._checks import check_dtypes
 from ._tiles import grouped_tile
-from ._tuning import TunedKernel, pow2_bucket
+from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket
 
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "gelu")
 MAX_FUSED_WIDTH = 256
-SMEM_LIMIT = 160 * 1024  # below the 227 KiB of Hopper and the 163 KiB of A100
 
 
 @triton.jit
@@ -155,10 +154,6 @@ def _fused_configs(width):
     return (fused_mlp_kernel if width <= NARROW_WIDTH else fused_mlp_wide_kernel).configs
 
 
-def _input_precision(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _check_activation(activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -181,7 +176,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x, weight, bias if bias is not None else weight, y, B, N, K, pow2_bucket(B),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, ACTIVATION=activation, INPUT_PRECISION=_input_precision(x.dtype))
+        HAS_BIAS=bias is not None, ACTIVATION=activation, INPUT_PRECISION=input_precision(x.dtype))
     return y
 
 
@@ -238,5 +233,5 @@ def fused_mlp(x: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Ten
         x.stride(0), x.stride(1), first_weight.stride(0), first_weight.stride(1), first_bias.stride(0),
         y.stride(0), y.stride(1), NUM_REST=num_rest, WIDTH=width,
         HIDDEN_ACTIVATION=hidden_activation, OUTPUT_ACTIVATION=output_activation,
-        INPUT_PRECISION=_input_precision(x.dtype))
+        INPUT_PRECISION=input_precision(x.dtype))
     return y

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._checks import check_dtypes, check_indices
 from ._tiles import grouped_tile
-from ._tuning import TunedKernel, pow2_bucket
+from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket
 
 
 @triton.jit
@@ -128,7 +128,6 @@ def _dot_smem_bytes(a_block, b_block, elem_bytes, stages):
     return (a_block + b_block) * elem_bytes * stages
 
 
-SMEM_LIMIT = 160 * 1024  # below the 227 KiB of Hopper and the 163 KiB of A100
 
 
 def _prune_dx(configs, named_args):
@@ -176,10 +175,6 @@ segment_rows = TunedKernel(
     key=["M"])
 
 
-def _input_precision(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``."""
     check_dtypes("gathered_input_grad", dy_c=dy_c, weight=weight)
@@ -192,7 +187,7 @@ def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Ten
     gathered_rows_matmul[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)](
         dy_c, weight, idx, dx, B, M, K, pow2_bucket(B),
         dy_c.stride(0), dy_c.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-        INPUT_PRECISION=_input_precision(dy_c.dtype))
+        INPUT_PRECISION=input_precision(dy_c.dtype))
     return dx
 
 
@@ -213,7 +208,7 @@ def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
     transposed_matmul_rows[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))](
         dy_c, x, idx, out, B, M, K, pow2_bucket(B),
         dy_c.stride(0), dy_c.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        SCATTER=scatter, INPUT_PRECISION=_input_precision(dy_c.dtype))
+        SCATTER=scatter, INPUT_PRECISION=input_precision(dy_c.dtype))
     return out
 
 

@@ -32,10 +32,6 @@ TOLERANCES = {
 SHAPES = [(1, 1, 1), (1, 7, 33), (7, 33, 257), (33, 16, 7), (5, 64, 131), (2, 257, 17)]
 
 
-def tolerance(dtype):
-    return TOLERANCES[dtype]
-
-
 def assert_close(actual, expected, dtype=None):
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual.to(expected.dtype), expected, **TOLERANCES[dtype])

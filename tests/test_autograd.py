@@ -81,6 +81,24 @@ def test_full_k_is_exact_dense_backprop_gradcheck():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_k_one_below_full_goes_through_the_backend(any_backend, mode, monkeypatch):
+    """k = N takes the dense shortcut; k = N - 1 is the smallest cut that reaches the backend."""
+    from triton_mebp import backend
+    B, M, N = 5, 9, 12
+    x, w, b = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE), torch.randn(N, device=DEVICE)
+    dy = separated_grad(B, N, mode, device=DEVICE)
+    ops = backend.ops_for(dy)
+    name = "unified_select" if mode == "unified" else "per_example_select"
+    calls = []
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
+    got = run_backward(x, w, b, dy, k=N - 1, mode=mode)
+    assert calls == [name]
+    for g, ref in zip(got, mebp_reference(x, w, dy, N - 1, mode)):
+        assert_close(g, ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_equal_dense_autograd_when_k_is_full(any_backend, mode):
     x, w, b = torch.randn(7, 9, device=DEVICE), torch.randn(11, 9, device=DEVICE), torch.randn(11, device=DEVICE)
     dy = torch.randn(7, 11, device=DEVICE)

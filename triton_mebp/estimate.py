@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .functional import GRADS, MODES, resolve_k
+from .functional import check_options, resolve_k
 
 DATA_ENV = "TRITON_MEBP_SWEEP_CSV"
 METRICS = ("backward", "step-sgd", "step-adam")
@@ -187,10 +187,7 @@ def estimate(batch: int, in_features: int, out_features: int, k, mode: str = "un
     for name, value in (("batch", batch), ("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if grad not in GRADS:
-        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    check_options(mode, grad)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     kept = resolve_k(k, out_features)

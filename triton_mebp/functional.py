@@ -32,9 +32,13 @@ def resolve_k(k, width: int, layer: str = "layer") -> int:
     return min(width, max(1, round(k * width)))
 
 
-def check_options(mode: str, grad: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def check_options(mode: str, grad: str) -> None:
+    check_mode(mode)
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
 

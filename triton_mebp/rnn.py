@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backend
-from .functional import MODES, resolve_k
+from .functional import check_mode, resolve_k
 
 
 def _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep):
@@ -189,8 +189,7 @@ def mebp_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, *, k, mode="uni
     T x B x 1 bool marking the real steps of variable-length sequences (None: all real).
     Returns ``(output T x B x H, h_n, c_n)``; the output is zero at steps that are not active.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     k = resolve_k(k, w_hh.shape[0], "the LSTM gates")
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -217,8 +216,7 @@ class MeLSTM(nn.LSTM):
     def _setup(self, k, mode):
         if self.proj_size:
             raise ValueError(f"MeLSTM does not support proj_size (got {self.proj_size})")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         resolve_k(k, 4 * self.hidden_size, "MeLSTM gates")
         self.k, self.mode = k, mode
 

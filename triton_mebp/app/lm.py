@@ -22,7 +22,7 @@ from torch import nn
 
 from ..functional import MODES, resolve_k
 from ..modules import convert
-from .train import _progress_bar, _sync, resolve_device, timed_backward
+from .train import _sync, mean_std, progress_bar, resolve_device, timed_backward
 
 LM_MODES = ("dense",) + MODES
 LM_OPTIMIZERS = ("adamw",)
@@ -347,18 +347,13 @@ def train_lm(config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu",
 # Several settings
 
 
-def _mean_std(values):
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize_lm(label: str, runs: list[dict]) -> dict:
     summary = dict(label=label, config=runs[0]["config"], k_ratio=runs[0]["k_ratio"],
                    seeds=[r["seed"] for r in runs],
                    device=runs[0]["device"], initial_widths=runs[0]["initial_widths"],
                    converted=runs[0]["converted"], dense=runs[0]["dense"], runs=runs)
     for key in ("val_loss", "val_bpc", "backward_s", "step_s"):
-        summary[f"{key}_mean"], summary[f"{key}_std"] = _mean_std(r[key] for r in runs)
+        summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std(r[key] for r in runs)
     summary["widths_mean"] = [statistics.fmean(ws) for ws in zip(*(r["widths"] for r in runs))]
     summary["params_mean"] = statistics.fmean(r["params"] for r in runs)
     return summary
@@ -387,7 +382,7 @@ def run_lm_experiment(configs, corpus, seeds=(0,), device="cpu", progress=True) 
     if len(set(labels)) != len(labels):
         raise ValueError(f"config labels must be distinct, got {labels}")
     device = resolve_device(device) if isinstance(device, str) else device
-    bar = _progress_bar(sum(c.steps for c in configs) * len(seeds), progress)
+    bar = progress_bar(sum(c.steps for c in configs) * len(seeds), progress, unit="step")
     summaries = []
     try:
         for config in configs:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..functional import MODES, resolve_k
 from ..rnn import MeLSTM
-from .train import timed_backward
+from .train import mean_std, timed_backward
 
 PAD, UNKNOWN = "<pad>", "<unk>"
 UNSEEN_TAG = -1  # a tag absent from the training file: never predicted, always counted wrong
@@ -208,17 +208,10 @@ def train_tagger(model, train, dev, test=None, *, epochs=5, batch_size=32, optim
                 epochs=records)
 
 
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _summarize(runs, lstm_text):
     summary = {"lstm": lstm_text, "runs": runs}
     for key in ("dev_accuracy", "test_accuracy", "backward_s_per_epoch", "train_s_per_epoch"):
-        summary[key], summary[key + "_std"] = _mean_std([r[key] for r in runs])
+        summary[key], summary[key + "_std"] = mean_std([r[key] for r in runs])
     return summary
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..functional import MODES, resolve_k
 from ..modules import MeLinear, convert
@@ -234,15 +235,19 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
                 epoch_s=statistics.median(e["epoch_s"] for e in epochs), epochs=epochs)
 
 
-def _mean_std(values):
-    values = list(values)
+def mean_std(values):
+    """Mean and sample standard deviation (0 for one value) of the values that are not None;
+    ``(None, None)`` if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(label: str, runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of the numbers the report shows."""
-    acc_mean, acc_std = _mean_std(r["test_acc"] for r in runs)
-    bwd_mean, bwd_std = _mean_std(r["backward_s_per_epoch"] for r in runs)
+    acc_mean, acc_std = mean_std(r["test_acc"] for r in runs)
+    bwd_mean, bwd_std = mean_std(r["backward_s_per_epoch"] for r in runs)
     widths = [statistics.fmean(ws) for ws in zip(*(r["widths"] for r in runs))]
     return dict(label=label, config=runs[0]["config"], seeds=[r["seed"] for r in runs],
                 device=runs[0]["device"], test_acc_mean=acc_mean, test_acc_std=acc_std,
@@ -285,7 +290,7 @@ def run_experiment(configs, dataset, seeds=(0, 1, 2), device="cpu", progress=Tru
     if len(set(labels)) != len(labels):
         raise ValueError(f"config labels must be distinct, got {labels}")
     device = resolve_device(device) if isinstance(device, str) else device
-    bar = _progress_bar(sum(c.epochs for c in configs) * len(seeds), progress)
+    bar = progress_bar(sum(c.epochs for c in configs) * len(seeds), progress)
     summaries = []
     try:
         for config in configs:
@@ -308,31 +313,8 @@ def run_experiment(configs, dataset, seeds=(0, 1, 2), device="cpu", progress=Tru
     return add_comparisons(summaries)
 
 
-class _NoProgress:
-    def update(self, n=1):
-        pass
-
-    def write(self, text):
-        pass
-
-    def set_description(self, text):
-        pass
-
-    def set_postfix(self, **values):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, unit="epoch", dynamic_ncols=True)
+def progress_bar(total: int, enabled: bool, unit: str = "epoch"):
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
 def benchmark_backward(width: int = 2048, batch: int = 256, ks=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
@@ -396,12 +378,7 @@ def demo_configs(epochs: int = 15, hidden: int = 500, k_ratio: float = 0.05, bat
     return main, sweep
 
 
-def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
-    """A copy of ``config`` with ``changes`` and a fresh default label."""
-    return dataclasses.replace(config, label="", **changes)
-
-
 __all__ = ["DEFAULT_LR", "OPTIMIZERS", "TRAIN_MODES", "TrainConfig", "add_comparisons",
            "benchmark_backward", "build_mlp", "count_parameters", "demo_configs", "evaluate",
-           "hidden_widths", "make_optimizer", "resolve_device", "run_experiment", "summarize",
-           "train_one", "with_overrides"]
+           "hidden_widths", "make_optimizer", "mean_std", "progress_bar", "resolve_device",
+           "run_experiment", "summarize", "train_one"]

@@ -133,16 +133,11 @@ def work(kernel: str, metric: str, mode: str, B: int, M: int, N: int, k: int, el
 def _step_optimizers():
     """Optimizers for the full-step timing: name -> (dense factory, meProp factory).
 
-    This is the hook for row-sparse optimizers: ``step-adam`` appears once
-    ``triton_mebp.optim.RowAdam`` exists (dense Adam against RowAdam).
+    ``step-adam`` times dense Adam against RowAdam.
     """
-    found = {"sgd": (lambda ps: torch.optim.SGD(ps, lr=LR), lambda ps: torch.optim.SGD(ps, lr=LR))}
-    try:
-        from ..optim import RowAdam  # written separately; optional here
-    except ImportError:
-        return found
-    found["adam"] = (lambda ps: torch.optim.Adam(ps, lr=LR), lambda ps: RowAdam(ps, lr=LR))
-    return found
+    from ..optim import RowAdam
+    return {"sgd": (lambda ps: torch.optim.SGD(ps, lr=LR), lambda ps: torch.optim.SGD(ps, lr=LR)),
+            "adam": (lambda ps: torch.optim.Adam(ps, lr=LR), lambda ps: RowAdam(ps, lr=LR))}
 
 
 def _kernel_groups():
@@ -433,26 +428,8 @@ def build_parser():
 
 
 def _progress(total, disabled):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or disabled:
-        class Plain:
-            def __init__(self):
-                self.n = 0
-
-            def update(self, n=1):
-                self.n += n
-
-            def set_postfix_str(self, text):
-                if not disabled:
-                    print(f"[{self.n}/{total}] {text}", file=sys.stderr, flush=True)
-
-            def close(self):
-                pass
-        return Plain()
-    return tqdm(total=total, unit="task", file=sys.stderr)
+    from tqdm import tqdm
+    return tqdm(total=total, unit="task", file=sys.stderr, disable=disabled)
 
 
 def summary(rows: list[dict]) -> str:
