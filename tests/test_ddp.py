@@ -153,6 +153,15 @@ class _FailOn(torch.autograd.Function):
         return grad, None
 
 
+class _Fail(nn.Module):
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def forward(self, x):
+        return _FailOn.apply(x, self.fail)
+
+
 def _failure(rank, world, how):
     ddp = mebp.DistributedDataParallel(_model("unified", "dense"), timeout=3)
     if how == "k":
@@ -173,14 +182,21 @@ def _failure(rank, world, how):
             result["tensor_parallel"] = str(error)
         return result
     x, y = _batch(0, rank)
+    if how == "below":
+        # Rank 1 fails after the meProp layers' backward, before the first (dense) layer's:
+        # rank 0 then waits in DDP's own all-reduce of the dense gradients.
+        torch.manual_seed(0)
+        ddp = mebp.DistributedDataParallel(nn.Sequential(nn.Linear(8, 8), _Fail(rank == 1),
+                                                         *_model("unified", "dense")), timeout=3)
     start = time.perf_counter()
     try:
-        F.cross_entropy(_FailOn.apply(ddp(x), rank == 1), y).backward()
+        out = ddp(x)
+        F.cross_entropy(out if how == "below" else _FailOn.apply(out, rank == 1), y).backward()
     except Exception as error:  # noqa: BLE001
         result = dict(error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - start)
     else:
         result = dict(error=None, seconds=time.perf_counter() - start)
-    if rank == 1 and how == "stays":
+    if rank == 1 and how in ("stays", "below"):
         time.sleep(8)  # alive without taking part: only a timeout can end rank 0's wait
     return result
 
@@ -344,7 +360,7 @@ def test_ranks_that_disagree_on_k_and_tensor_parallel_layers_fail_clearly():
         assert "does not support tensor parallelism" in result["tensor_parallel"]
 
 
-@pytest.mark.parametrize("how", ["stays", "exits"])
+@pytest.mark.parametrize("how", ["stays", "exits", "below"])
 def test_a_rank_failing_in_backward_fails_the_others_within_the_timeout(how):
     results = _launch(2, "failure", how, timeout=40)
     assert "bad batch on this rank" in results[1]["error"]
