@@ -265,3 +265,79 @@ def test_lstm_section_times_melstm_against_nn_lstm_once_per_commit(tmp_path):
     assert sweep.run_lstm_section(preset, torch.device("cpu"), out, env, fresh=False) == []
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)  # already measured for this commit
+
+
+OPS = ("unified_select", "per_example_select", "gathered_input_grad", "gathered_weight_grad",
+       "per_example_input_grad", "per_example_weight_grad", "row_sgd_step")
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the PyTorch backend's operations, wrapped where the library finds them."""
+    from triton_mebp import torch_ops
+    calls = {}
+    for name in OPS:
+        real = getattr(torch_ops, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(torch_ops, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_sweep_rows_time_the_backend_ops_the_library_calls(mode, op_calls, monkeypatch):
+    ran, called = [], {}  # called: (kernel, metric) of a row -> the ops its timed closure ran
+
+    def measure(fn, device, preset):
+        op_calls.clear()
+        fn()
+        ran[:] = [set(op_calls)]
+        return sweep.Timing(1.0, 1.0, 1.0)
+    real_row = sweep._row
+
+    def row(task, env, kernel, metric, timing, config=""):
+        called[kernel, metric] = ran[0]
+        return real_row(task, env, kernel, metric, timing, config)
+    monkeypatch.setattr(sweep, "measure", measure)
+    monkeypatch.setattr(sweep, "_row", row)
+    task = sweep.Task("mebp-torch", mode, "sparse", "fp32", 6, 16, 24, 6)
+    preset = sweep.Preset(shapes=(), ks=(), min_run_time=0.001)
+    env = dict(device="d", torch="t", triton="t", commit="c", timestamp="")
+    rows, failures = sweep.run_task(task, torch.device("cpu"), preset, env)
+    assert failures == [] and rows
+    select = "unified_select" if mode == "unified" else "per_example_select"
+    products = ({"gathered_input_grad", "gathered_weight_grad"} if mode == "unified"
+                else {"per_example_input_grad", "per_example_weight_grad"})
+    assert called[("layer", "backward")] == {select} | products
+    assert called[("layer", "forward")] == set()
+    assert {select} | products <= called[("layer", "step-sgd")]
+    input_grad, weight_grad = sorted(products)
+    assert called[("select", "time")] == {select}
+    assert called[("input_grad", "time")] == {input_grad}
+    assert called[("weight_grad", "time")] == {weight_grad}
+    assert called[("update", "time")] == {"row_sgd_step"}
+
+
+def test_lstm_rows_time_the_backend_ops_melstm_calls(op_calls, monkeypatch):
+    from triton_mebp.bench import harness, lstm
+    called = {}  # (metric, provider) -> the ops one call of its timed closure ran
+    metrics = iter(("forward", "backward", "products"))
+
+    def side_by_side(fns, device, **kwargs):
+        metric = next(metrics)
+        for name, fn in fns.items():
+            op_calls.clear()
+            fn()
+            called[metric, name] = set(op_calls)
+        return {name: harness.Timing(1.0, 1.0, 1.0) for name in fns}
+    monkeypatch.setattr(harness, "measure_side_by_side", side_by_side)
+    rows = lstm.run(seq=3, batch=4, n_in=8, hidden=16, k=0.25, device="cpu")
+    assert {(r["metric"], r["provider"]) for r in rows} == set(called)
+    unified = {"unified_select", "gathered_input_grad"}
+    per_example = {"per_example_select", "per_example_input_grad", "per_example_weight_grad"}
+    for metric in ("backward", "products"):
+        assert unified <= called[metric, "mebp-unified"], metric
+        assert called[metric, "mebp-per_example"] == per_example, metric
+    assert called["forward", "mebp-unified"] == set() and called["backward", "nn.LSTM"] == set()
