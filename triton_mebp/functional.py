@@ -1,5 +1,6 @@
 """meProp for one linear layer: dense forward, top-k sparsified backward."""
 import numbers
+import warnings
 import weakref
 
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backend
+from . import backend, torch_ops
 
 MODES = ("unified", "per_example")
 GRADS = ("dense", "sparse")
@@ -109,6 +110,10 @@ def _unified_backward(ops, dy, x, weight, ctx):
 
 def _per_example_backward(ops, dy, x, weight, ctx):
     values, idx = ops.per_example_select(dy, ctx.k, ctx.hits)
+    if x.shape[1] == 0:  # in_features = 0: nothing to gather (embedding_bag rejects empty rows)
+        dx, dw = x.new_zeros(x.shape), torch.zeros_like(weight)
+        dw = dw.to_sparse() if ctx.grad == "sparse" else dw
+        return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
     dx = ops.per_example_input_grad(values, idx, weight) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
@@ -117,11 +122,13 @@ def _per_example_backward(ops, dy, x, weight, ctx):
         else:
             rows, grad_rows = ops.per_example_weight_grad(values, idx, x, weight.shape[0])
             dw = _row_sparse(rows, grad_rows, weight.shape)
+    return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
+
+
+def _per_example_bias_grad(dy, values, idx, weight, ctx):
     if ctx.sparse_bias:
-        db = dy.new_zeros(weight.shape[0]).index_add_(0, idx.reshape(-1).long(), values.reshape(-1))
-    else:
-        db = dy.sum(0)
-    return dx, dw, db
+        return dy.new_zeros(weight.shape[0]).index_add_(0, idx.reshape(-1).long(), values.reshape(-1))
+    return dy.sum(0)
 
 
 class MebpLinearFunction(torch.autograd.Function):
@@ -133,6 +140,7 @@ class MebpLinearFunction(torch.autograd.Function):
         ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
         ctx.hits, ctx.refs = hits, refs
         ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -143,7 +151,7 @@ class MebpLinearFunction(torch.autograd.Function):
         # Under autocast the output gradient and the input may come in another dtype than the
         # weight: the products run in the weight's dtype (autograd casts dx back to x's dtype).
         dy = grad_output.reshape(-1, n_out).to(weight.dtype)
-        x2 = x.reshape(-1, n_in).to(weight.dtype)
+        x2 = x.reshape(dy.shape[0], n_in).to(weight.dtype)
         if ctx.refs is not None:
             ctx.refs += dy.shape[0]
         sync = distributed_backward.get(weight)
@@ -156,11 +164,14 @@ class MebpLinearFunction(torch.autograd.Function):
         elif ctx.k == n_out:
             dx, dw, db = _dense_backward(dy, x2, weight, ctx)
         else:
-            ops = backend.ops_for(dy)
+            ops = backend.ops_for(dy) if n_in else torch_ops  # the kernels need in_features >= 1
             step = _unified_backward if ctx.mode == "unified" else _per_example_backward
             dx, dw, db = step(ops, dy, x2, weight, ctx)
         dx = dx.reshape(x.shape) if dx is not None else None
         db = db if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if db is not None and db.shape != ctx.bias_shape:  # a bias F.linear broadcasts
+            db = (db.reshape(ctx.bias_shape) if db.numel() == ctx.bias_shape.numel()
+                  else grad_output.sum_to_size(ctx.bias_shape))
         return dx, dw, db, None, None, None, None, None, None
 
 
@@ -183,12 +194,21 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
     n_out = weight.shape[0]
     k = resolve_k(k, n_out)
     for name, counter, shape in (("hits", hits, (n_out,)), ("refs", refs, ())):
+        if counter is not None and not isinstance(counter, torch.Tensor):
+            raise TypeError(f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
+                            f"got {type(counter).__name__}")
         if counter is not None and (counter.dtype != torch.int64 or tuple(counter.shape) != shape
                                     or counter.device != weight.device):
             raise ValueError(f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
                              f"got {counter.dtype} {tuple(counter.shape)} on {counter.device}")
     if grad == "sparse" and weight.layout != torch.strided:
         raise ValueError("grad='sparse' needs a dense (strided) weight")
+    if grad == "sparse" and weight.grad_fn is not None:
+        # A weight computed in the graph (W.t(), W.half(), a tied weight) passes its gradient on
+        # to ops that do not take sparse gradients.
+        warnings.warn("grad='sparse' needs a leaf weight (a Parameter); this weight is computed "
+                      "in the graph, so its gradient is dense", stacklevel=2)
+        grad = "dense"
     if not torch.is_grad_enabled():
         return F.linear(input, weight, bias)
     if type(weight).__name__ == "DTensor":

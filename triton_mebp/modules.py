@@ -166,8 +166,12 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
         return resolve_k(layer_k, module.out_features, f"layer {name!r}"), layer_k
 
     entries, replacements, done = ConvertReport(), {}, set()
-    plain = [name for name, m in target.named_modules() if type(m) is nn.Linear]
-    output = plain[-1] if skip_output and plain else None
+    # The output layer is the last Linear of any class (a subclass head is left alone anyway);
+    # attention output projections are not candidates.
+    projections = {id(m.out_proj) for m in target.modules() if isinstance(m, nn.MultiheadAttention)}
+    linears = [name for name, m in target.named_modules()
+               if isinstance(m, nn.Linear) and id(m) not in projections]
+    output = linears[-1] if skip_output and linears else None
     for name, module in target.named_modules():
         if not isinstance(module, nn.MultiheadAttention):
             continue

@@ -132,12 +132,28 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._rows(backend.ops_for(param), param, rows, values, state, group)
         state["step"] += 1
 
+    def _adopt_stepless_state(self, state) -> bool:
+        """Turns a saved state without a step count (another optimizer's) into this one's, in
+        place; False where it cannot."""
+        return False
+
     def load_state_dict(self, state_dict):
-        """As ``torch.optim.Optimizer``'s, but ``row_step`` stays float32 (not the param dtype)."""
+        """As ``torch.optim.Optimizer``'s, but ``row_step`` stays float32 (not the param dtype).
+
+        A state without a step count (``torch.optim.SGD``'s) is adopted where the optimizer
+        knows how (``RowSGD``) and refused with a ValueError otherwise, before anything changes.
+        """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_row_steps = {i: s["row_step"] for i, s in state_dict["state"].items()
                            if isinstance(s, dict) and "row_step" in s}
         params = [p for g in self.param_groups for p in g["params"]]
+        stepless = [i for i, s in state_dict["state"].items() if isinstance(s, dict) and s
+                    and "step" not in s]
+        for saved_id in stepless:
+            if not self._adopt_stepless_state(dict(state_dict["state"][saved_id])):
+                raise ValueError(f"saved state {sorted(state_dict['state'][saved_id])} of "
+                                 f"parameter {saved_id} has no 'step' entry: it is not the state "
+                                 f"of {type(self).__name__} or of its torch.optim counterpart")
         for saved_id, param in zip(saved_ids, params):  # checked before anything changes
             row_step = saved_row_steps.get(saved_id)
             if row_step is not None and tuple(row_step.shape) != tuple(param.shape[:1]):
@@ -145,6 +161,8 @@ class _RowOptimizer(torch.optim.Optimizer):
                                  f"parameter has shape {tuple(param.shape)}")
         super().load_state_dict(state_dict)
         for saved_id, param in zip(saved_ids, params):
+            if saved_id in stepless:
+                self._adopt_stepless_state(self.state[param])
             if saved_id in saved_row_steps:
                 self.state[param]["row_step"] = saved_row_steps[saved_id].to(
                     device=param.device, dtype=torch.float32, copy=True)
@@ -174,6 +192,17 @@ class RowSGD(_RowOptimizer):
     def _init_state(self, param, state, group):
         if group["momentum"]:
             self._buffer(param, state)
+
+    def _adopt_stepless_state(self, state) -> bool:
+        # torch.optim.SGD keeps only the momentum buffer (None without momentum); a buffer was
+        # set at its first step, which updated every row.
+        if not set(state) <= {"momentum_buffer"}:
+            return False
+        if state.get("momentum_buffer") is None:
+            state.clear()
+        else:
+            state["step"] = torch.ones((), dtype=torch.float32)
+        return True
 
     @staticmethod
     def _buffer(param, state):

@@ -619,6 +619,10 @@ class SimplifySchedule:
                              ("prunes_per_epoch", prunes_per_epoch)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+        if last_pruning_cycle is not None and (
+                isinstance(last_pruning_cycle, bool) or not isinstance(last_pruning_cycle, numbers.Integral)
+                or last_pruning_cycle < 0):
+            raise ValueError(f"last_pruning_cycle must be None or an int >= 0, got {last_pruning_cycle!r}")
         self.simplifier = simplifier
         self.steps_per_epoch, self.cycle_epochs = int(steps_per_epoch), int(cycle_epochs)
         self.prunes_per_epoch = int(prunes_per_epoch)

@@ -9,10 +9,36 @@ import torch.nn.functional as F
 name = "torch"
 
 
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys of non-negative scores; NaN above +inf, as in the kernels."""
+    if scores.dtype == torch.float64:
+        bits, nan = scores.view(torch.int64) & 0x7FFFFFFFFFFFFFFF, 0x7FFFFFFFFFFFFFFF
+    else:
+        bits, nan = scores.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF, 0x7FFFFFFF
+    return torch.where(scores.isnan(), nan, bits)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest entries of each row of ``scores`` (B x N, non-negative),
+    ascending; ties at the threshold go to the lowest positions, as in the kernels."""
+    values, idx = torch.topk(scores, k, dim=1, sorted=False)  # ties: an unspecified choice
+    keys = _order_keys(scores)
+    kth = _order_keys(values).min(1, keepdim=True).values
+    above, at = keys > kth, keys == kth
+    n_above = above.sum(1, keepdim=True)
+    straddles = n_above + at.sum(1, keepdim=True) > k
+    if bool(straddles.any()):
+        chosen = above | (at & (at.cumsum(1) <= k - n_above))
+        preference = torch.arange(scores.shape[1], 0, -1, device=scores.device)  # lowest first
+        lowest = torch.topk(chosen * preference, k, dim=1, sorted=False).indices
+        idx = torch.where(straddles, lowest, idx)
+    return idx.sort(dim=1).values
+
+
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """Batch-shared top-k columns by ``sum_b |dy[b, n]|``: ``(idx ascending, dy[:, idx])``."""
     scores = dy.abs().sum(0, dtype=torch.float32)
-    idx = torch.topk(scores, k, sorted=False).indices.sort().values
+    idx = _top_k(scores.unsqueeze(0), k)[0]
     if hits is not None:
         hits.index_add_(0, idx, torch.full_like(idx, dy.shape[0]))
     return idx, dy.index_select(1, idx)
@@ -20,7 +46,7 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
 
 def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """Per-row top-k of ``|dy|``: ``(values, idx)``, B x k, idx ascending within each row."""
-    idx = torch.topk(dy.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = _top_k(dy.abs(), k)
     if hits is not None:
         hits += torch.bincount(idx.reshape(-1), minlength=hits.shape[0])
     return dy.gather(1, idx), idx
