@@ -6,8 +6,40 @@ MLP tagger, ``--task lm`` for a character-level transformer), ``sweep`` and ``pl
 benchmarks and their charts), ``version``.
 """
 import argparse
+import csv
+import os
 import sys
 import time
+from pathlib import Path
+
+# What a user's input can cause (files, folders, values); anything else is a bug to report.
+USER_ERRORS = (ValueError, OSError, ImportError, UnicodeDecodeError, csv.Error)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def user_error(command: str, error: BaseException) -> int:
+    """Prints ``error`` as one line on stderr; returns the exit status 2."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"mebp {command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def check_out(out) -> None:
+    """Fails now, not after training, if the output folder cannot be created or written to
+    (creates nothing: the folder is made when the results are written)."""
+    folder = Path(out).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists and is not a folder" if existing == folder else f"{existing} is a file"
+        raise NotADirectoryError(f"--out {out}: {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: no permission to write in {existing}")
 
 
 def parse_k(text: str):
@@ -54,7 +86,7 @@ def _add_common(p, out_default, threads_default=None):
 
 def build_parser() -> argparse.ArgumentParser:
     from .train import OPTIMIZERS, TRAIN_MODES
-    parser = argparse.ArgumentParser(prog="mebp", description="minimal-effort back propagation "
+    parser = CommandParser(prog="mebp", description="minimal-effort back propagation "
                                      "(meProp) and model simplification (meSimp)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="print the version")
@@ -395,7 +427,10 @@ def main(argv=None) -> int:
     if argv and argv[0] in ("sweep", "plot"):
         import importlib
         module = importlib.import_module(f"triton_mebp.bench.{argv[0]}")
-        return module.main(argv[1:]) or 0
+        try:
+            return module.main(argv[1:]) or 0
+        except USER_ERRORS as error:
+            return user_error(argv[0], error)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "version":
@@ -403,12 +438,13 @@ def main(argv=None) -> int:
         print(__version__)
         return 0
     try:
+        if args.out:
+            check_out(args.out)
         if args.command == "demo":
             return run_demo(args)
         return run_train(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"mebp {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return user_error(args.command, error)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ def _mnist_pair(data_dir: str, images_stem: str, labels_stem: str):
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise ValueError(f"{labels_path}: expected an IDX label file of uint8 with 1 dimension "
                          f"(magic 0x00000801), got {labels.dtype} with shape {labels.shape}")
+    if len(images) == 0 or images.shape[1] * images.shape[2] == 0:
+        raise ValueError(f"{images_path}: holds {len(images)} images of {images.shape[1]} x "
+                         f"{images.shape[2]} pixels; MNIST needs at least one image of at least "
+                         "one pixel")
     if len(images) != len(labels):
         raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds "
                          f"{len(labels)} labels")

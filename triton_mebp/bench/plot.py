@@ -12,6 +12,7 @@ device, into ``perf/charts/``:
   the device's measured copy bandwidth and matmul rate.
 """
 import argparse
+import csv
 import glob
 import re
 import sys
@@ -21,16 +22,20 @@ from pathlib import Path
 KERNEL_ORDER = ("select", "input_grad", "weight_grad", "update")
 
 
-def load(paths) -> list[dict]:
-    """Rows of the sweep CSVs (older layouts read too); a file of another kind is named and left
-    out."""
+def load(paths, skipped=None) -> list[dict]:
+    """Rows of the sweep CSVs (older layouts read too); a file of another kind (or not CSV text)
+    is named and left out: printed, or appended to ``skipped`` if given."""
     from .harness import read_rows
     rows = []
     for path in paths:
         try:
             rows += read_rows(path)
-        except ValueError as error:
-            print(f"mebp plot: {path} is not a sweep CSV ({error}); skipped", file=sys.stderr)
+        except (ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
+            reason = f"{path} is not a sweep CSV ({' '.join(str(error).split())})"
+            if skipped is None:
+                print(f"mebp plot: {reason}; skipped", file=sys.stderr)
+            else:
+                skipped.append(reason)
     return rows
 
 
@@ -226,7 +231,8 @@ def plot_roofline(rows, device, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mebp plot", description=__doc__.split("\n")[0])
+    from ..app.cli import CommandParser
+    parser = CommandParser(prog="mebp plot", description=__doc__.split("\n")[0])
     parser.add_argument("csv", nargs="*", type=Path, help="sweep CSVs (default perf/results/sweep-*.csv)")
     parser.add_argument("--out", type=Path, default=Path("perf/charts"), help="folder for the PNGs")
     parser.add_argument("--all-commits", action="store_true",
@@ -238,10 +244,14 @@ def main(argv=None) -> int:
         print(f"mebp plot: no sweep CSV found ({', '.join(map(str, missing)) or 'perf/results/sweep-*.csv'}); "
               "run `mebp sweep` first", file=sys.stderr)
         return 2
-    rows = load(paths)
+    skipped = []
+    rows = load(paths, skipped)
     if not rows:
-        print(f"mebp plot: {', '.join(map(str, paths))} hold no rows", file=sys.stderr)
+        why = f": {'; '.join(skipped)}" if skipped else ""
+        print(f"mebp plot: {', '.join(map(str, paths))} hold no sweep rows{why}", file=sys.stderr)
         return 2
+    for reason in skipped:
+        print(f"mebp plot: {reason}; skipped", file=sys.stderr)
     if args.all_commits:
         by_device = defaultdict(list)
         for r in rows:

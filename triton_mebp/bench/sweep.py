@@ -395,8 +395,21 @@ def _choices(allowed, what):
     return parse
 
 
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:  # also NaN
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="mebp sweep", description=__doc__.split("\n")[0])
+    from ..app.cli import CommandParser
+    parser = CommandParser(prog="mebp sweep", description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", dest="preset", action="store_const", const="quick",
                        help="small sweep (the default; under 2 minutes on a 2-core CPU)")
@@ -413,11 +426,11 @@ def build_parser():
                         help="meProp weight-gradient layouts: sparse,dense")
     parser.add_argument("--providers", type=_choices(PROVIDERS, "providers"),
                         help="dense,mebp-torch,mebp-triton (the last on a GPU)")
-    parser.add_argument("--min-run-time", type=float, help="CPU seconds per measurement")
-    parser.add_argument("--rep-ms", type=int, help="GPU milliseconds per measurement (do_bench rep)")
+    parser.add_argument("--min-run-time", type=_positive(float), help="CPU seconds per measurement")
+    parser.add_argument("--rep-ms", type=_positive(int), help="GPU milliseconds per measurement (do_bench rep)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (recorded in the device name); default: as set")
-    parser.add_argument("--time-budget", type=float, default=None,
+    parser.add_argument("--time-budget", type=_positive(float), default=None,
                         help="seconds; no new task starts after this (the rest stays for a rerun)")
     parser.add_argument("--fresh", action="store_true", help="measure again what the CSV already has")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy / matmul ceilings")
