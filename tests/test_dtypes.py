@@ -9,7 +9,7 @@ from aot import compile_specs
 from conftest import DEVICE, assert_close
 from reference import mebp_reference, separated_grad
 from triton_mebp import backend, torch_ops
-from triton_mebp.kernels import fused_mlp, gathered, optim_rows, row_update, selection
+from triton_mebp.kernels import fused_mlp, gathered, optim_rows, selection
 
 MODES = ["unified", "per_example"]
 
@@ -34,7 +34,6 @@ def _launches(dtype):
         ("gathered_weight_grad", lambda: gathered.gathered_weight_grad(dy_c, x, idx, out=out), [out]),
         ("per_example_input_grad", lambda: gathered.per_example_input_grad(values, pidx, w), []),
         ("per_example_weight_grad", lambda: gathered.per_example_weight_grad(values, pidx, x, 6), []),
-        ("row_sgd_update", lambda: row_update.row_sgd_update(param, idx, grad, 0.1), [param]),
         ("row_sgd_step", lambda: optim_rows.row_sgd_step(
             param, idx, grad, row_step, state, lr=0.1, momentum=0.9, dampening=0.0,
             weight_decay=0.0, nesterov=False), [param, state]),
@@ -50,7 +49,7 @@ def _launches(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
-@pytest.mark.parametrize("position", range(12))
+@pytest.mark.parametrize("position", range(11))
 def test_every_launcher_refuses_other_dtypes_before_launching(position, dtype):
     name, call, written = _launches(dtype)[position]
     before = [t.clone() for t in written]
