@@ -274,73 +274,101 @@ def validation_loss(model: nn.Module, ids: torch.Tensor, context: int, max_token
     return total / count
 
 
+class LMRun:
+    """One setting being trained, one ``step()`` at a time (``train_lm`` runs it to the end;
+    ``run_lm_experiment`` steps several in turn, so that their timings share the machine's
+    conditions). ``result()`` gives the measurements (see the module docstring)."""
+
+    def __init__(self, config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu"):
+        device = resolve_device(device) if isinstance(device, str) else device
+        for part, ids in (("training", corpus.train), ("validation", corpus.validation)):
+            if len(ids) <= config.context + 1:
+                raise ValueError(f"the {part} text ({len(ids)} characters) is shorter than the "
+                                 f"context {config.context} + 1")
+        self.config, self.corpus, self.seed, self.device = config, corpus, seed, device
+        torch.manual_seed(seed)
+        model = build_model(config, corpus.vocab_size)
+        self.conversion = None
+        if config.mode != "dense":
+            model, self.conversion = convert(
+                model, k=config.k, attention_k=config.attention_k, mode=config.mode,
+                grad="sparse" if config.sparse_grad else "dense", exclude=("lm_head",),
+                inplace=True, report=True)
+        self.model = model.to(device)
+        self.optimizer = make_lm_optimizer(config, model)
+        self.simplifier = None
+        if config.simplify:
+            from ..simplify import Simplifier
+            self.simplifier = Simplifier(model, threshold=config.threshold,
+                                         optimizer=self.optimizer,
+                                         min_width=resolve_k(config.k, 4 * config.width))
+        self.prune_until = int(config.steps * config.prune_fraction) if config.simplify else 0
+        self.initial_widths = mlp_widths(model)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps_done = 0
+        self.evals, self.backward_times, self.step_times, self.losses, self.prunes = [], [], [], [], []
+        model.train()
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.config.steps
+
+    def step(self):
+        """One training step; returns the evaluation record when it evaluated, else None."""
+        config, model, device = self.config, self.model, self.device
+        high = len(self.corpus.train) - config.context - 1
+        starts = torch.randint(0, high + 1, (config.batch_size,), generator=self.generator)
+        x, y = _windows(self.corpus.train, starts, config.context)
+        x, y = x.to(device), y.to(device)
+        _sync(device)
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward_times.append(timed_backward(loss, device))
+        self.optimizer.step()
+        _sync(device)
+        self.step_times.append(time.perf_counter() - started)
+        self.losses.append(float(loss.detach()))
+        self.steps_done += 1
+        step = self.steps_done
+        if self.simplifier is not None and step <= self.prune_until and step % config.prune_every == 0:
+            self.simplifier.prune()
+            self.prunes.append(dict(step=step, widths=mlp_widths(model)))
+        if step % config.eval_every == 0 or step == config.steps:
+            val = validation_loss(model, self.corpus.validation, config.context,
+                                  config.eval_tokens, device)
+            record = dict(step=step, train_loss=statistics.fmean(self.losses[-config.eval_every:]),
+                          val_loss=val, val_bpc=val / math.log(2), widths=mlp_widths(model))
+            self.evals.append(record)
+            return record
+        return None
+
+    def result(self) -> dict:
+        config, last = self.config, self.evals[-1]
+        warm = max(1, len(self.step_times) // 10)  # the first steps warm up (allocations)
+        conversion = self.conversion
+        return dict(label=config.label, seed=self.seed, config=dataclasses.asdict(config),
+                    device=str(self.device), k_ratio=config.k_ratio, val_loss=last["val_loss"],
+                    val_bpc=last["val_bpc"], train_loss=last["train_loss"],
+                    backward_s=statistics.median(self.backward_times[warm:]),
+                    step_s=statistics.median(self.step_times[warm:]),
+                    initial_widths=self.initial_widths, widths=mlp_widths(self.model),
+                    params=sum(p.numel() for p in self.model.parameters()),
+                    converted=dict(conversion.converted) if conversion is not None else {},
+                    dense=dict(conversion.dense) if conversion is not None else {},
+                    evals=self.evals, prunes=self.prunes)
+
+
 def train_lm(config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu",
              on_eval=None) -> dict:
     """Trains one setting; returns its measurements (see the module docstring).
     ``on_eval(record)`` is called at each evaluation (progress display)."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    for part, ids in (("training", corpus.train), ("validation", corpus.validation)):
-        if len(ids) <= config.context + 1:
-            raise ValueError(f"the {part} text ({len(ids)} characters) is shorter than the "
-                             f"context {config.context} + 1")
-    torch.manual_seed(seed)
-    model = build_model(config, corpus.vocab_size)
-    conversion = None
-    if config.mode != "dense":
-        model, conversion = convert(
-            model, k=config.k, attention_k=config.attention_k, mode=config.mode,
-            grad="sparse" if config.sparse_grad else "dense", exclude=("lm_head",), inplace=True,
-            report=True)
-    model.to(device)
-    optimizer = make_lm_optimizer(config, model)
-    simplifier = None
-    if config.simplify:
-        from ..simplify import Simplifier
-        simplifier = Simplifier(model, threshold=config.threshold, optimizer=optimizer,
-                                min_width=resolve_k(config.k, 4 * config.width))
-    prune_until = int(config.steps * config.prune_fraction) if config.simplify else 0
-    widths0 = mlp_widths(model)
-    generator = torch.Generator().manual_seed(seed)
-    high = len(corpus.train) - config.context - 1
-    evals, backward_times, step_times, losses = [], [], [], []
-    prunes = []
-    model.train()
-    for step in range(1, config.steps + 1):
-        starts = torch.randint(0, high + 1, (config.batch_size,), generator=generator)
-        x, y = _windows(corpus.train, starts, config.context)
-        x, y = x.to(device), y.to(device)
-        _sync(device)
-        started = time.perf_counter()
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        backward_times.append(timed_backward(loss, device))
-        optimizer.step()
-        _sync(device)
-        step_times.append(time.perf_counter() - started)
-        losses.append(float(loss.detach()))
-        if simplifier is not None and step <= prune_until and step % config.prune_every == 0:
-            simplifier.prune()
-            prunes.append(dict(step=step, widths=mlp_widths(model)))
-        if step % config.eval_every == 0 or step == config.steps:
-            val = validation_loss(model, corpus.validation, config.context, config.eval_tokens,
-                                  device)
-            window = losses[-config.eval_every:]
-            record = dict(step=step, train_loss=statistics.fmean(window), val_loss=val,
-                          val_bpc=val / math.log(2), widths=mlp_widths(model))
-            evals.append(record)
-            if on_eval is not None:
-                on_eval(record)
-    last = evals[-1]
-    warm = max(1, len(step_times) // 10)  # the first steps warm up (allocations, kernel compiles)
-    return dict(label=config.label, seed=seed, config=dataclasses.asdict(config), device=str(device),
-                k_ratio=config.k_ratio, val_loss=last["val_loss"], val_bpc=last["val_bpc"], train_loss=last["train_loss"],
-                backward_s=statistics.median(backward_times[warm:]),
-                step_s=statistics.median(step_times[warm:]), initial_widths=widths0,
-                widths=mlp_widths(model), params=sum(p.numel() for p in model.parameters()),
-                converted=dict(conversion.converted) if conversion is not None else {},
-                dense=dict(conversion.dense) if conversion is not None else {},
-                evals=evals, prunes=prunes)
+    run = LMRun(config, corpus, seed, device)
+    while not run.finished:
+        record = run.step()
+        if record is not None and on_eval is not None:
+            on_eval(record)
+    return run.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +403,9 @@ def add_lm_comparisons(summaries: list[dict]) -> list[dict]:
 
 
 def run_lm_experiment(configs, corpus, seeds=(0,), device="cpu", progress=True) -> list[dict]:
+    """Trains every config with every seed; one summary per config (``summarize_lm``). The
+    settings of one seed train in lockstep, one step each in turn, so that a machine whose load
+    changes over time (a shared one) slows them alike and their timings stay comparable."""
     configs, seeds = list(configs), list(seeds)
     if not seeds:
         raise ValueError("seeds must not be empty")
@@ -383,29 +414,34 @@ def run_lm_experiment(configs, corpus, seeds=(0,), device="cpu", progress=True) 
         raise ValueError(f"config labels must be distinct, got {labels}")
     device = resolve_device(device) if isinstance(device, str) else device
     bar = progress_bar(sum(c.steps for c in configs) * len(seeds), progress, unit="step")
-    summaries = []
+    results = {c.label: [] for c in configs}
     try:
-        for config in configs:
-            runs = []
-            for seed in seeds:
-                bar.set_description(f"{config.label} (seed {seed})")
-                done = [0]
-
-                def on_eval(record):
-                    bar.update(record["step"] - done[0])
-                    done[0] = record["step"]
-                    bar.set_postfix(bpc=f"{record['val_bpc']:.3f}",
-                                    mlp="/".join(map(str, record["widths"])))
-                runs.append(train_lm(config, corpus, seed, device, on_eval))
-            summary = summarize_lm(config.label, runs)
-            summaries.append(summary)
-            bar.write(f"{config.label}: validation {summary['val_bpc_mean']:.3f} bits/char "
-                      f"(loss {summary['val_loss_mean']:.3f}), backward "
-                      f"{1e3 * summary['backward_s_mean']:.1f} ms, step "
-                      f"{1e3 * summary['step_s_mean']:.1f} ms, MLP "
-                      f"{'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}")
+        for seed in seeds:
+            bar.set_description(f"{len(configs)} settings in turn (seed {seed})")
+            runs = [LMRun(config, corpus, seed, device) for config in configs]
+            while not all(run.finished for run in runs):
+                for run in runs:
+                    if run.finished:
+                        continue
+                    record = run.step()
+                    bar.update(1)
+                    if record is not None:
+                        bar.set_postfix(setting=run.config.label[:24],
+                                        bpc=f"{record['val_bpc']:.3f}")
+            for run in runs:
+                results[run.config.label].append(run.result())
+                run.model = run.optimizer = run.simplifier = None  # free the memory
     finally:
         bar.close()
+    summaries = []
+    for config in configs:
+        summary = summarize_lm(config.label, results[config.label])
+        summaries.append(summary)
+        if progress:
+            print(f"{config.label}: validation {summary['val_bpc_mean']:.3f} bits/char (loss "
+                  f"{summary['val_loss_mean']:.3f}), backward {1e3 * summary['backward_s_mean']:.1f}"
+                  f" ms, step {1e3 * summary['step_s_mean']:.1f} ms, MLP "
+                  f"{'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}")
     return add_lm_comparisons(summaries)
 
 
@@ -499,6 +535,9 @@ def chart_bpc_vs_k(path, summaries) -> bool:
             ax.plot([100 * s["k_ratio"]], [s["val_bpc_mean"]],
                     marker="s", linestyle="none", label=s["label"])
     ax.set_xscale("log")
+    ticks = sorted({100 * s["k_ratio"] for s in summaries if s["config"]["mode"] != "dense"})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("k (% of each projection's outputs kept in backward, log scale)")
     ax.set_ylabel("validation bits per character")
     ax.set_title("Character-level transformer: validation bits/char against k")
