@@ -289,6 +289,19 @@ def test_convert_report_says_what_was_left_dense_and_why():
     assert converted.encoder.layers[1].self_attn.in_proj_weight.grad.ne(0).any(1).sum() == 48
 
 
+def test_output_layer_is_never_inside_a_transformer_layer():
+    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    _, report = mebp.convert(stack, k=0.25, report=True)
+    assert report.converted["layers.1.linear2"] == 4 and report.dense.keys() == {
+        f"layers.{i}.norm{j}" for i in (0, 1) for j in (1, 2)}
+    _, report = mebp.convert(stack.layers[0], k=0.25, report=True)
+    assert report.converted["linear2"] == 4
+    _, report = mebp.convert(nn.Sequential(stack, nn.Linear(16, 3)), k=0.25, exclude="1",
+                             report=True)
+    assert report.dense["1"] == "excluded by the pattern '1'"
+
+
 def test_roles_from_name_patterns_and_subclasses_left_alone():
     class Custom(nn.MultiheadAttention):
         pass

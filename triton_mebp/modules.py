@@ -138,7 +138,8 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
     outputs, listed as ``NAME.in_proj``) and a ``MeLinear`` output projection.
     ``exclude``: qualified module names (shell-style patterns allowed) to leave dense.
     ``skip_output``: keep the last ``nn.Linear`` (in registration order, the output layer of an
-    ``nn.Sequential`` MLP) on full back propagation, as the paper does. The input model is left
+    ``nn.Sequential`` MLP; never one of an ``nn.Transformer*Layer``) on full back propagation, as
+    the paper does. The input model is left
     as it is unless ``inplace=True``. Subclasses of ``nn.Linear`` and ``nn.LSTM`` are left alone.
     ``attention_k`` / ``mlp_k``: ``k`` of the attention projections / the MLP layers of
     transformer blocks, instead of ``k`` (roles: ``triton_mebp.transformer.linear_roles``;
@@ -147,7 +148,7 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
     ``k``, and why the others were left dense.
     """
     from .rnn import MeLSTM
-    from .transformer import MeMultiheadAttention, k_for_role, linear_roles
+    from .transformer import TRANSFORMER_LAYERS, MeMultiheadAttention, k_for_role, linear_roles
 
     check_options(mode, grad)
     if isinstance(exclude, str):
@@ -167,10 +168,13 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
 
     entries, replacements, done = ConvertReport(), {}, set()
     # The output layer is the last Linear of any class (a subclass head is left alone anyway);
-    # attention output projections are not candidates.
+    # attention output projections and a transformer layer's own linear layers are not candidates.
     projections = {id(m.out_proj) for m in target.modules() if isinstance(m, nn.MultiheadAttention)}
+    inside = tuple(f"{name}." for name, m in target.named_modules()
+                   if isinstance(m, TRANSFORMER_LAYERS) and name)
     linears = [name for name, m in target.named_modules()
-               if isinstance(m, nn.Linear) and id(m) not in projections]
+               if isinstance(m, nn.Linear) and id(m) not in projections
+               and not (name.startswith(inside) or isinstance(target, TRANSFORMER_LAYERS))]
     output = linears[-1] if skip_output and linears else None
     for name, module in target.named_modules():
         if not isinstance(module, nn.MultiheadAttention):
@@ -209,7 +213,7 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
             role, why = role_of.get(name, "other"), excluded_by(name)
             if type(module) is not nn.Linear:
                 why = f"{type(module).__name__} is a subclass of nn.Linear: left alone"
-            elif name == output:
+            elif not why and name == output:
                 why = "the last nn.Linear, taken as the output layer (skip_output=True)"
             count = None
             if not why:
