@@ -183,3 +183,10 @@ def test_bf16_products_compile_to_bf16_mma_with_float32_accumulation():
         products = r["mma_instructions"]
         assert products, (r["kernel"], r["target"])
         assert all(".f32.bf16.bf16" in p for p in products), (r["kernel"], r["target"], products)
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov", "adagrad", "adam", "adamw"])
+def test_bf16_row_optimizers_on_the_kernels(triton_backend, name):
+    """No dot products here: the interpreter computes these bf16 kernels as they are."""
+    from test_optim import _check_against_reference
+    _check_against_reference(name, (7, 33), torch.bfloat16, steps=3)
