@@ -1,5 +1,11 @@
 """``estimate_speedup`` / ``mebp_is_faster``: the cost model fitted to sweep data."""
 import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,12 +55,16 @@ def cpu_data(tmp_path):
     return write_sweep(tmp_path / "sweep-cpu.csv", "cpu test (2 threads)", rate=1e11)
 
 
-def test_nonnegative_least_squares_by_hand():
-    # unconstrained optimum (1, -1); with x >= 0: x2 = 0, min (x1-1)^2 + 1 + x1^2 -> x1 = 1/2
-    A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    b = np.array([1.0, -1.0, 0.0])
-    np.testing.assert_allclose(est.nonnegative_least_squares(A, b), [0.5, 0.0], atol=1e-12)
-    np.testing.assert_allclose(est.nonnegative_least_squares(A, np.array([1.0, 2.0, 3.0])), [1.0, 2.0])
+def test_fit_is_the_nonnegative_least_squares_of_relative_error():
+    # times 2·a + 3·b exactly: recovered; then a column that would need a negative weight is 0
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    np.testing.assert_allclose(est._fit(features, features @ [2.0, 3.0]), [2.0, 3.0], rtol=1e-9)
+    # times falling as the second feature grows: its weight is held at 0, and the first minimises
+    # sum((c / t - 1)^2), i.e. c = sum(1/t) / sum(1/t^2)
+    features = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    times = np.array([3.0, 2.0, 1.0])
+    expected = np.sum(1 / times) / np.sum(1 / times ** 2)
+    np.testing.assert_allclose(est._fit(features, times), [expected, 0.0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("B,M,N,ratio", [(512, 4096, 4096, 0.05), (32, 2048, 512, 0.1),
@@ -63,7 +73,7 @@ def test_recovers_the_cost_behind_the_data_on_unseen_shapes(cpu_data, B, M, N, r
     k = round(ratio * N)
     expected = dense_ms(B, M, N, 1e11) / mebp_ms(B, M, N, k, 1e11)
     got = est.estimate(B, M, N, ratio, "unified", "cpu", grad="sparse", data=cpu_data)
-    assert got.source.startswith("sweep: cpu test")
+    assert got.model == "data" and got.source.startswith(f"{cpu_data}: cpu test (2 threads) at commit c0")
     assert ("extrapolated" in got.source) == (B * M * N > 256 * 1024 * 1024)  # largest in the data
     assert got.speedup == pytest.approx(expected, rel=0.02)
     assert est.estimate_speedup(B, M, N, k, "unified", "cpu", grad="sparse", data=cpu_data) == \
@@ -111,6 +121,7 @@ def test_without_data_the_nominal_model_answers(tmp_path):
     small = est.estimate(2, 8, 8, 4, data=empty)
     big = est.estimate(1024, 8192, 8192, 0.01, device="cuda", data=empty)
     assert small.source == "nominal cpu model" and big.source == "nominal cuda model"
+    assert small.model == big.model == "nominal"
     assert small.speedup < 1 < big.speedup
     assert est.mebp_is_faster(1024, 8192, 8192, 0.01, device="cuda", data=empty)
 
@@ -159,3 +170,91 @@ def test_full_step_estimate_includes_the_forward(tmp_path):
     assert got == pytest.approx(expected, rel=0.02)
     assert got < est.estimate_speedup(B, M, N, k, grad="sparse", data=write_sweep(
         tmp_path / "bwd.csv", "cpu test (2 threads)", rate=1e11))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_FACTOR = 1.6  # shipped predictions of the committed sweep's speedups are this close
+
+
+def test_shipped_model_is_the_fit_of_the_committed_sweep():
+    model = est.shipped_model()
+    assert model["devices"], "no device in triton_mebp/data/speed_model.json"
+    rows = est.read_sweep([ROOT / p for p in model["fitted_from"]])
+    refit = est.fit_speed_model(rows, {d["device"]: d["commit"] for d in model["devices"]})
+    assert [(d["device"], d["commit"]) for d in refit["devices"]] == \
+        [(d["device"], d["commit"]) for d in model["devices"]]
+    for shipped, fresh in zip(model["devices"], refit["devices"]):
+        assert len(shipped["fits"]) == len(fresh["fits"])
+        for a, b in zip(shipped["fits"], fresh["fits"]):
+            assert {k: a[k] for k in ("dtype", "metric", "mode", "grad")} == \
+                {k: b[k] for k in ("dtype", "metric", "mode", "grad")}
+            np.testing.assert_allclose(a["dense"], b["dense"], rtol=1e-6, atol=1e-15)
+            np.testing.assert_allclose(a["mebp"], b["mebp"], rtol=1e-6, atol=1e-15)
+
+
+def test_shipped_model_predicts_the_committed_sweep_speedups(monkeypatch):
+    monkeypatch.delenv(est.DATA_ENV, raising=False)
+    model = est.shipped_model()
+    (cpu,) = [d for d in model["devices"] if d["kind"] == "cpu"]
+    rows = [r for r in est.read_sweep([ROOT / p for p in model["fitted_from"]])
+            if r["device"] == cpu["device"] and r["commit"] == cpu["commit"] and r["kernel"] == "layer"]
+    checked = 0
+    for metric in est.METRICS:
+        dense = {est._shape(r): float(r["median_ms"]) for r in rows
+                 if r["provider"] == "dense" and r["metric"] == metric}
+        for r in rows:
+            if r["provider"] == "dense" or r["metric"] != metric:
+                continue
+            measured = dense[est._shape(r)] / float(r["median_ms"])
+            got = est.estimate(*est._shape(r), int(r["k"]), r["mode"], "cpu", grad=r["grad"],
+                               metric=metric)
+            assert got.model == "shipped" and cpu["commit"] in got.source
+            assert 1 / SHIPPED_FACTOR <= got.speedup / measured <= SHIPPED_FACTOR, (r, got)
+            checked += 1
+    assert checked >= 30
+
+
+def test_an_installed_package_answers_from_the_shipped_model(tmp_path):
+    # A copy of the package without the checkout around it (no perf/, no .git): as installed.
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "triton_mebp", site / "triton_mebp",
+                    ignore=shutil.ignore_patterns("__pycache__", "app", "bench"))
+    shutil.copytree(ROOT / "kernels", site / "triton_mebp" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in (est.DATA_ENV, "PYTHONPATH")}
+    script = ("import triton_mebp as m; from triton_mebp.estimate import estimate; "
+              "e = estimate(512, 4096, 4096, 0.05, 'unified', 'cpu', grad='sparse'); "
+              "print(m.__file__); print(e.model); print(e.source); print(e.speedup)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env | {"PYTHONPATH": str(site)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    where, model, source, speedup = result.stdout.strip().splitlines()[-4:]
+    assert Path(where).parent == site / "triton_mebp"
+    assert model == "shipped" and source.startswith("data/speed_model.json: cpu")
+    assert float(speedup) == pytest.approx(est.estimate(512, 4096, 4096, 0.05, "unified", "cpu",
+                                                        grad="sparse").speedup)
+
+
+def test_sweep_fit_writes_the_model_of_one_commit(tmp_path):
+    from triton_mebp.bench import sweep
+    data = write_sweep(tmp_path / "sweep-cpu.csv", "cpu test (2 threads)", rate=1e11)
+    with open(data) as f:
+        first = f.read()
+    write_sweep(data, "cpu test (2 threads)", rate=1e9)  # another (slower) run...
+    with open(data) as f:
+        text = f.read()
+    with open(data, "w") as f:  # ...at a later commit
+        f.write(first + text[len(first):].replace(",c0,t", ",c1,u"))
+    out = tmp_path / "model.json"
+    for commit, rate in (("c0", 1e11), (None, 1e9)):  # default: the device's latest commit
+        args = ["--fit", "--out", str(data), "--model-out", str(out)]
+        assert sweep.main(args + (["--commit", commit] if commit else [])) == 0
+        model = json.loads(out.read_text())
+        (device,) = model["devices"]
+        assert device["commit"] == (commit or "c1") and model["fitted_from"] == [data.as_posix()]
+        (fit,) = [f for f in device["fits"] if f["mode"] == "unified"]
+        B, M, N, k = 256, 1024, 1024, 51
+        dense = est._dense_features(B, M, N) @ fit["dense"]
+        mebp = est._mebp_features(B, M, N, k) @ fit["mebp"]
+        assert dense / mebp == pytest.approx(dense_ms(B, M, N, rate) / mebp_ms(B, M, N, k, rate), rel=0.02)
+    assert sweep.main(["--fit", "--out", str(data), "--commit", "nope", "--model-out", str(out)]) == 2

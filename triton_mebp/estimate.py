@@ -1,7 +1,8 @@
-""""Will meProp be faster for my shapes?": backward speedup predicted from the sweep data.
+""""Will meProp be faster for my shapes?": backward speedup predicted by a fitted cost model.
 
-A cost model is fitted, by non-negative least squares on relative error, to the sweep's measured
-times of one device, dtype, mode and gradient layout:
+A cost model is fitted, by non-negative least squares on relative error
+(``scipy.optimize.nnls``), to a sweep's measured times of one device, commit, dtype, mode and
+gradient layout:
 
 - dense backward:  ``t = c1·B·M·N + c2·N·M + c3·B·(M + N) + c0``  (two GEMMs, the weight
   gradient written, the activations read and written, fixed costs);
@@ -10,13 +11,19 @@ times of one device, dtype, mode and gradient layout:
   selection, the zero fill of a dense gradient, fixed costs); for a full training step
   (``metric="step-sgd"`` / ``"step-adam"``) also ``B·M·N``, the forward pass it holds.
 
-The predicted speedup is the ratio of the two. Without sweep data for the device, a nominal
-roofline model stands in (see ``NOMINAL``); ``estimate(...)`` says which source was used.
+The predicted speedup is the ratio of the two. Which model answers (``Estimate.model``):
+
+- ``"data"``: fitted to the sweep CSV(s) passed as ``data=`` (or named by
+  ``$TRITON_MEBP_SWEEP_CSV``), each device's latest commit;
+- ``"shipped"``: coefficients shipped with the package (``triton_mebp/data/speed_model.json``,
+  written by ``mebp sweep --fit`` from the project's committed sweep, one commit per device);
+- ``"nominal"``: a roofline model from nominal device figures (``NOMINAL``) where neither covers
+  the device.
 """
 import csv
 import functools
-import glob
-import itertools
+import importlib.resources
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +35,18 @@ from .functional import check_options, resolve_k
 
 DATA_ENV = "TRITON_MEBP_SWEEP_CSV"
 METRICS = ("backward", "step-sgd", "step-adam")
+MODEL_FORMAT = 1
+SHIPPED = ("data", "speed_model.json")  # inside the package
 
-# Nominal device figures when no sweep data exists: dense GEMM rate (FLOP/s), memory bandwidth
-# (B/s), fixed cost per backward (s), and the share of the GEMM rate the gathered products reach.
+# Nominal device figures when no model covers the device: dense GEMM rate (FLOP/s), memory
+# bandwidth (B/s), fixed cost per backward (s), and the share of the GEMM rate the gathered
+# products reach.
 NOMINAL = {
     "cpu": dict(flops=1.0e11, bandwidth=1.0e10, overhead=5e-5, gathered_share=0.7),
     "cuda": dict(flops=6.0e14, bandwidth=3.0e12, overhead=3e-5, gathered_share=0.6),
 }
 
 
-# The constant comes last: where the data allow several exact fits (few shapes), the search in
-# nonnegative_least_squares keeps the first, so size-proportional terms are preferred.
 def _dense_features(B, M, N):
     return np.array([B * M * N, N * M, B * (M + N), 1.0], dtype=np.float64)
 
@@ -48,34 +56,13 @@ def _mebp_features(B, M, N, k, metric="backward"):
     return np.array([B * k * M, B * N, k * M, B * k, N * M, *step, 1.0], dtype=np.float64)
 
 
-def nonnegative_least_squares(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``argmin ||A x - b||`` over ``x >= 0``, exactly, for the few columns used here.
-
-    The optimum is the unconstrained solution on its own support, so trying every support and
-    keeping the best non-negative one finds it (2**columns small solves).
-    """
-    n = A.shape[1]
-    best, best_residual = np.zeros(n), float(np.sum(b ** 2))
-    for size in range(1, n + 1):
-        for support in itertools.combinations(range(n), size):
-            cols = list(support)
-            sol, *_ = np.linalg.lstsq(A[:, cols], b, rcond=None)
-            if np.any(sol < 0):
-                continue
-            x = np.zeros(n)
-            x[cols] = sol
-            residual = float(np.sum((A @ x - b) ** 2))
-            if residual < best_residual * (1 - 1e-9) - 1e-300:  # ties keep the earlier support
-                best, best_residual = x, residual
-    return best
-
-
 def _fit(features: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Coefficients minimising the relative error of the predicted times."""
+    """Non-negative coefficients minimising the relative error of the predicted times."""
+    from scipy.optimize import nnls
     scale = features.max(axis=0)
     scale[scale == 0] = 1.0
-    weighted = features / scale / times[:, None]
-    return nonnegative_least_squares(weighted, np.ones_like(times)) / scale
+    coefficients, _ = nnls(features / scale / times[:, None], np.ones_like(times))
+    return coefficients / scale
 
 
 @dataclass(frozen=True)
@@ -83,16 +70,85 @@ class Estimate:
     speedup: float          # dense time / meProp time
     dense_ms: float
     mebp_ms: float
-    source: str             # "sweep: <device> (<n> points)" or "nominal <kind> model"
+    model: str              # "data", "shipped" or "nominal": which model answered
+    source: str             # what it was fitted to: device, commit, points (or the nominal kind)
 
+
+# ---------------------------------------------------------------- fitting
+
+def _shape(r):
+    return int(r["batch"]), int(r["in_features"]), int(r["out_features"])
+
+
+def _kind(device_name: str) -> str:
+    return "cpu" if device_name.startswith("cpu") else "cuda"
+
+
+def read_sweep(paths) -> list[dict]:
+    """The layer and copy-bandwidth rows of sweep CSVs (any layout the sweep has written)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += [r for r in csv.DictReader(f) if r.get("kernel") in ("layer", "copy")]
+    return rows
+
+
+def fit_speed_model(rows, commits: dict | None = None) -> dict:
+    """Cost-model coefficients for every device, dtype, metric, mode and gradient layout that
+    sweep rows measure: the JSON-ready form ``mebp sweep --fit`` ships.
+
+    Each device's rows are those of one commit: ``commits[device]`` if given, else its latest
+    (by timestamp). meProp rows are the Triton provider's on a GPU, the PyTorch ops' on a CPU.
+    """
+    latest: dict = {}
+    for r in rows:
+        if r["device"] not in latest or r["timestamp"] > latest[r["device"]][1]:
+            latest[r["device"]] = (r["commit"], r["timestamp"])
+    chosen = {device: commit for device, (commit, _) in latest.items()} | dict(commits or {})
+    devices = []
+    for device, commit in sorted(chosen.items()):
+        mine = [r for r in rows if r["device"] == device and r["commit"] == commit]
+        if not mine:
+            continue
+        kind = _kind(device)
+        copies = [float(r["gbps"]) * 1e9 for r in mine if r["kernel"] == "copy" and r.get("gbps")]
+        layer = [r for r in mine if r["kernel"] == "layer" and r["metric"] in METRICS]
+        fits = []
+        for dtype, metric in sorted({(r["dtype"], r["metric"]) for r in layer}):
+            of = [r for r in layer if r["dtype"] == dtype and r["metric"] == metric]
+            dense = [r for r in of if r["provider"] == "dense"]
+            mebp = [r for r in of if r["provider"] != "dense"]
+            preferred = "mebp-triton" if kind == "cuda" else "mebp-torch"
+            if any(r["provider"] == preferred for r in mebp):
+                mebp = [r for r in mebp if r["provider"] == preferred]
+            for mode, grad in sorted({(r["mode"], r["grad"]) for r in mebp}):
+                points = [r for r in mebp if r["mode"] == mode and r["grad"] == grad]
+                if not dense or len(points) < 2:
+                    continue
+                dense_fit = _fit(np.stack([_dense_features(*_shape(r)) for r in dense]),
+                                 np.array([float(r["median_ms"]) for r in dense]))
+                mebp_fit = _fit(np.stack([_mebp_features(*_shape(r), int(r["k"]), metric)
+                                          for r in points]),
+                                np.array([float(r["median_ms"]) for r in points]))
+                sizes = [b * m * n for b, m, n in map(_shape, points)]
+                fits.append(dict(dtype=dtype, metric=metric, mode=mode, grad=grad,
+                                 provider=points[0]["provider"], dense=dense_fit.tolist(),
+                                 mebp=mebp_fit.tolist(), sizes=[min(sizes), max(sizes)],
+                                 points=[len(dense), len(points)]))
+        if fits:
+            devices.append(dict(device=device, kind=kind, commit=commit,
+                                copy_bandwidth=max(copies) if copies else None, fits=fits))
+    return {"format": MODEL_FORMAT, "devices": devices}
+
+
+# ---------------------------------------------------------------- the models
 
 def _data_paths(data) -> tuple:
     if data is None:
         data = os.environ.get(DATA_ENV)
     if data is None:
-        folder = Path(__file__).resolve().parents[1] / "perf" / "results"
-        data = sorted(glob.glob(str(folder / "sweep-*.csv")))
-    elif isinstance(data, (str, Path)):
+        return ()
+    if isinstance(data, (str, Path)):
         data = [data]
     paths = []
     for p in data:
@@ -104,12 +160,21 @@ def _data_paths(data) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(paths: tuple) -> tuple:
-    rows = []
-    for path, _ in paths:
-        with open(path, newline="") as f:
-            rows += [r for r in csv.DictReader(f) if r.get("kernel") in ("layer", "copy")]
-    return tuple(rows)
+def _fitted(paths: tuple) -> dict:
+    return fit_speed_model(read_sweep([p for p, _ in paths]))
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_model() -> dict:
+    """The coefficients shipped with the package (no devices if the file is absent)."""
+    resource = importlib.resources.files(__package__).joinpath(*SHIPPED)
+    if not resource.is_file():
+        return {"format": MODEL_FORMAT, "devices": []}
+    model = json.loads(resource.read_text())
+    if model.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{'/'.join(SHIPPED)} has format {model.get('format')!r}, this version "
+                         f"reads {MODEL_FORMAT}; rerun `mebp sweep --fit`")
+    return model
 
 
 def _device_kind(device) -> tuple[str, str | None]:
@@ -122,51 +187,27 @@ def _device_kind(device) -> tuple[str, str | None]:
     return "cuda", name
 
 
-def _rows_for(rows, kind, name):
-    """Rows measured on this device: its exact name if present, else any device of that kind."""
-    is_cpu = [r for r in rows if r["device"].startswith("cpu")]
-    candidates = is_cpu if kind == "cpu" else [r for r in rows if not r["device"].startswith("cpu")]
-    exact = [r for r in candidates if name is not None and r["device"] == name]
-    return exact or candidates
+def _choose(model: dict, kind, name, dtype, mode, grad, metric):
+    """(device entry, fit, fill bandwidth or None) answering the question, or None.
 
-
-def _shape(r):
-    return int(r["batch"]), int(r["in_features"]), int(r["out_features"])
-
-
-@functools.lru_cache(maxsize=256)
-def _models(paths, kind, name, dtype, mode, grad, metric):
-    rows = [r for r in _rows_for(_load(paths), kind, name) if r["metric"] == metric]
-    dtypes = {r["dtype"] for r in rows}
-    if dtype not in dtypes and len(dtypes) == 1:
-        dtype = dtypes.pop()  # the only dtype measured on this device
-    rows = [r for r in rows if r["dtype"] == dtype]
-    dense = [r for r in rows if r["provider"] == "dense"]
-    mebp = [r for r in rows if r["provider"] != "dense" and r["mode"] == mode]
-    # On a GPU the Triton path is what meProp layers run; on the CPU the PyTorch path.
-    preferred = "mebp-triton" if kind == "cuda" else "mebp-torch"
-    if any(r["provider"] == preferred for r in mebp):
-        mebp = [r for r in mebp if r["provider"] == preferred]
-    # A dense gradient measured only as row-sparse: add its zero fill at the copy bandwidth.
-    fill_bandwidth = None
-    if any(r["grad"] == grad for r in mebp):
-        mebp = [r for r in mebp if r["grad"] == grad]
-    elif grad == "dense":
-        copies = [float(r["gbps"]) * 1e9 for r in _rows_for(_load(paths), kind, name)
-                  if r["kernel"] == "copy" and r["gbps"]]
-        fill_bandwidth = max(copies) if copies else NOMINAL[kind]["bandwidth"]
-    if len(dense) < 1 or len(mebp) < 2:
+    The device's exact name if the model has it, else the first device of that kind; the dtype
+    asked for, else the only one measured; a dense gradient measured only row-sparse adds its
+    zero fill at the device's copy bandwidth."""
+    devices = [d for d in model["devices"] if d["kind"] == kind]
+    device = next((d for d in devices if d["device"] == name), devices[0] if devices else None)
+    if device is None:
         return None
-    dense_fit = _fit(np.stack([_dense_features(*_shape(r)) for r in dense]),
-                     np.array([float(r["median_ms"]) for r in dense]))
-    mebp_fit = _fit(np.stack([_mebp_features(*_shape(r), int(r["k"]), metric) for r in mebp]),
-                    np.array([float(r["median_ms"]) for r in mebp]))
-    device_label = name or sorted({r["device"] for r in rows})[0]
-    sizes = [b * m * n for b, m, n in map(_shape, mebp)]
-    source = f"sweep: {device_label} ({len(dense)} dense, {len(mebp)} meProp points)"
-    if fill_bandwidth is not None:
-        source += ", dense-gradient fill added at the copy bandwidth"
-    return dense_fit, mebp_fit, fill_bandwidth, (min(sizes), max(sizes)), source
+    fits = [f for f in device["fits"] if f["metric"] == metric]
+    dtypes = {f["dtype"] for f in fits}
+    if dtype not in dtypes and len(dtypes) == 1:
+        dtype = dtypes.pop()
+    fits = [f for f in fits if f["dtype"] == dtype and f["mode"] == mode]
+    exact = [f for f in fits if f["grad"] == grad]
+    if exact:
+        return device, exact[0], None
+    if grad == "dense" and fits:
+        return device, fits[0], device["copy_bandwidth"] or NOMINAL[kind]["bandwidth"]
+    return None
 
 
 def _nominal(kind, B, M, N, k, mode, grad, elem):
@@ -196,17 +237,26 @@ def estimate(batch: int, in_features: int, out_features: int, k, mode: str = "un
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     dtype_label = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    models = _models(_data_paths(data), kind, name, dtype_label, mode, grad, metric)
-    if models is None:
+    paths = _data_paths(data)
+    model, which = (_fitted(paths), "data") if paths else (shipped_model(), "shipped")
+    chosen = _choose(model, kind, name, dtype_label, mode, grad, metric)
+    if chosen is None:
         dense_ms, mebp_ms = _nominal(kind, batch, in_features, out_features, kept, mode, grad,
                                      dtype.itemsize)
-        source = f"nominal {kind} model"
+        which, source = "nominal", f"nominal {kind} model"
     else:
-        dense_fit, mebp_fit, fill_bandwidth, (smallest, largest), source = models
+        entry, fit, fill_bandwidth = chosen
+        origin = ", ".join(p for p, _ in paths) if paths else "/".join(SHIPPED)
+        source = (f"{origin}: {entry['device']} at commit {entry['commit']} "
+                  f"({fit['points'][0]} dense, {fit['points'][1]} meProp points, {fit['dtype']})")
+        if fill_bandwidth is not None:
+            source += ", dense-gradient fill added at the copy bandwidth"
+        smallest, largest = fit["sizes"]
         if not smallest <= batch * in_features * out_features <= largest:
             source += ", extrapolated beyond the measured layer sizes"
-        dense_ms = float(_dense_features(batch, in_features, out_features) @ dense_fit)
-        mebp_ms = float(_mebp_features(batch, in_features, out_features, kept, metric) @ mebp_fit)
+        dense_ms = float(_dense_features(batch, in_features, out_features) @ np.array(fit["dense"]))
+        mebp_ms = float(_mebp_features(batch, in_features, out_features, kept, metric)
+                        @ np.array(fit["mebp"]))
         if fill_bandwidth is not None:
             mebp_ms += out_features * in_features * dtype.itemsize / fill_bandwidth * 1e3
     if kept == out_features:  # meProp runs the dense backward then
@@ -214,7 +264,7 @@ def estimate(batch: int, in_features: int, out_features: int, k, mode: str = "un
     if dense_ms <= 0 or mebp_ms <= 0:
         raise RuntimeError(f"the cost model ({source}) predicts no time for this shape; "
                            "the sweep data does not cover it")
-    return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, source)
+    return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, which, source)
 
 
 def estimate_speedup(batch: int, in_features: int, out_features: int, k, mode: str = "unified",
@@ -225,9 +275,11 @@ def estimate_speedup(batch: int, in_features: int, out_features: int, k, mode: s
     ``k``: int count or float ratio of ``out_features`` (as in ``mebp_linear``); ``mode``:
     "unified" or "per_example"; ``device``: "cpu", "cuda" or a torch.device; ``dtype`` defaults
     to fp32 on the CPU and bf16 on a GPU; ``grad``: the weight gradient layout; ``metric``:
-    "backward" or a full training step ("step-sgd", "step-adam"). ``data``: sweep CSV path(s);
-    by default ``$TRITON_MEBP_SWEEP_CSV`` or the repository's ``perf/results/sweep-*.csv``. Above 1
-    means meProp is predicted faster. Reads the CSV once (cached); later calls cost microseconds.
+    "backward" or a full training step ("step-sgd", "step-adam"). ``data``: your own sweep CSV
+    path(s) (``mebp sweep --out FILE``; default ``$TRITON_MEBP_SWEEP_CSV``), fitted to each
+    device's latest commit; without it the coefficients shipped with the package answer, or a
+    nominal model for a device they do not cover (``estimate(...).model`` says which). Above 1
+    means meProp is predicted faster. Fits once (cached); later calls cost microseconds.
     """
     return estimate(batch, in_features, out_features, k, mode, device, dtype=dtype, grad=grad,
                     metric=metric, data=data).speedup

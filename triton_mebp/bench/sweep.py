@@ -21,6 +21,7 @@ their own (``kernel`` = ``copy`` / ``matmul``). Rows are appended to a long-form
 measurement finishes; a rerun skips what is already there for this device and commit.
 """
 import argparse
+import json
 import math
 import sys
 import time
@@ -437,6 +438,15 @@ def build_parser():
     parser.add_argument("--no-lstm", action="store_true",
                         help="skip the LSTM section (MeLSTM against nn.LSTM, lstm-DEVICE.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fit", action="store_true",
+                        help="measure nothing: fit the speed model of estimate_speedup to the sweep "
+                             "CSV (--out, default every perf/results/sweep-*.csv) and write it "
+                             "to --model-out")
+    parser.add_argument("--commit", default=None,
+                        help="with --fit: the commit whose rows to fit (default: each device's latest)")
+    parser.add_argument("--model-out", type=Path, default=None,
+                        help="with --fit: the JSON to write (default: the model shipped in the "
+                             "package, triton_mebp/data/speed_model.json)")
     return parser
 
 
@@ -476,7 +486,38 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)  # --threads holds for this sweep only
 
 
+def fit(csvs, commit=None, out=None) -> int:
+    """Writes the speed model fitted to the sweep CSVs (one commit per device) as JSON."""
+    from .. import estimate
+    csvs = [Path(p) for p in csvs]
+    missing = [str(p) for p in csvs if not p.is_file()]
+    if not csvs or missing:
+        print(f"mebp sweep --fit: no sweep CSV to fit ({', '.join(missing) or 'none given'})",
+              file=sys.stderr)
+        return 2
+    rows = estimate.read_sweep(csvs)
+    if commit is not None:
+        rows = [r for r in rows if r["commit"] == commit]
+    model = estimate.fit_speed_model(rows)
+    if not model["devices"]:
+        print(f"mebp sweep --fit: {', '.join(map(str, csvs))} hold no dense and meProp layer rows"
+              + (f" of commit {commit}" if commit else ""), file=sys.stderr)
+        return 2
+    model["fitted_from"] = [p.as_posix() for p in csvs]
+    out = Path(out) if out else Path(estimate.__file__).parent.joinpath(*estimate.SHIPPED)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(model, indent=1) + "\n")
+    for device in model["devices"]:
+        print(f"mebp sweep --fit: {device['device']} at commit {device['commit']}: "
+              f"{len(device['fits'])} fits", file=sys.stderr)
+    print(f"mebp sweep --fit: wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _main(args) -> int:
+    if args.fit:
+        return fit([args.out] if args.out else sorted(Path("perf/results").glob("sweep-*.csv")),
+                   args.commit, args.model_out)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
