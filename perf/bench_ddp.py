@@ -16,8 +16,11 @@ with three providers side by side, interleaved in rounds:
 
 A step is zero_grad + forward + cross-entropy + backward + optimizer step, timed on every rank
 after a barrier; the step time of a step is the slowest rank's. Bytes are the payload all-reduced
-per step by each rank (``CommStats``: DDP's buckets and the meProp layers). Writes long-format
-rows (median, 20 % and 80 % quantiles over the measured steps) to ``--csv``.
+per step by each rank (``CommStats``: DDP's buckets and the meProp layers). Writes the timings
+(median, 20 % and 80 % quantiles over the measured steps, the benchmark harness's schema) to
+``--csv`` (default ``perf/results/ddp-{cpu|cuda}.csv``) and the bytes to the same name with
+``-bytes`` (its own columns); ``shape`` records the world size, threads, widths and the machine's
+1-minute load average before and after the run.
 """
 import argparse
 import os
@@ -33,11 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's library, then bench_common
-from bench_common import quantiles, run_fields, write_rows  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # this checkout's library
 
 import triton_mebp as mebp  # noqa: E402
-from triton_mebp.bench.sweep import device_name, git_commit  # noqa: E402
+from triton_mebp.bench import harness  # noqa: E402
 from triton_mebp.distributed import count_ddp_bytes  # noqa: E402
 
 PROVIDERS = ("ddp-dense", "ddp-mebp-dense-allreduce", "mebp-ddp")
@@ -114,6 +116,10 @@ def _rank_main(rank, args, init_file, out_file):
     dist.destroy_process_group()
 
 
+BYTE_COLUMNS = ["provider", "mode", "grad", "world", "batch", "widths", "k", "mebp_bytes",
+                "ddp_bytes", "total_bytes"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=2)
@@ -125,11 +131,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="steps per provider and round")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--csv", default=None,
-                        help="default: perf/results/ddp-{cpu|cuda}.csv")
+    parser.add_argument("--csv", default=None, help="default: perf/results/ddp-{cpu|cuda}.csv")
     args = parser.parse_args(argv)
     device = "cuda" if args.backend == "nccl" else "cpu"
-    out = args.csv or HERE / "results" / f"ddp-{device}.csv"
+    out = Path(args.csv or HERE / "results" / f"ddp-{device}.csv")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.pt")
@@ -137,40 +142,44 @@ def main(argv=None):
                            nprocs=args.world, start_method="spawn")
         result = torch.load(result_file)
     k = mebp.resolve_k(args.k, args.width)
-    shape = f"W={args.world},B={args.batch}/rank,MLP={args.width}-{args.width}-{args.width}-10"
-    fields = run_fields(device)
-    fields["load_avg"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"  # 1-minute, before-after
     torch.set_num_threads(args.threads)  # as in each rank, for the device label
-    fields["device"] = f"{device_name(torch.device(device))}, {args.backend}, {args.world} ranks"
-    common = dict(kernel="ddp_train_step", shape=shape, k=k, dtype="float32")
-    rows = []
-    summary = {}
+    env = harness.environment(device)
+    env["device"] += f", {args.backend}, {args.world} ranks"
+    widths = f"{args.width}-{args.width}-{args.width}-10"
+    shape = harness.shape_text(world=args.world, threads=args.threads, widths=widths,
+                               load=f"{load_before:.1f}-{os.getloadavg()[0]:.1f}")
+    grads = {"ddp-dense": "", "ddp-mebp-dense-allreduce": "dense", "mebp-ddp": "sparse"}
+    common = dict(kernel="ddp_train_step", dtype="fp32", batch=args.batch,
+                  in_features=args.width, out_features=args.width, shape=shape, k=k)
+    rows, byte_rows, summary = [], [], {}
     for name, samples in result["times"].items():
+        mode = "" if name == "ddp-dense" else "unified"
         phases = dict(step=[sum(s) for s in samples], forward=[s[0] for s in samples],
                       backward=[s[1] for s in samples], optimizer=[s[2] for s in samples])
         for metric, values in phases.items():
-            median, q20, q80 = quantiles([v * 1e3 for v in values])
-            rows.append(dict(common, provider=name, metric=f"{metric}_ms", median=median,
-                             q20=q20, q80=q80, **fields, commit=git_commit()))
-            summary[(name, metric)] = median
+            timing = harness.summarize([v * 1e3 for v in values])
+            rows.append(dict(common, provider=name, mode=mode, grad=grads[name], metric=metric,
+                             **harness.timing_fields(timing)))
+            summary[(name, metric)] = timing.median_ms
         mebp_bytes, ddp_bytes = result["bytes"][name]
-        for metric, value in (("bytes_per_step", mebp_bytes + ddp_bytes),
-                              ("mebp_bytes_per_step", mebp_bytes),
-                              ("ddp_bytes_per_step", ddp_bytes)):
-            rows.append(dict(common, provider=name, metric=metric, median=value, q20=value,
-                             q80=value, **fields, commit=git_commit()))
-            summary[(name, metric)] = value
-    write_rows(rows, out)
-    base = summary[("ddp-dense", "step")] if "ddp-dense" in result["times"] else None
-    print(f"{shape}, k={k}, {fields['device']}, {args.rounds * args.steps} steps each, "
-          f"load average {fields['load_avg']}")
+        byte_rows.append(dict(provider=name, mode=mode, grad=grads[name], world=args.world,
+                              batch=args.batch, widths=widths, k=k, mebp_bytes=mebp_bytes,
+                              ddp_bytes=ddp_bytes, total_bytes=mebp_bytes + ddp_bytes))
+        summary[(name, "bytes")] = mebp_bytes + ddp_bytes
+    harness.write_rows(rows, out, env)
+    bytes_out = out.with_name(out.stem + "-bytes" + out.suffix)
+    harness.write_rows(byte_rows, bytes_out, env, columns=BYTE_COLUMNS)
+    print(f"wrote {out} and {bytes_out}")
+    base = summary.get(("ddp-dense", "step"))
+    print(f"{shape}, B={args.batch}/rank, k={k}, {env['device']}, "
+          f"{args.rounds * args.steps} steps each")
     print(f"{'provider':28s} {'step ms':>9s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} {'MB/step':>9s}"
           f" {'speedup':>8s}")
     for name in result["times"]:
         step = summary[(name, "step")]
         print(f"{name:28s} {step:9.1f} {summary[(name, 'forward')]:7.1f} "
               f"{summary[(name, 'backward')]:7.1f} {summary[(name, 'optimizer')]:7.1f} "
-              f"{summary[(name, 'bytes_per_step')] / 1e6:9.2f} "
+              f"{summary[(name, 'bytes')] / 1e6:9.2f} "
               f"{(base / step if base else float('nan')):7.2f}x")
     return 0
 
