@@ -1,14 +1,14 @@
 """meProp for one linear layer: dense forward, top-k sparsified backward."""
 import numbers
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backend, torch_ops
+from . import library
+from .library import OPS
 
 MODES = ("unified", "per_example")
 GRADS = ("dense", "sparse")
@@ -48,30 +48,7 @@ def check_options(mode: str, grad: str) -> None:
 # reduced weight gradients (registered by triton_mebp.distributed; see docs/distributed.md).
 distributed_backward = WeakIdKeyDictionary()
 
-_dense_grad_storage = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
-_CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
-
-
-def _zeroed_grad_buffer(weight, dtype):
-    """A zeroed tensor of ``weight``'s shape for a dense weight gradient.
-
-    On the CPU a fresh 4096 x 4096 gradient costs more in page faults than zeroing it (15 ms
-    against 1.3 ms on 2 cores), so the memory of the gradient returned last time is reused once
-    nothing holds it any more (``optimizer.zero_grad()`` sets ``.grad`` to None): only the
-    storage is kept here, so autograd still takes the returned tensor as ``.grad`` without a copy.
-    """
-    if weight.device.type != "cpu" or not _CAN_REUSE:
-        return torch.zeros_like(weight, dtype=dtype)
-    key = id(weight)
-    owner, storage = _dense_grad_storage.get(key, (None, None))
-    if (owner is not None and owner() is weight
-            and storage.nbytes() == weight.numel() * dtype.itemsize
-            and torch._C._storage_Use_Count(storage._cdata) == 1):  # held by this cache alone
-        return torch.empty(0, dtype=dtype).set_(storage, 0, weight.shape).zero_()
-    buffer = torch.zeros(weight.shape, dtype=dtype)
-    _dense_grad_storage[key] = (weakref.ref(weight, lambda _: _dense_grad_storage.pop(key, None)),
-                                buffer.untyped_storage())
-    return buffer
+_zeroed_grad_buffer = library.zeroed_grad_buffer
 
 
 def _row_sparse(rows_idx, rows, shape):
@@ -82,7 +59,7 @@ def _row_sparse(rows_idx, rows, shape):
 def _dense_backward(dy, x, weight, ctx):
     """k = width: ordinary back propagation (every neuron selected)."""
     if ctx.hits is not None:
-        ctx.hits += dy.shape[0]
+        OPS.count_examples.default(ctx.hits, dy)
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
@@ -92,15 +69,15 @@ def _dense_backward(dy, x, weight, ctx):
     return dx, dw, dy.sum(0)
 
 
-def _unified_backward(ops, dy, x, weight, ctx):
-    idx, dy_c = ops.unified_select(dy, ctx.k, ctx.hits)
-    dx = ops.gathered_input_grad(dy_c, weight, idx) if ctx.needs_input_grad[0] else None
+def _unified_backward(dy, x, weight, ctx):
+    idx, dy_c = OPS.unified_select.default(dy, ctx.k, ctx.hits)
+    dx = OPS.gathered_input_grad.default(dy_c, weight, idx) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
-            dw = ops.gathered_weight_grad(dy_c, x, idx, out=_zeroed_grad_buffer(weight, dy.dtype))
+            dw = OPS.gathered_weight_grad_dense.default(dy_c, x, idx, weight)
         else:
-            dw = _row_sparse(idx, ops.gathered_weight_grad(dy_c, x, idx), weight.shape)
+            dw = _row_sparse(idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape)
     if ctx.sparse_bias:
         db = dy.new_zeros(weight.shape[0]).index_copy_(0, idx.long(), dy_c.sum(0))
     else:
@@ -108,19 +85,19 @@ def _unified_backward(ops, dy, x, weight, ctx):
     return dx, dw, db
 
 
-def _per_example_backward(ops, dy, x, weight, ctx):
-    values, idx = ops.per_example_select(dy, ctx.k, ctx.hits)
+def _per_example_backward(dy, x, weight, ctx):
+    values, idx = OPS.per_example_select.default(dy, ctx.k, ctx.hits)
     if x.shape[1] == 0:  # in_features = 0: nothing to gather (embedding_bag rejects empty rows)
         dx, dw = x.new_zeros(x.shape), torch.zeros_like(weight)
         dw = dw.to_sparse() if ctx.grad == "sparse" else dw
         return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
-    dx = ops.per_example_input_grad(values, idx, weight) if ctx.needs_input_grad[0] else None
+    dx = OPS.per_example_input_grad.default(values, idx, weight) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
-            _, dw = ops.per_example_weight_grad(values, idx, x, weight.shape[0], dense=True)
+            dw = OPS.per_example_weight_grad_dense.default(values, idx, x, weight.shape[0])
         else:
-            rows, grad_rows = ops.per_example_weight_grad(values, idx, x, weight.shape[0])
+            rows, grad_rows = OPS.per_example_weight_grad.default(values, idx, x, weight.shape[0])
             dw = _row_sparse(rows, grad_rows, weight.shape)
     return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
 
@@ -131,48 +108,83 @@ def _per_example_bias_grad(dy, values, idx, weight, ctx):
     return dy.sum(0)
 
 
+def _backward(ctx, grad_output, x, weight, hits, refs):
+    """Keeps the top-k entries of ``dy`` by magnitude (dense back propagation when k = width)."""
+    ctx.hits, ctx.refs = hits, refs
+    n_out, n_in = weight.shape
+    # Under autocast the output gradient and the input may come in another dtype than the
+    # weight: the products run in the weight's dtype (autograd casts dx back to x's dtype).
+    dy = grad_output.reshape(-1, n_out).to(weight.dtype)
+    x2 = x.reshape(dy.shape[0], n_in).to(weight.dtype)
+    if refs is not None:
+        OPS.count_examples.default(refs, dy)
+    sync = distributed_backward.get(weight)
+    if sync is not None:
+        dx, dw, db = sync.backward(dy, x2, weight, ctx)
+    elif dy.shape[0] == 0:
+        dx, dw, db = dy.new_zeros(0, n_in), torch.zeros_like(weight), dy.new_zeros(n_out)
+        if ctx.grad == "sparse":
+            dw = dw.to_sparse()
+    elif ctx.k == n_out:
+        dx, dw, db = _dense_backward(dy, x2, weight, ctx)
+    else:
+        step = _unified_backward if ctx.mode == "unified" else _per_example_backward
+        dx, dw, db = step(dy, x2, weight, ctx)
+    dx = dx.reshape(x.shape) if dx is not None else None
+    db = db if ctx.has_bias and ctx.needs_input_grad[2] else None
+    if db is not None and db.shape != ctx.bias_shape:  # a bias F.linear broadcasts
+        db = (db.reshape(ctx.bias_shape) if db.numel() == ctx.bias_shape.numel()
+              else grad_output.sum_to_size(ctx.bias_shape))
+    return dx, dw, db
+
+
+def _forward(x, weight, bias, compute_dtype):
+    if compute_dtype is not None:
+        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+    return F.linear(x, weight, bias)
+
+
+def _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs):
+    ctx.save_for_backward(x, weight, hits, refs)
+    ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
+    ctx.has_bias = bias is not None
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
 class MebpLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b``; backward keeps the top-k entries of ``dy`` by magnitude."""
+    """``y = x W^T + b``; backward keeps the top-k entries of ``dy`` by magnitude (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs):
-        ctx.save_for_backward(x, weight)
-        ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
-        ctx.hits, ctx.refs = hits, refs
-        ctx.has_bias = bias is not None
-        ctx.bias_shape = None if bias is None else bias.shape
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype):
+        _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs)
+        return _forward(x, weight, bias, compute_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
-        n_out, n_in = weight.shape
-        # Under autocast the output gradient and the input may come in another dtype than the
-        # weight: the products run in the weight's dtype (autograd casts dx back to x's dtype).
-        dy = grad_output.reshape(-1, n_out).to(weight.dtype)
-        x2 = x.reshape(dy.shape[0], n_in).to(weight.dtype)
-        if ctx.refs is not None:
-            ctx.refs += dy.shape[0]
-        sync = distributed_backward.get(weight)
-        if sync is not None:
-            dx, dw, db = sync.backward(dy, x2, weight, ctx)
-        elif dy.shape[0] == 0:
-            dx, dw, db = dy.new_zeros(0, n_in), torch.zeros_like(weight), dy.new_zeros(n_out)
-            if ctx.grad == "sparse":
-                dw = dw.to_sparse()
-        elif ctx.k == n_out:
-            dx, dw, db = _dense_backward(dy, x2, weight, ctx)
-        else:
-            ops = backend.ops_for(dy) if n_in else torch_ops  # the kernels need in_features >= 1
-            step = _unified_backward if ctx.mode == "unified" else _per_example_backward
-            dx, dw, db = step(ops, dy, x2, weight, ctx)
-        dx = dx.reshape(x.shape) if dx is not None else None
-        db = db if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if db is not None and db.shape != ctx.bias_shape:  # a bias F.linear broadcasts
-            db = (db.reshape(ctx.bias_shape) if db.numel() == ctx.bias_shape.numel()
-                  else grad_output.sum_to_size(ctx.bias_shape))
-        return dx, dw, db, None, None, None, None, None, None
+        return *_backward(ctx, grad_output, *ctx.saved_tensors), None, None, None, None, None, None, None
+
+
+# The same layer as one operator for torch.compile and torch.export: its backward (the same
+# function) is traced by AOTAutograd, which, unlike Dynamo, accepts row-sparse gradients.
+library.define(
+    "linear(Tensor x, Tensor weight, Tensor? bias, SymInt k, str mode, str grad, bool sparse_bias, "
+    "Tensor? hits, Tensor? refs, ScalarType? compute_dtype) -> Tensor",
+    lambda x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype:
+        _forward(x, weight, bias, compute_dtype))
+
+
+def _setup_linear(ctx, inputs, output):
+    _remember(ctx, *inputs[:-1])
+
+
+def _linear_backward(ctx, grad_output):
+    return *_backward(ctx, grad_output, *ctx.saved_tensors), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{library.NAMESPACE}::linear", _linear_backward,
+                                setup_context=_setup_linear, lib=library.LIB)
 
 
 def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sparse_bias=False,
@@ -214,4 +226,10 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
     if type(weight).__name__ == "DTensor":
         raise TypeError("mebp_linear's backward does not support tensor parallelism: the weight "
                         "is a DTensor; leave this layer dense (convert(..., exclude=[name]))")
-    return MebpLinearFunction.apply(input, weight, bias, k, mode, grad, sparse_bias, hits, refs)
+    compute_dtype = None
+    if torch.is_autocast_enabled(input.device.type):
+        compute_dtype = torch.get_autocast_dtype(input.device.type)
+    args = (input, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype)
+    if torch.compiler.is_compiling():
+        return OPS.linear.default(*args)
+    return MebpLinearFunction.apply(*args)

@@ -4,8 +4,9 @@ On CUDA, each ``nn.Sequential`` run of Linear layers (each optionally followed b
 dropout and identity modules are dropped, as in eval mode) becomes a ``FusedMLP`` (one kernel for
 the whole run, hidden activations kept on chip) when every layer after the first is at most
 ``MAX_FUSED_WIDTH`` wide, or else ``FusedLinear`` modules (bias and activation fused into the
-GEMM). On the CPU the model stays plain PyTorch. Inference only: the kernels have no backward, so
-an input that needs a gradient takes the PyTorch path.
+GEMM); both run as ``torch.ops.triton_mebp`` operators, so such models compile and export. On
+the CPU the model stays plain PyTorch. Inference only: the kernels have no backward, so an input
+that needs a gradient takes the PyTorch path.
 """
 import copy
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend
+from .library import OPS
 from .modules import MeLinear
 from .torch_ops import ACTIVATIONS as TORCH_ACTIVATIONS
 
@@ -57,8 +59,7 @@ class FusedLinear(nn.Module):
     def forward(self, x):
         if not _backend_handles(x, self.weight):
             return TORCH_ACTIVATIONS[self.activation](F.linear(x, self.weight, self.bias))
-        y = backend.ops_for(x).linear_act(x.reshape(-1, self.in_features), self.weight, self.bias,
-                                          self.activation)
+        y = OPS.linear_act.default(x.reshape(-1, self.in_features), self.weight, self.bias, self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -114,9 +115,9 @@ class FusedMLP(nn.Module):
     def forward(self, x):
         if not _backend_handles(x, self.weights[0]):
             return self._torch_forward(x)
-        y = backend.ops_for(x).fused_mlp(x.reshape(-1, self.in_features), self.weights[0], self.first_bias,
-                                 self.packed_weight, self.packed_bias, self.out_features,
-                                 self.hidden_activation, self.output_activation)
+        y = OPS.fused_mlp.default(x.reshape(-1, self.in_features), self.weights[0], self.first_bias,
+                                  self.packed_weight, self.packed_bias, self.out_features,
+                                  self.hidden_activation, self.output_activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

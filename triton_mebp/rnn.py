@@ -7,9 +7,10 @@ gate pre-activations (one index set for the batch, ``mode="unified"``, or a top-
 gradients then use only the selected rows of ``W_hh`` and ``W_ih``. The bias gradient stays dense,
 as in ``MeLinear``.
 
-The recurrence is a loop over time steps (inherent to BPTT); it calls the backend operations
-(Triton kernels for CUDA tensors, PyTorch ops for CPU tensors). The products that do not feed
-the recurrence (``dx``, ``dW_ih``, ``dW_hh``) are computed once for all time steps after the loop.
+The recurrence is a loop over time steps (inherent to BPTT); it calls the meProp operators
+(``torch.ops.triton_mebp``: Triton kernels for CUDA tensors, PyTorch ops for CPU tensors). The
+products that do not feed the recurrence (``dx``, ``dW_ih``, ``dW_hh``) are computed once for all
+time steps after the loop.
 """
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backend
+from . import library
 from .functional import check_mode, resolve_k
+from .library import OPS
 
 
 def _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep):
@@ -133,7 +135,6 @@ class MeLSTMLayerFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         k, mode = ctx.k, ctx.mode
         dense = k == 4 * H
-        ops = backend.ops_for(x)
         d_out = d_out.to(x.dtype)
         dh, dc = d_hn.to(x.dtype), d_cn.to(x.dtype)
         db = x.new_zeros(4 * H) if ctx.has_bias else None
@@ -159,18 +160,18 @@ class MeLSTMLayerFunction(torch.autograd.Function):
                 kept[t] = dgates
                 dh = dgates @ w_hh
             elif mode == "unified":
-                idx, dgates_c = ops.unified_select(dgates, k)
+                idx, dgates_c = OPS.unified_select.default(dgates, k)
                 kept[t], kept_idx[t] = dgates_c, idx
-                dh = ops.gathered_input_grad(dgates_c, w_hh, idx)
+                dh = OPS.gathered_input_grad.default(dgates_c, w_hh, idx)
             else:
-                values, idx = ops.per_example_select(dgates, k)
+                values, idx = OPS.per_example_select.default(dgates, k)
                 kept[t], kept_idx[t] = values, idx
-                dh = ops.per_example_input_grad(values, idx, w_hh)
+                dh = OPS.per_example_input_grad.default(values, idx, w_hh)
             if active is not None:
                 dh, dc = dh + carried_h, dc + carried_c
 
         need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx, dw_ih, dw_hh = deferred_products(ops, "dense" if dense else mode, kept,
+        dx, dw_ih, dw_hh = deferred_products(library.ops, "dense" if dense else mode, kept,
                                              None if dense else kept_idx, x, h_prev, w_ih, w_hh,
                                              need_x, need_w_ih, need_w_hh)
         db_ih = db if ctx.has_bias and ctx.needs_input_grad[5] else None

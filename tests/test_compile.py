@@ -1,0 +1,153 @@
+"""torch.compile, custom operators and torch.export.
+
+Compiling is slow on the CPU (Inductor takes seconds per graph), so the tests are few: most use
+the ``aot_eager`` backend (Dynamo's capture with ``fullgraph=True`` and AOTAutograd's traced
+backward, without code generation), one runs Inductor.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import triton_mebp as mebp
+from triton_mebp import backend
+from conftest import assert_close
+from reference import separated_grad
+
+OPS = torch.ops.triton_mebp
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def make_mlp(mode="unified", grad="dense", widths=(8, 16, 12, 3), k=4):
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return mebp.convert(nn.Sequential(*layers), k=k, mode=mode, grad=grad, count_hits=True)
+
+
+def dense_grads(model):
+    return [p.grad.to_dense() for p in model.parameters()]
+
+
+def train_and_compare(eager, compiled_model, compiled, batches):
+    """Runs the same steps eagerly and compiled; gradients and hit counters must agree."""
+    for x in batches:
+        for model, run in ((eager, eager), (compiled_model, compiled)):
+            model.zero_grad(set_to_none=True)
+            run(x).square().sum().backward()
+        for expected, actual in zip(dense_grads(eager), dense_grads(compiled_model)):
+            assert_close(actual, expected, torch.float32)
+        for a, b in zip(eager.modules(), compiled_model.modules()):
+            if isinstance(a, mebp.MeLinear):
+                assert torch.equal(a.hits, b.hits) and torch.equal(a.refs, b.refs)
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+def test_compiled_training_matches_eager(mode, grad):
+    eager = make_mlp(mode, grad)
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
+    batches = [torch.randn(5, 8), torch.randn(5, 8)]
+    train_and_compare(eager, compiled_model, compiled, batches)
+    assert eager[0].hits.sum() > 0 and counter.frame_count == 1
+    if grad == "sparse":
+        assert compiled_model[0].weight.grad.is_sparse
+    eager.eval(), compiled_model.eval()
+    with torch.no_grad():
+        assert_close(compiled(batches[0]), eager(batches[0]), torch.float32)
+
+
+def test_inductor_compiles_a_training_step():
+    eager = make_mlp("unified", "dense")
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    train_and_compare(eager, compiled_model, compiled, [torch.randn(6, 8)])
+
+
+def op_samples():
+    """(operator, args) with small inputs for every meProp operator."""
+    B, M, N, k = 5, 7, 11, 3
+    dy, x, w = separated_grad(B, N, "unified"), torch.randn(B, M), torch.randn(N, M)
+    idx = torch.tensor([1, 4, 9])
+    dy_c = dy[:, idx].contiguous()
+    values, per_idx = OPS.per_example_select.default(separated_grad(B, N, "per_example"), k)
+    hits = torch.zeros(N, dtype=torch.int64)
+    rows = torch.randn(k, M)
+    from triton_mebp.kernels import fused_mlp
+    w2 = torch.randn(4, N)
+    packed = fused_mlp.pack_layers([w2], [torch.randn(4)], fused_mlp.fused_width([N, 4]))
+    return [
+        (OPS.unified_select.default, (dy, k)),
+        (OPS.unified_select.default, (dy, k, hits.clone())),
+        (OPS.per_example_select.default, (dy, k, hits.clone())),
+        (OPS.count_examples.default, (torch.zeros((), dtype=torch.int64), dy)),
+        (OPS.gathered_input_grad.default, (dy_c, w, idx)),
+        (OPS.gathered_weight_grad.default, (dy_c, x, idx)),
+        (OPS.gathered_weight_grad_dense.default, (dy_c, x, idx, w)),
+        (OPS.per_example_input_grad.default, (values, per_idx, w)),
+        (OPS.per_example_weight_grad.default, (values, per_idx, x, N)),
+        (OPS.per_example_weight_grad_dense.default, (values, per_idx, x, N)),
+        (OPS.row_sgd_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
+         dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False)),
+        (OPS.row_adagrad_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
+         dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10)),
+        (OPS.row_adam_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M),
+                                     torch.zeros(N, M)),
+         dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)),
+        (OPS.linear.default, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                              torch.randn(N, requires_grad=True), k, "unified", "dense", False, None,
+                              None, None)),
+        (OPS.linear.default, (x, w.clone().requires_grad_(), None, k, "per_example", "dense", True,
+                              None, None, None)),
+        (OPS.linear_act.default, (x, w, torch.randn(N), "relu")),
+        (OPS.fused_mlp.default, (x, w, torch.randn(N), *packed, 4, "tanh", "identity")),
+    ]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_opcheck_every_operator(backend_name):
+    before = mebp.get_backend()
+    mebp.set_backend(backend_name)
+    try:
+        checked = set()
+        for op, args, *kwargs in op_samples():
+            torch.library.opcheck(op, args, *kwargs)
+            checked.add(op._schema.name)
+    finally:
+        mebp.set_backend(before)
+    defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("triton_mebp::")}
+    assert checked == defined
+    assert {f"triton_mebp::{name}" for name in backend.OPERATIONS} <= defined  # the whole contract
+
+
+def test_batch_sizes_share_one_dynamic_graph():
+    eager = make_mlp("per_example", "sparse")
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend=counter)
+    train_and_compare(eager, compiled_model, compiled, [torch.randn(b, 8) for b in (3, 6, 9, 4)])
+    assert counter.frame_count == 1
+
+
+def test_prune_between_compiled_steps_recompiles_once():
+    eager = make_mlp("unified", "dense", k=0.25)
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
+    simplifiers = [mebp.Simplifier(m, threshold=0.5) for m in (eager, compiled_model)]
+    batches = [torch.randn(6, 8) for _ in range(6)]
+    train_and_compare(eager, compiled_model, compiled, batches[:3])
+    reports = [s.prune() for s in simplifiers]
+    assert reports[0] == reports[1] and any(new < old for old, new in reports[0].values())
+    train_and_compare(eager, compiled_model, compiled, batches[3:])
+    assert counter.frame_count == 2
