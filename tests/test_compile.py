@@ -151,3 +151,57 @@ def test_prune_between_compiled_steps_recompiles_once():
     assert reports[0] == reports[1] and any(new < old for old, new in reports[0].values())
     train_and_compare(eager, compiled_model, compiled, batches[3:])
     assert counter.frame_count == 2
+
+
+def test_compiled_steps_reuse_the_dense_gradient_memory():
+    model = make_mlp("unified", "dense")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    pointers = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        compiled(torch.randn(4, 8)).sum().backward()
+        pointers.append(model[0].weight.grad.data_ptr())
+    assert len(set(pointers)) == 1
+
+
+@torch._dynamo.config.patch(allow_rnn=True)  # Dynamo wraps nn.LSTM (and subclasses) only on request
+def test_compiled_lstm_matches_eager():
+    eager = mebp.MeLSTM(5, 4, k=3, mode="unified")
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 2, 5)
+    for model, run in ((eager, eager), (compiled_model, compiled)):
+        run(x)[0].square().sum().backward()
+    for a, b in zip(eager.parameters(), compiled_model.parameters()):
+        assert_close(b.grad, a.grad, torch.float32)
+
+
+def simplified_mlp():
+    model = make_mlp("unified", "dense", k=0.25)
+    simplifier = mebp.Simplifier(model, threshold=0.5)
+    for _ in range(3):
+        model(torch.randn(6, 8)).square().sum().backward()
+    assert any(new < old for old, new in simplifier.prune().values())
+    return model.eval()
+
+
+def test_export_of_a_simplified_model_runs_the_same():
+    model = simplified_mlp()
+    x = torch.randn(5, 8)
+    program = torch.export.export(model, (x,))
+    assert_close(program.module()(x), model(x), torch.float32)
+    fast = mebp.optimize_for_inference(model)
+    program = torch.export.export(fast, (x,))
+    assert_close(program.module()(x), fast(x), torch.float32)
+
+
+def test_export_of_fused_inference_kernels(triton_backend):
+    model = simplified_mlp()
+    x = torch.randn(5, 8)
+    for fuse_mlp in (True, False):
+        fast = mebp.optimize_for_inference(model, kernels=True, fuse_mlp=fuse_mlp)
+        program = torch.export.export(fast, (x,))
+        targets = {str(node.target) for node in program.graph.nodes}
+        assert ("triton_mebp.fused_mlp.default" if fuse_mlp else "triton_mebp.linear_act.default") in targets
+        with torch.no_grad():
+            assert_close(program.module()(x), model(x), torch.float32)
