@@ -73,7 +73,7 @@ def _count_examples(counter, dy):
     counter.add_(dy.shape[0])
 
 
-def _nothing(*args):
+def _nothing(*args, **kwargs):
     return None
 
 
@@ -210,8 +210,9 @@ define("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> Ten
 
 def _fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias, out_features, hidden_activation,
                output_activation):
-    return backend.ops_for(x).fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias,
-                                        out_features, hidden_activation, output_activation)
+    y = backend.ops_for(x).fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias,
+                                     out_features, hidden_activation, output_activation)
+    return y.contiguous()  # as the fake says (the PyTorch ops return a slice of the padded width)
 
 
 def _fused_mlp_fake(x, first_weight, first_bias, rest_weight, rest_bias, out_features, *activations):
