@@ -341,3 +341,14 @@ def test_lstm_rows_time_the_backend_ops_melstm_calls(op_calls, monkeypatch):
         assert unified <= called[metric, "mebp-unified"], metric
         assert called[metric, "mebp-per_example"] == per_example, metric
     assert called["forward", "mebp-unified"] == set() and called["backward", "nn.LSTM"] == set()
+
+
+def test_compiled_step_is_timed_for_dense_and_mebp(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "COMPILE_BACKEND", "aot_eager")  # the capture, without code generation
+    rows = run_sweep(tmp_path / "compiled.csv", "--no-ceilings", "--modes", "unified",
+                     "--providers", "dense,mebp-torch", "--compiled-ks", "0.25")
+    compiled = {r["provider"] for r in rows if r["metric"] == "step-sgd-compiled"}
+    assert compiled == {"dense", "mebp-torch"}
+    assert not any(r["metric"] == "step-sgd-compiled" for r in run_sweep(
+        tmp_path / "plain.csv", "--no-ceilings", "--modes", "unified", "--compiled-ks", "0.25",
+        "--no-compiled"))

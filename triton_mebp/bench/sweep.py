@@ -9,7 +9,8 @@ k, mode and dtype, three providers side by side:
 
 Metrics: ``forward``, ``backward`` (``dx``, ``dW``, ``db`` from a stored graph), ``step-sgd``
 (and ``step-adam`` once ``triton_mebp.optim.RowAdam`` exists): forward + backward + optimizer
-step; and per kernel (``kernel`` column): ``select``, ``input_grad``, ``weight_grad``, ``update``
+step; ``step-sgd-compiled`` (at the preset's ``compiled_ks``): the same SGD step with the layer
+under ``torch.compile(fullgraph=True)`` (Inductor; the optimizer step stays eager); and per kernel (``kernel`` column): ``select``, ``input_grad``, ``weight_grad``, ``update``
 (the dense provider's two GEMMs and its SGD update under the same names), and
 ``reduced_gemm``: the library GEMM ``dy_c @ W[idx]`` on operands gathered beforehand, the bar
 that the gathered products are measured against. Timings and the CSV come from the benchmark
@@ -53,25 +54,26 @@ class Preset:
     rep_ms: int = 100           # GPU: do_bench's repeat time
     warmup_ms: int = 25
     lstm: tuple | None = (30, 32, 100, 500, 0.05)  # (seq, batch, input, hidden, k); None: no LSTM
+    compiled_ks: tuple = ()     # k ratios (and the dense provider) that also time a compiled step
 
 
 PRESETS = {
     "cpu": {
         "quick": Preset(shapes=((64, 256, 256), (128, 2048, 2048), (512, 1024, 1024), (512, 4096, 4096)),
                         ks=(0.01, 0.05, 0.2),
-                        per_example_ks=(0.01, 0.05)),
+                        per_example_ks=(0.01, 0.05), compiled_ks=(0.05,)),
         "full": Preset(shapes=((64, 1024, 1024), (512, 1024, 1024), (512, 4096, 4096),
                                (2048, 4096, 4096), (512, 4096, 16384)),
                        ks=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), grads=("sparse", "dense"),
-                       min_run_time=0.5),
+                       min_run_time=0.5, compiled_ks=(0.01, 0.05, 0.2)),
     },
     "cuda": {
         "quick": Preset(shapes=((1024, 4096, 4096), (4096, 8192, 8192)), ks=(0.01, 0.05, 0.2),
-                        dtypes=("bf16",)),
+                        dtypes=("bf16",), compiled_ks=(0.05,)),
         "full": Preset(shapes=((512, 1024, 1024), (1024, 4096, 4096), (1024, 8192, 8192),
                                (4096, 8192, 8192), (4096, 16384, 16384)),
                        ks=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), dtypes=("fp32", "bf16", "fp16"),
-                       grads=("sparse", "dense"), rep_ms=200),
+                       grads=("sparse", "dense"), rep_ms=200, compiled_ks=(0.01, 0.05, 0.2)),
         # The one-shot GPU check: the README's target shapes first, within a few minutes.
         "check": Preset(shapes=((4096, 8192, 8192), (1024, 8192, 8192), (1024, 4096, 4096),
                                 (256, 1024, 1024)),
@@ -175,6 +177,7 @@ class Task:
     M: int
     N: int
     k: int         # N for the dense provider
+    compiled: bool = False  # also time the step under torch.compile
 
     def row_base(self, env):
         return dict(provider=self.provider, mode=self.mode, grad=self.grad, dtype=self.dtype,
@@ -218,7 +221,27 @@ def _layer_closures(task: Task, device):
             layer(x).backward(dy)
             opt.step()
         closures[f"step-{name}"] = step
+    if task.compiled:
+        closures["step-sgd-compiled"] = _compiled_step(layer, x, weight, bias, dy, task.provider)
     return closures
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def _compiled_step(layer, x, weight, bias, dy, provider):
+    """The SGD step with the layer compiled whole (forward and backward graphs); the first call,
+    the timer's warm-up, compiles."""
+    torch._dynamo.reset()  # a fresh cache for each task: a sweep never reaches the recompile limit
+    compiled = torch.compile(layer, fullgraph=True, backend=COMPILE_BACKEND)
+    opt = _step_optimizers()["sgd"][0 if provider == "dense" else 1]([weight, bias])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+        compiled(x).backward(dy)
+        opt.step()
+    return step
 
 
 def _kernel_closures(task: Task, device):
@@ -349,7 +372,8 @@ def plan(preset: Preset, providers, device) -> list[Task]:
     for dtype in preset.dtypes:
         for B, M, N in preset.shapes:
             if "dense" in providers:
-                tasks.append(Task("dense", "", "dense", dtype, B, M, N, N))
+                compiled = any(ratio in preset.ks for ratio in preset.compiled_ks)
+                tasks.append(Task("dense", "", "dense", dtype, B, M, N, N, compiled))
             for ratio in preset.ks:
                 k = resolve_k(ratio, N)
                 for mode in preset.modes:
@@ -359,7 +383,8 @@ def plan(preset: Preset, providers, device) -> list[Task]:
                     for grad in preset.grads:
                         for provider in providers:
                             if provider != "dense":
-                                tasks.append(Task(provider, mode, grad, dtype, B, M, N, k))
+                                tasks.append(Task(provider, mode, grad, dtype, B, M, N, k,
+                                                  ratio in preset.compiled_ks))
     return tasks
 
 
@@ -421,6 +446,9 @@ def build_parser():
                         help="CSV to append to (default perf/results/sweep-DEVICE.csv)")
     parser.add_argument("--shapes", type=_parse_shapes, help="BxMxN,... (batch x in x out)")
     parser.add_argument("--ks", type=_parse_ks, help="k ratios, e.g. 0.01,0.05")
+    parser.add_argument("--compiled-ks", type=_parse_ks,
+                        help="k ratios (of --ks) that also time the step under torch.compile")
+    parser.add_argument("--no-compiled", action="store_true", help="no torch.compile step timings")
     parser.add_argument("--modes", type=_choices(MODES, "modes"), help="unified,per_example")
     parser.add_argument("--dtypes", type=_choices(tuple(DTYPES), "dtypes"), help="fp32,bf16,fp16 (GPU)")
     parser.add_argument("--grads", type=_choices(("sparse", "dense"), "grads"),
@@ -536,8 +564,11 @@ def _main(args) -> int:
         torch.set_num_threads(args.threads)
     kind = "cuda" if device.type == "cuda" else "cpu"
     preset = PRESETS[kind][args.preset or "quick"]
-    overrides = {name: getattr(args, name) for name in ("shapes", "ks", "modes", "dtypes", "grads")
+    overrides = {name: getattr(args, name)
+                 for name in ("shapes", "ks", "modes", "dtypes", "grads", "compiled_ks")
                  if getattr(args, name) is not None}
+    if args.no_compiled:
+        overrides["compiled_ks"] = ()
     if "ks" in overrides:
         overrides["per_example_ks"] = None  # the ks asked for hold for both modes
     if args.min_run_time is not None:
