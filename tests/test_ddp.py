@@ -87,6 +87,13 @@ def _equivalence(rank, world):
         results[(mode, grad, opt_name)] = dict(params=_params(model),
                                                stats=ddp.comm_stats.as_dict())
         ddp.release()
+    # After release() the model is a plain model again: torch's DDP would reduce every weight.
+    try:
+        ddp(_batch(0, rank)[0])
+    except RuntimeError as error:
+        results["released"] = dict(error=str(error), ignore_list=hasattr(
+            model, "_ddp_params_and_buffers_to_ignore"), marked=any(
+            hasattr(t, "_ddp_ignored") for t in list(model.parameters()) + list(model.buffers())))
     # One MeLinear called twice in the forward: each call reduces its own share of the gradient.
     model = _twice(seed=rank)
     ddp = mebp.DistributedDataParallel(model)
@@ -259,6 +266,13 @@ def test_ranks_equal_one_process_on_the_concatenated_batch(equivalence_runs, con
     for got, expected, initial in zip(ranks[0], _single_process(world, *config), start):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
         assert not torch.equal(got, initial)
+
+
+def test_release_ends_the_wrapper(equivalence_runs):
+    world, results = equivalence_runs
+    released = results[0]["released"]
+    assert "released" in released["error"]
+    assert not released["ignore_list"] and not released["marked"]
 
 
 def test_torch_ddp_with_dense_gradients_keeps_ranks_identical(equivalence_runs):

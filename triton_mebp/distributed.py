@@ -306,6 +306,17 @@ def _me_layers(module: nn.Module):
     return layers
 
 
+def _set_ignored(module: nn.Module, names) -> None:
+    """Sets the names DDP ignores in ``module`` (and its marks on them); None: no such list."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if hasattr(tensor, "_ddp_ignored"):
+            del tensor._ddp_ignored
+    if names is not None:
+        _DDP._set_params_and_buffers_to_ignore_for_model(module, names)
+    elif hasattr(module, "_ddp_params_and_buffers_to_ignore"):
+        del module._ddp_params_and_buffers_to_ignore
+
+
 def _ignored_names(layers):
     names = []
     for name, _ in layers:
@@ -326,8 +337,8 @@ class DistributedDataParallel(_DDP):
     The MeLinear weights (and their hit counters) are not DDP's: their backward all-reduces the
     column scores, selects the same rows on every rank and all-reduces only those rows, averaged
     like DDP's gradients. ``comm_stats`` counts the bytes. ``rebuild()`` re-creates DDP's buckets
-    after the model's shapes changed (``DistributedSimplifier`` calls it). ``release()`` returns
-    the layers to single-process backward.
+    after the model's shapes changed (``DistributedSimplifier`` calls it). ``release()`` ends the
+    wrapper and returns the layers to single-process backward.
     """
 
     def __init__(self, module, *args, timeout=None, **kwargs):
@@ -337,13 +348,18 @@ class DistributedDataParallel(_DDP):
             raise RuntimeError("triton_mebp.distributed.DistributedDataParallel needs an "
                                "initialised process group (torch.distributed.init_process_group)")
         bound = inspect.signature(_DDP.__init__).bind(None, module, *args, **kwargs).arguments
-        ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
-        _DDP._set_params_and_buffers_to_ignore_for_model(
-            module, ignored + [n for n in _ignored_names(layers) if n not in ignored])
+        previous = getattr(module, "_ddp_params_and_buffers_to_ignore", None)
+        ignored = list(previous or ())
+        _set_ignored(module, ignored + [n for n in _ignored_names(layers) if n not in ignored])
         if (timeout is not None and bound.get("process_group") is None
                 and bound.get("device_mesh") is None):
             kwargs["process_group"] = _group(dist.group.WORLD, timeout, "ddp")
-        super().__init__(module, *args, **kwargs)
+        try:
+            super().__init__(module, *args, **kwargs)
+        except Exception:
+            _set_ignored(module, previous)
+            raise
+        self._previous_ignored, self._released = previous, False
         self.mebp_layers = layers
         self.comm_stats = CommStats()
         self.mebp_group = _group(self.process_group, timeout, "mebp")
@@ -376,6 +392,8 @@ class DistributedDataParallel(_DDP):
             count_ddp_bytes(self, self.comm_stats)
 
     def forward(self, *inputs, **kwargs):
+        if self._released:
+            raise RuntimeError("this DistributedDataParallel was released: wrap the model again")
         if self._current_shapes() != self._shapes:
             raise RuntimeError(
                 "the model's parameter shapes changed since DDP built its buckets: prune with "
@@ -411,10 +429,13 @@ class DistributedDataParallel(_DDP):
         self._shapes = self._current_shapes()
 
     def release(self) -> None:
-        """Stops the MeLinear layers from reducing across ranks (single-process backward again)."""
+        """Ends the wrapper: the MeLinear layers go back to single-process backward and the model
+        forgets the parameters DDP was told to ignore (so that another DDP reduces them)."""
         for _, layer in self.mebp_layers:
             if isinstance(distributed_backward.get(layer.weight), _DistributedLayer):
                 del distributed_backward[layer.weight]
+        _set_ignored(self.module, self._previous_ignored)
+        self._released = True
 
 
 class DistributedSimplifier(Simplifier):
