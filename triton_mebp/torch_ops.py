@@ -21,18 +21,21 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest entries of each row of ``scores`` (B x N, non-negative),
     ascending; ties at the threshold go to the lowest positions, as in the kernels."""
-    values, idx = torch.topk(scores, k, dim=1, sorted=False)  # ties: an unspecified choice
-    keys = _order_keys(scores)
-    kth = _order_keys(values).min(1, keepdim=True).values
-    above, at = keys > kth, keys == kth
-    n_above = above.sum(1, keepdim=True)
-    straddles = n_above + at.sum(1, keepdim=True) > k
-    if bool(straddles.any()):
-        chosen = above | (at & (at.cumsum(1) <= k - n_above))
-        preference = torch.arange(scores.shape[1], 0, -1, device=scores.device)  # lowest first
-        lowest = torch.topk(chosen * preference, k, dim=1, sorted=False).indices
-        idx = torch.where(straddles, lowest, idx)
-    return idx.sort(dim=1).values
+    B, N = scores.shape
+    if k == N:
+        return torch.arange(N, device=scores.device).repeat(B, 1)
+    values, idx = torch.topk(scores, k + 1, dim=1, sorted=False)
+    if bool(values.isnan().any()):  # compare order keys, where NaN ranks above +inf
+        scores, values = _order_keys(scores), _order_keys(values)
+    # The (k+1)-th and k-th largest: where they differ, the k largest are the k+1 found less
+    # their smallest; where they are equal, topk's choice among the ties is in doubt.
+    two = torch.topk(values, 2, dim=1, largest=False).values
+    if not bool((two[:, 0] == two[:, 1]).any()):
+        return idx[values > two[:, :1]].view(B, k).sort(dim=1).values
+    kth = two[:, 1:]
+    above, at = scores > kth, scores == kth
+    chosen = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))  # k per row
+    return chosen.nonzero()[:, 1].view(B, k)
 
 
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
