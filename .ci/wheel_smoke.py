@@ -38,28 +38,40 @@ def check(condition: bool, message: str) -> None:
 # The installed package, not the checkout; the kernels installed under it; its metadata.
 for module in (mebp, triton_mebp.kernels):
     path = Path(module.__file__).resolve()
-    check(not {checkout, source_tree} & set(path.parents),
-          f"{module.__name__} imported from the source tree: {path}")
-check(Path(triton_mebp.kernels.__file__).resolve().parent == installed / "kernels",
-      f"triton_mebp.kernels is not installed under the package: {triton_mebp.kernels.__file__}")
-check(importlib.metadata.version("triton_mebp") == mebp.__version__,
-      "the installed version differs from triton_mebp.__version__")
+    check(
+        not {checkout, source_tree} & set(path.parents),
+        f"{module.__name__} imported from the source tree: {path}",
+    )
+check(
+    Path(triton_mebp.kernels.__file__).resolve().parent == installed / "kernels",
+    f"triton_mebp.kernels is not installed under the package: {triton_mebp.kernels.__file__}",
+)
+check(
+    importlib.metadata.version("triton_mebp") == mebp.__version__,
+    "the installed version differs from triton_mebp.__version__",
+)
 check(importlib.resources.files("triton_mebp").joinpath("py.typed").is_file(), "py.typed missing")
 for line in importlib.metadata.requires("triton_mebp") or []:
     requirement = Requirement(line)
     if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
         continue  # an optional extra
     found = importlib.metadata.version(requirement.name)
-    check(requirement.specifier.contains(found, prereleases=True),
-          f"dependency {requirement} not satisfied by the installed {found}")
+    check(
+        requirement.specifier.contains(found, prereleases=True),
+        f"dependency {requirement} not satisfied by the installed {found}",
+    )
 
 # Every file of the package in the source tree (modules, py.typed, data) is in the wheel.
-for folder, package in ((source_tree / "triton_mebp", installed),
-                        (source_tree / "kernels", installed / "kernels")):
+for folder, package in (
+    (source_tree / "triton_mebp", installed),
+    (source_tree / "kernels", installed / "kernels"),
+):
     for source in folder.rglob("*"):
         if source.is_file() and "__pycache__" not in source.parts:
-            check((package / source.relative_to(folder)).is_file(),
-                  f"{source.relative_to(source_tree)} is not in the wheel")
+            check(
+                (package / source.relative_to(folder)).is_file(),
+                f"{source.relative_to(source_tree)} is not in the wheel",
+            )
 
 
 def masked_reference(x, weight, dy, k):
@@ -78,22 +90,30 @@ for backend in ("torch", "triton"):
     layer = mebp.MeLinear(12, 20, k=5)
     x = torch.randn(6, 12, requires_grad=True)
     y = layer(x)
-    check(torch.allclose(y, nn.functional.linear(x, layer.weight, layer.bias)),
-          f"{backend}: MeLinear forward differs from F.linear")
+    check(
+        torch.allclose(y, nn.functional.linear(x, layer.weight, layer.bias)),
+        f"{backend}: MeLinear forward differs from F.linear",
+    )
     dy = torch.randn_like(y)
     y.backward(dy)
     grad_w, grad_x = masked_reference(x.detach(), layer.weight.detach(), dy, 5)
-    check(torch.allclose(layer.weight.grad.double(), grad_w, atol=1e-5, rtol=1e-5),
-          f"{backend}: weight gradient differs from the masked dense reference")
-    check(torch.allclose(x.grad.double(), grad_x, atol=1e-5, rtol=1e-5),
-          f"{backend}: input gradient differs from the masked dense reference")
+    check(
+        torch.allclose(layer.weight.grad.double(), grad_w, atol=1e-5, rtol=1e-5),
+        f"{backend}: weight gradient differs from the masked dense reference",
+    )
+    check(
+        torch.allclose(x.grad.double(), grad_x, atol=1e-5, rtol=1e-5),
+        f"{backend}: input gradient differs from the masked dense reference",
+    )
 mebp.set_backend("auto")
 
 # convert + an optimizer step: only the selected rows of a hidden layer move.
 model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
 model = mebp.convert(model, k=4)
-check(isinstance(model[0], mebp.MeLinear) and type(model[4]) is nn.Linear,
-      "convert did not turn the hidden layers (only) into MeLinear")
+check(
+    isinstance(model[0], mebp.MeLinear) and type(model[4]) is nn.Linear,
+    "convert did not turn the hidden layers (only) into MeLinear",
+)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 before = model[2].weight.detach().clone()
 x, target = torch.randn(8, 16), torch.randint(0, 4, (8,))
@@ -111,18 +131,24 @@ for _ in range(3):
 report = simplifier.prune()
 check(set(report) == {"0", "2"}, f"prune reported {dict(report)}")
 check(all(new < old == 32 for old, new in report.values()), f"prune kept {dict(report)}")
-check(model[2].in_features == model[0].out_features and model(x).shape == (8, 4),
-      "the pruned model does not run")
+check(
+    model[2].in_features == model[0].out_features and model(x).shape == (8, 4),
+    "the pruned model does not run",
+)
 
 # The command-line entry point.
 mebp_command = Path(sys.executable).parent / "mebp"
 result = subprocess.run([str(mebp_command), "--help"], capture_output=True, text=True, timeout=120)
-check(result.returncode == 0 and "usage" in result.stdout.lower(),
-      f"`mebp --help` failed ({result.returncode}): {result.stderr[-2000:]}")
+check(
+    result.returncode == 0 and "usage" in result.stdout.lower(),
+    f"`mebp --help` failed ({result.returncode}): {result.stderr[-2000:]}",
+)
 
 # The speed model works without the checkout's perf/ folder.
 speedup = mebp.estimate_speedup(256, 1024, 1024, 0.05, "unified", "cpu")
 check(math.isfinite(speedup) and speedup > 0, f"estimate_speedup returned {speedup}")
 source = estimate(256, 1024, 1024, 0.05, "unified", "cpu").source
-print(f"wheel smoke test: triton_mebp {mebp.__version__} from {installed}: passed "
-      f"(estimate_speedup {speedup:.2f}x from the {source})")
+print(
+    f"wheel smoke test: triton_mebp {mebp.__version__} from {installed}: passed "
+    f"(estimate_speedup {speedup:.2f}x from the {source})"
+)
