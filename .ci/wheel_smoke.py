@@ -144,11 +144,18 @@ check(
     f"`mebp --help` failed ({result.returncode}): {result.stderr[-2000:]}",
 )
 
-# The speed model works without the checkout's perf/ folder.
+# The speed model answers from the coefficients shipped in the package (no checkout, no sweep CSV).
 speedup = mebp.estimate_speedup(256, 1024, 1024, 0.05, "unified", "cpu")
-check(math.isfinite(speedup) and speedup > 0, f"estimate_speedup returned {speedup}")
-source = estimate(256, 1024, 1024, 0.05, "unified", "cpu").source
+answer = estimate(256, 1024, 1024, 0.05, "unified", "cpu")
+check(
+    math.isfinite(speedup) and speedup > 0 and speedup == answer.speedup,
+    f"estimate_speedup returned {speedup}",
+)
+check(
+    answer.model == "shipped",
+    f"the speed model for the CPU is {answer.model!r}, not the shipped one",
+)
 print(
     f"wheel smoke test: triton_mebp {mebp.__version__} from {installed}: passed "
-    f"(estimate_speedup {speedup:.2f}x from the {source})"
+    f"(estimate_speedup {speedup:.2f}x from the {answer.model} model: {answer.source})"
 )
