@@ -54,8 +54,9 @@ def test_validation_loss_is_mean_cross_entropy_of_the_windows():
 @pytest.mark.parametrize("arch", ["gpt", "torch"])
 def test_lm_trains_dense_meprop_and_mesimp(arch):
     corpus = corpus_from_text(TEXT)
+    second = "*.mlp.2" if arch == "gpt" else "*.linear2"
     configs = [LMConfig(mode="dense", arch=arch, **TINY),
-               LMConfig(mode="unified", k=0.25, arch=arch, **TINY),
+               LMConfig(mode="unified", k=0.25, arch=arch, exclude=(second,), **TINY),
                LMConfig(mode="unified", k=0.25, attention_k=1.0, sparse_grad=True, arch=arch, **TINY),
                LMConfig(mode="unified", k=0.25, sparse_grad=True, simplify=True, threshold=0.5,
                         prune_every=2, arch=arch, **TINY)]
@@ -74,6 +75,8 @@ def test_lm_trains_dense_meprop_and_mesimp(arch):
     assert any(name.endswith(attention) for name in mebp["converted"])
     assert any(name.endswith(mlp) for name in mebp["converted"])
     assert "lm_head" in mebp["dense"]
+    assert "excluded by the pattern" in mebp["dense"][
+        "blocks.1.mlp.2" if arch == "gpt" else "blocks.layers.1.linear2"]
     qkv = next(k for name, k in mlp_only["converted"].items() if name.endswith(attention))
     assert qkv == 48  # attention_k=1.0: every output kept
     assert mesimp["initial_widths"] == [64, 64]
@@ -84,6 +87,8 @@ def test_lm_trains_dense_meprop_and_mesimp(arch):
 def test_lm_config_errors():
     with pytest.raises(ValueError, match="meProp mode"):
         LMConfig(mode="dense", simplify=True)
+    with pytest.raises(ValueError, match="meProp mode"):
+        LMConfig(mode="dense", exclude=("*.mlp.2",))
     with pytest.raises(ValueError, match="adamw"):
         LMConfig(optimizer="adam")
     with pytest.raises(ValueError, match="multiple of heads"):

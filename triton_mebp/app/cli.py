@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "characters scored (default 16384)")
     lm.add_argument("--attention-k", type=parse_k, help="k of the attention projections "
                     "(default: --k; 100%% keeps them exact)")
+    lm.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="name patterns "
+                    "of projections to keep dense (e.g. '*.attn.proj' '*.mlp.2'; the lm head "
+                    "always is)")
     lm.add_argument("--arch", choices=("gpt", "torch"), default="gpt", help="blocks built from "
                     "nn.Linear (gpt) or nn.TransformerEncoderLayer (torch)")
     lm.add_argument("--prune-every", type=_positive_int, default=50, help="meSimp: steps between "
@@ -314,7 +317,8 @@ def _run_lm(args, device) -> int:
                   lr=args.lr or 2e-3, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                   threshold=args.threshold, prune_fraction=args.prune_fraction,
                   prune_every=args.prune_every)
-    chosen = (args.mode, args.k, args.attention_k, args.sparse_grad or None, args.simplify or None)
+    chosen = (args.mode, args.k, args.attention_k, args.sparse_grad or None, args.simplify or None,
+              args.exclude or None)
     if all(option is None for option in chosen):
         configs = comparison_configs(**common)
     else:
@@ -325,6 +329,7 @@ def _run_lm(args, device) -> int:
                 continue
             for k in args.k or [0.05]:
                 configs.append(LMConfig(mode=mode, k=k, attention_k=args.attention_k,
+                                        exclude=tuple(args.exclude),
                                         sparse_grad=args.sparse_grad, simplify=args.simplify,
                                         **common))
     corpus = load_pydoc_topics()

@@ -160,13 +160,15 @@ def mlp_widths(model: nn.Module) -> list[int]:
 class LMConfig:
     """One setting. ``k``: count or ratio of each converted projection's outputs (as in
     ``convert``); ``attention_k``: another ``k`` for the attention projections (1.0 keeps them on
-    exact back propagation). ``sparse_grad``: row-sparse gradients into ``RowAdamW``; otherwise
+    exact back propagation); ``exclude``: more name patterns of projections left dense (the
+    lm head always is). ``sparse_grad``: row-sparse gradients into ``RowAdamW``; otherwise
     ``torch.optim.AdamW`` gets dense (zero-filled) gradients. ``simplify``: meSimp prunes each
     block's MLP hidden neurons selected in fewer than ``threshold`` of the tokens, every
     ``prune_every`` steps during the first ``prune_fraction`` of the steps."""
     mode: str = "dense"
     k: float = 0.05
     attention_k: float | None = None
+    exclude: tuple = ()
     optimizer: str = "adamw"
     sparse_grad: bool = False
     simplify: bool = False
@@ -204,13 +206,16 @@ class LMConfig:
             resolve_k(self.k, self.width, "the narrowest projection (width)")
             if self.attention_k is not None:
                 resolve_k(self.attention_k, self.width, "the attention output projection (width)")
-        elif self.sparse_grad or self.simplify or self.attention_k is not None:
-            raise ValueError("sparse_grad, simplify and attention_k need a meProp mode "
+        elif self.sparse_grad or self.simplify or self.attention_k is not None or self.exclude:
+            raise ValueError("sparse_grad, simplify, attention_k and exclude need a meProp mode "
                              "(unified or per_example)")
         if self.simplify and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 < self.prune_fraction <= 1.0:
             raise ValueError(f"prune_fraction must be in (0, 1], got {self.prune_fraction}")
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        self.exclude = tuple(self.exclude)
         if not self.label:
             self.label = self.default_label()
 
@@ -223,6 +228,8 @@ class LMConfig:
             if self.attention_k is not None:
                 name += (" (attention dense)" if self.attention_k == 1.0 else
                          f" (attention k={_percent(self.attention_k, self.width)})")
+            if self.exclude:
+                name += f" (dense: {' '.join(self.exclude)})"
         return name + (", RowAdamW" if self.sparse_grad else ", AdamW")
 
     @property
@@ -292,7 +299,8 @@ class LMRun:
         if config.mode != "dense":
             model, self.conversion = convert(
                 model, k=config.k, attention_k=config.attention_k, mode=config.mode,
-                grad="sparse" if config.sparse_grad else "dense", exclude=("lm_head",),
+                grad="sparse" if config.sparse_grad else "dense",
+                exclude=("lm_head",) + config.exclude,
                 inplace=True, report=True)
         self.model = model.to(device)
         self.optimizer = make_lm_optimizer(config, model)
