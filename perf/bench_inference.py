@@ -55,7 +55,7 @@ def main(argv=None):
             if "fused" in models:  # the fused kernel computes what PyTorch computes
                 torch.testing.assert_close(models["fused"](x), models["compacted"](x),
                                            atol=5e-2, rtol=5e-2)
-            calls = {name: (lambda model=model: model(x)) for name, model in models.items()}
+            calls = {name: (lambda model=model, x=x: model(x)) for name, model in models.items()}
             results = harness.measure_side_by_side(calls, device, min_run_time=args.min_run_time,
                                                    rounds=args.reps)
         env = harness.environment(device)

@@ -25,6 +25,7 @@ import functools
 import importlib.resources
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _mebp_features(B, M, N, k, metric="backward"):
 
 def _fit(features: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Non-negative coefficients minimising the relative error of the predicted times."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # type: ignore[import-untyped]
     scale = features.max(axis=0)
     scale[scale == 0] = 1.0
     coefficients, _ = nnls(features / scale / times[:, None], np.ones_like(times))
@@ -76,7 +77,7 @@ class Estimate:
 
 # ---------------------------------------------------------------- fitting
 
-def _shape(r):
+def _shape(r: dict) -> tuple[int, int, int]:
     return int(r["batch"]), int(r["in_features"]), int(r["out_features"])
 
 
@@ -84,7 +85,7 @@ def _kind(device_name: str) -> str:
     return "cpu" if device_name.startswith("cpu") else "cuda"
 
 
-def read_sweep(paths) -> list[dict]:
+def read_sweep(paths: Iterable[str | Path]) -> list[dict]:
     """The layer and copy-bandwidth rows of sweep CSVs (any layout the sweep has written)."""
     rows = []
     for path in paths:
@@ -93,7 +94,7 @@ def read_sweep(paths) -> list[dict]:
     return rows
 
 
-def fit_speed_model(rows, commits: dict | None = None) -> dict:
+def fit_speed_model(rows: list[dict], commits: dict | None = None) -> dict:
     """Cost-model coefficients for every device, dtype, metric, mode and gradient layout that
     sweep rows measure: the JSON-ready form ``mebp sweep --fit`` ships.
 
@@ -143,7 +144,7 @@ def fit_speed_model(rows, commits: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------- the models
 
-def _data_paths(data) -> tuple:
+def _data_paths(data: str | Path | Iterable[str | Path] | None) -> tuple:
     if data is None:
         data = os.environ.get(DATA_ENV)
     if data is None:
@@ -167,7 +168,7 @@ def _fitted(paths: tuple) -> dict:
 @functools.lru_cache(maxsize=1)
 def shipped_model() -> dict:
     """The coefficients shipped with the package (no devices if the file is absent)."""
-    resource = importlib.resources.files(__package__).joinpath(*SHIPPED)
+    resource = importlib.resources.files(__package__).joinpath(SHIPPED[0]).joinpath(SHIPPED[1])
     if not resource.is_file():
         return {"format": MODEL_FORMAT, "devices": []}
     model = json.loads(resource.read_text())
@@ -177,7 +178,7 @@ def shipped_model() -> dict:
     return model
 
 
-def _device_kind(device) -> tuple[str, str | None]:
+def _device_kind(device: str | torch.device | None) -> tuple[str, str | None]:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
         return "cpu", None
@@ -187,7 +188,8 @@ def _device_kind(device) -> tuple[str, str | None]:
     return "cuda", name
 
 
-def _choose(model: dict, kind, name, dtype, mode, grad, metric):
+def _choose(model: dict, kind: str, name: str | None, dtype: str, mode: str, grad: str,
+            metric: str) -> tuple | None:
     """(device entry, fit, fill bandwidth or None) answering the question, or None.
 
     The device's exact name if the model has it, else the first device of that kind; the dtype
@@ -221,13 +223,14 @@ def _nominal(kind, B, M, N, k, mode, grad, elem):
     return dense * 1e3, mebp * 1e3
 
 
-def estimate(batch: int, in_features: int, out_features: int, k, mode: str = "unified",
-             device="cpu", *, dtype=None, grad: str = "dense", metric: str = "backward",
-             data=None) -> Estimate:
+def estimate(batch: int, in_features: int, out_features: int, k: int | float,
+             mode: str = "unified", device: str | torch.device = "cpu", *,
+             dtype: torch.dtype | None = None, grad: str = "dense", metric: str = "backward",
+             data: str | Path | Iterable[str | Path] | None = None) -> Estimate:
     """Predicted dense and meProp times and their ratio for one layer; see ``estimate_speedup``."""
-    for name, value in (("batch", batch), ("in_features", in_features), ("out_features", out_features)):
+    for what, value in (("batch", batch), ("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
     check_options(mode, grad)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -267,9 +270,11 @@ def estimate(batch: int, in_features: int, out_features: int, k, mode: str = "un
     return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, which, source)
 
 
-def estimate_speedup(batch: int, in_features: int, out_features: int, k, mode: str = "unified",
-                     device="cpu", *, dtype=None, grad: str = "dense", metric: str = "backward",
-                     data=None) -> float:
+def estimate_speedup(batch: int, in_features: int, out_features: int, k: int | float,
+                     mode: str = "unified", device: str | torch.device = "cpu", *,
+                     dtype: torch.dtype | None = None, grad: str = "dense",
+                     metric: str = "backward",
+                     data: str | Path | Iterable[str | Path] | None = None) -> float:
     """Predicted speedup of meProp's backward over dense backward for one linear layer.
 
     ``k``: int count or float ratio of ``out_features`` (as in ``mebp_linear``); ``mode``:
@@ -285,9 +290,10 @@ def estimate_speedup(batch: int, in_features: int, out_features: int, k, mode: s
                     metric=metric, data=data).speedup
 
 
-def mebp_is_faster(batch: int, in_features: int, out_features: int, k, mode: str = "unified",
-                   device="cpu", *, dtype=None, grad: str = "dense", margin: float = 1.1,
-                   data=None) -> bool:
+def mebp_is_faster(batch: int, in_features: int, out_features: int, k: int | float,
+                   mode: str = "unified", device: str | torch.device = "cpu", *,
+                   dtype: torch.dtype | None = None, grad: str = "dense", margin: float = 1.1,
+                   data: str | Path | Iterable[str | Path] | None = None) -> bool:
     """True when meProp's backward is predicted at least ``margin`` times faster than dense.
 
     For an automatic dense fallback: a layer whose shape predicts less keeps full back

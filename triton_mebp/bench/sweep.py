@@ -33,8 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .harness import (COLUMNS, DTYPES, CsvSink, Timing, device_name, device_slug,  # noqa: F401
-                      git_commit, read_rows)
+from .harness import (  # noqa: F401
+    COLUMNS,
+    DTYPES,
+    CsvSink,
+    Timing,
+    device_name,
+    device_slug,
+    git_commit,
+    read_rows,
+)
 
 PROVIDERS = ("dense", "mebp-torch", "mebp-triton")
 MODES = ("unified", "per_example")
