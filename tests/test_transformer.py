@@ -176,6 +176,19 @@ def test_mha_cross_attention_gradients_match_reference(mode):
     torch.testing.assert_close(me.in_proj_bias.grad, mha.in_proj_bias.grad, **F64)
 
 
+def test_mha_built_directly_and_deep_copied():
+    me = mebp.MeMultiheadAttention(8, 2, batch_first=True, in_proj_k=4, grad="sparse")
+    copied = copy.deepcopy(me)
+    assert copied.in_proj_k == 4 and copied.in_proj_weight is not me.in_proj_weight
+    plain = nn.MultiheadAttention(8, 2, batch_first=True)
+    plain.load_state_dict(me.state_dict())
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(copied(x, x, x)[0], plain(x, x, x)[0])
+    copied(x, x, x)[0].sum().backward()
+    assert copied.in_proj_weight.grad.is_sparse
+    assert copied.in_proj_weight.grad.coalesce().indices().shape[1] == 4
+
+
 def test_mha_bad_k_names_the_in_projection():
     with pytest.raises(ValueError, match="in-projection.*24"):
         mebp.MeMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2), in_proj_k=25)

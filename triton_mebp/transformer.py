@@ -51,6 +51,11 @@ class MeMultiheadAttention(nn.MultiheadAttention):
     one) gives it meProp too. Forward values equal ``nn.MultiheadAttention``'s.
     """
 
+    def __init__(self, embed_dim, num_heads, *args, in_proj_k=0.05, mode="unified", grad="dense",
+                 **kwargs):
+        super().__init__(embed_dim, num_heads, *args, **kwargs)
+        self._setup(in_proj_k, mode, grad)
+
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, *, in_proj_k=0.05, mode="unified", grad="dense"):
         """A MeMultiheadAttention sharing ``mha``'s Parameter and child module objects."""
@@ -58,10 +63,10 @@ class MeMultiheadAttention(nn.MultiheadAttention):
             raise TypeError(f"from_mha needs an nn.MultiheadAttention, got {type(mha).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        own = ("_parameters", "_buffers", "_modules")
+        # Its settings (embed_dim, num_heads, batch_first, bias_k, ...), not its hooks.
         layer.__dict__.update({key: value for key, value in mha.__dict__.items()
-                               if key not in own and not key.startswith("_") or key == "_qkv_same_embed_dim"})
-        for key in own:
+                               if not key.startswith("_") or key == "_qkv_same_embed_dim"})
+        for key in ("_parameters", "_buffers", "_modules"):
             getattr(layer, key).update(getattr(mha, key))
         layer._setup(in_proj_k, mode, grad)
         return layer
