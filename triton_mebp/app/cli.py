@@ -192,27 +192,12 @@ def _report(summaries, out, *, extra=None, benchmark=None, meta=None):
         print(f"\nwrote {', '.join(sorted(written.values()))}")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _meta(dataset, device, seeds, started_at):
-    import platform
-
     import torch
 
     from .. import __version__, backend
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name() or platform.processor() or platform.machine()
+    from ..bench.harness import cpu_model
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return dict(dataset=dataset.describe(), device=str(device), device_name=name,
                 torch=torch.__version__, triton_mebp=__version__, backend=backend.get_backend(),
                 cpu_threads=torch.get_num_threads(), seeds=list(seeds), date=started_at)

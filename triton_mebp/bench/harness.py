@@ -134,20 +134,23 @@ def _common_dir(git: Path) -> Path:
     return (git / common.read_text().strip()).resolve() if common.is_file() else git
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
     """The GPU's name, or "cpu MODEL (N threads)" with PyTorch's current thread count."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu {model} ({torch.get_num_threads()} threads)"
+    return f"cpu {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device) -> str:
