@@ -442,3 +442,27 @@ def test_simplifier_prunes_torch_transformer_encoder(tmp_path):
     save_simplified(model, path)
     fresh = load_simplified(Encoder(), path)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_decoder_layers_convert_and_their_mlps_are_pruned():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.TransformerDecoder(
+                nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, tgt, memory):
+            return self.head(self.decoder(tgt, memory))
+
+    model = Decoder()
+    converted, report = mebp.convert(model, k=0.25, report=True)
+    assert {"decoder.layers.1.multihead_attn.in_proj", "decoder.layers.1.self_attn.in_proj",
+            "decoder.layers.1.linear2"} <= report.converted.keys()
+    tgt, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    torch.testing.assert_close(converted(tgt, memory), model(tgt, memory))
+    converted(tgt, memory).sum().backward()
+    cross = converted.decoder.layers[0].multihead_attn.in_proj_weight.grad
+    assert cross[:16].ne(0).any(1).sum() == 4 and cross[16:].ne(0).any(1).sum() == 8
+    simp = Simplifier(converted, threshold=0.3)
+    assert simp.layers == ["decoder.layers.0.linear1", "decoder.layers.1.linear1"]
