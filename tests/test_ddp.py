@@ -222,7 +222,7 @@ def _worker(rank, world, init_file, out_dir, scenario, args):
 
 
 def _launch(world, scenario, *args, timeout=60):
-    """Runs ``scenario`` on ``world`` processes; returns each rank's result (None if it wrote none)."""
+    """Runs ``scenario`` on ``world`` processes; each rank's result (None if it wrote none)."""
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, scenario,
                                                     args),
@@ -397,3 +397,31 @@ def test_plain_modules_and_bad_arguments():
         mebp.DistributedDataParallel(nn.ModuleDict(dict(attention=attention)))
     with pytest.raises(ValueError, match="timeout"):
         mebp.distributed._timedelta(-1)
+
+
+class _SpyBackward:
+    """Stands for a layer's distributed runner: records its calls, does dense back propagation."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def backward(self, dy, x, weight, ctx):
+        self.calls += 1
+        return dy @ weight, dy.t() @ x, dy.sum(0)
+
+
+def test_layers_with_collectives_stay_out_of_compiled_graphs():
+    # A traced backward (AOTAutograd) sees fake tensors, not the registered weight: the layer must
+    # run its backward eagerly, or its collectives would be skipped and the ranks drift apart.
+    layer = mebp.MeLinear(8, 16, k=4)
+    spy = _SpyBackward()
+    mebp.functional.distributed_backward[layer.weight] = spy
+    setattr(layer.weight, mebp.functional.DISTRIBUTED_MARK, True)
+    compiled = torch.compile(nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3)), backend="aot_eager")
+    x = torch.randn(5, 8)
+    compiled(x).sum().backward()
+    assert spy.calls == 1
+    expected = torch.autograd.grad(F.relu(F.linear(x, layer.weight, layer.bias))
+                                   @ compiled._orig_mod[2].weight.t(), layer.weight,
+                                   torch.ones(5, 3))[0]
+    torch.testing.assert_close(layer.weight.grad, expected)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.utils import _verify_param_shape_across_processes
 
 from . import backend
-from .functional import _row_sparse, _zeroed_grad_buffer, distributed_backward
+from .functional import DISTRIBUTED_MARK, _row_sparse, _zeroed_grad_buffer, distributed_backward
 from .modules import MeLinear
 from .simplify import Simplifier
 from .transformer import MeMultiheadAttention
@@ -103,7 +103,7 @@ class _DistributedLayer:
         return dist.all_reduce(tensor, group=self.group, async_op=True)
 
     def _exchange_header(self, payload, k: int, mode: str):
-        """Starts the all-reduce of ``payload``: a header (checked by ``_check_header``) + N values."""
+        """Starts the all-reduce of ``payload``: a header (see ``_check_header``) + N values."""
         m = _MODES[mode]
         payload[:_HEADER] = torch.tensor([0.0, k, k * k, m, m * m], dtype=payload.dtype)
         return self._all_reduce(payload)
@@ -374,6 +374,7 @@ class DistributedDataParallel(_DDP):
         for name, layer in layers:
             distributed_backward[layer.weight] = _DistributedLayer(name, self.mebp_group,
                                                                    self.comm_stats)
+            setattr(layer.weight, DISTRIBUTED_MARK, True)  # torch.compile leaves the layer eager
         self._shapes = self._current_shapes()
 
     def _verify_mebp_shapes(self):
@@ -434,6 +435,8 @@ class DistributedDataParallel(_DDP):
         for _, layer in self.mebp_layers:
             if isinstance(distributed_backward.get(layer.weight), _DistributedLayer):
                 del distributed_backward[layer.weight]
+            if hasattr(layer.weight, DISTRIBUTED_MARK):
+                delattr(layer.weight, DISTRIBUTED_MARK)
         _set_ignored(self.module, self._previous_ignored)
         self._released = True
 

@@ -47,6 +47,7 @@ def check_options(mode: str, grad: str) -> None:
 # weight -> the object that runs its layer's backward across a process group: global selection and
 # reduced weight gradients (registered by triton_mebp.distributed; see docs/distributed.md).
 distributed_backward = WeakIdKeyDictionary()
+DISTRIBUTED_MARK = "_mebp_distributed"  # set on those weights too: torch.compile sees it
 
 _zeroed_grad_buffer = library.zeroed_grad_buffer
 
@@ -231,5 +232,14 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
         compute_dtype = torch.get_autocast_dtype(input.device.type)
     args = (input, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype)
     if torch.compiler.is_compiling():
+        if getattr(weight, DISTRIBUTED_MARK, False):
+            return _linear_outside_graph(*args)
         return OPS.linear.default(*args)
+    return MebpLinearFunction.apply(*args)
+
+
+@torch.compiler.disable
+def _linear_outside_graph(*args):
+    """A layer whose backward runs collectives (``distributed_backward`` looks its weight up, which
+    a traced backward's fake tensors would miss): kept out of compiled graphs, backward eager."""
     return MebpLinearFunction.apply(*args)
