@@ -18,6 +18,19 @@ def input_precision(dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+KERNEL_VERSIONS = ("v1", "v2")
+
+
+def kernel_version() -> str:
+    """``TRITON_MEBP_KERNELS``: "v2" (default) or "v1", the first kernels of the unified path
+    (unpadded ``dy_c``, separate score and bias passes, 4-bit radix search), read at each call
+    so that one process can time both."""
+    version = os.environ.get("TRITON_MEBP_KERNELS", "v2")
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"TRITON_MEBP_KERNELS must be one of {KERNEL_VERSIONS}, got {version!r}")
+    return version
+
+
 def tuning_enabled() -> bool:
     if interpreting():
         return False

@@ -15,17 +15,17 @@ import triton
 import triton.language as tl
 
 from ._checks import check_dtypes, check_indices
-from ._tiles import grouped_tile
+from ._tiles import grouped_tile, padded_width
 from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket
 
 
 @triton.jit
-def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, B_BUCKET,
+def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, K_VALID, B_BUCKET,
                                  stride_ab, stride_ak, stride_wn, stride_wm, stride_cb, stride_cm,
                                  INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_B: tl.constexpr):
-    """c[B, M] = a[B, K] @ w[idx[K], M]."""
+    """c[B, M] = a[B, K] @ w[idx[K], M]; columns K_VALID <= j < K of ``a`` are zero padding."""
     pid_b, pid_m = grouped_tile(tl.program_id(0), B, M, BLOCK_B, BLOCK_M, GROUP_B)
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -36,24 +36,26 @@ def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, B_BUCKET
     for start in range(0, K, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        valid_k = offs_k < K_VALID
+        rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
         a = tl.load(a_ptr + offs_b[:, None].to(tl.int64) * stride_ab + offs_k[None, :] * stride_ak,
                     mask=mask_b[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
-                    mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+                    mask=valid_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
 
 
 @triton.jit
-def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, B_BUCKET,
+def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, K_VALID, B_BUCKET,
                                    stride_ab, stride_ak, stride_xb, stride_xm,
                                    stride_on, stride_om,
                                    SCATTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_B: tl.constexpr):
-    """rows[K, M] = a[B, K].T @ x[B, M], stored at out[idx[j]] (SCATTER) or out[j]."""
+    """rows[K, M] = a[B, K].T @ x[B, M], stored at out[idx[j]] (SCATTER) or out[j] for
+    j < K_VALID; columns K_VALID <= j < K of ``a`` are zero padding, loaded but not stored."""
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -69,12 +71,13 @@ def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, B_BU
         x = tl.load(x_ptr + offs_b[:, None].to(tl.int64) * stride_xb + offs_m[None, :] * stride_xm,
                     mask=mask_b[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(a_t, x.to(a_t.dtype), acc, input_precision=INPUT_PRECISION)
+    valid_k = offs_k < K_VALID
     if SCATTER:
-        out_rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
     else:
         out_rows = offs_k.to(tl.int64)
     out_ptrs = out_ptr + out_rows[:, None] * stride_on + offs_m[None, :] * stride_om
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_m[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_k[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -176,16 +179,19 @@ segment_rows = TunedKernel(
 
 
 def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``."""
+    """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``.
+
+    A ``dy_c`` from ``unified_select`` (v2) is read whole tiles at a time from its zero padding."""
     check_dtypes("gathered_input_grad", dy_c=dy_c, weight=weight)
     check_indices("gathered_input_grad", idx=idx)
     B, K = dy_c.shape
+    K_loop = padded_width(dy_c)
     M = weight.shape[1]
     dx = torch.empty((B, M), dtype=dy_c.dtype, device=dy_c.device)
     if B == 0:
         return dx
     gathered_rows_matmul[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)](
-        dy_c, weight, idx, dx, B, M, K, pow2_bucket(B),
+        dy_c, weight, idx, dx, B, M, K_loop, K, pow2_bucket(B),
         dy_c.stride(0), dy_c.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
         INPUT_PRECISION=input_precision(dy_c.dtype))
     return dx
@@ -197,6 +203,7 @@ def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
     check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out)
     check_indices("gathered_weight_grad", idx=idx)
     B, K = dy_c.shape
+    K_loop = padded_width(dy_c)
     M = x.shape[1]
     scatter = out is not None
     if not scatter:
@@ -206,7 +213,7 @@ def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
             out.zero_()
         return out
     transposed_matmul_rows[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))](
-        dy_c, x, idx, out, B, M, K, pow2_bucket(B),
+        dy_c, x, idx, out, B, M, K_loop, K, pow2_bucket(B),
         dy_c.stride(0), dy_c.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         SCATTER=scatter, INPUT_PRECISION=input_precision(dy_c.dtype))
     return out

@@ -9,13 +9,25 @@ gradient is always kept and reaches ``dx`` and ``dW`` as it would in dense back 
 - unified: ``s[n] = sum_b |dy[b, n]|`` (one pass over ``dy``), one index set for the batch, and
   the compacted ``dy[:, idx]``;
 - per example: each row of ``dy`` keeps its own top-k of ``|dy[b, :]|``.
+
+Two generations, chosen by ``TRITON_MEBP_KERNELS`` (see ``_tuning.kernel_version``):
+
+- v2 (default): one streaming pass over ``dy`` on a 2-D grid writes per-chunk partial column
+  scores and bias sums, a second small pass adds the chunks in a fixed order (deterministic);
+  the search takes 8 bits of the key per pass with ``tl.histogram`` (4 passes for float32 keys,
+  2 for bfloat16 and 3 for float16 per-example keys, whose low bits are zero), with no separate
+  count pass; ``dy_c`` rows are padded with zero columns to a multiple of 64 (a ``[:, :k]`` view
+  of the padded buffer) so that the products load aligned tiles; hit counters use relaxed atomics.
+- v1: one score program per column block walking all rows, 4-bit radix passes and a count
+  pass, an unpadded ``dy_c``, ``db`` by a separate ``dy.sum(0)``.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._checks import check_dtypes
-from ._tuning import TunedKernel, pow2_bucket
+from ._tiles import mark_zero_padded, padded_columns
+from ._tuning import TunedKernel, kernel_version, pow2_bucket
 
 RADIX_BITS = 4
 
@@ -58,14 +70,24 @@ def _select_row(src_ptr, n, stride, k, idx_out_ptr, val_out_ptr, hits_ptr, hit_i
     for start in range(0, n, BLOCK):
         _, key = _load_keys(src_ptr, start + tl.arange(0, BLOCK), n, stride)
         above += tl.sum((key > threshold).to(tl.int32), axis=0)
-    ties_wanted = k - above
+    _compact_row(src_ptr, n, stride, threshold, k - above, idx_out_ptr, val_out_ptr, hits_ptr,
+                 hit_increment, STORE_VALUES, COUNT_HITS, ATOMIC_HITS, False, 4, BLOCK)
 
-    # Ordered compaction: positions come out ascending.
+
+@triton.jit
+def _compact_row(src_ptr, n, stride, threshold, ties_wanted, idx_out_ptr, val_out_ptr, hits_ptr,
+                 hit_increment, STORE_VALUES: tl.constexpr, COUNT_HITS: tl.constexpr,
+                 ATOMIC_HITS: tl.constexpr, RELAXED: tl.constexpr, PASSES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Writes the positions with key > threshold and the first ``ties_wanted`` with key ==
+    threshold, ascending (one ordered pass). Keys are compared on their top 8 * PASSES bits."""
     n_selected = 0
     n_ties = 0
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         raw, key = _load_keys(src_ptr, offs, n, stride)
+        if PASSES < 4:
+            key = key & -(1 << (32 - 8 * PASSES))  # NaN's all-ones low bits off, as in the search
         is_tie = (key == threshold).to(tl.int32)
         tie_rank = n_ties + tl.cumsum(is_tie, axis=0)
         selected = (key > threshold) | ((is_tie == 1) & (tie_rank <= ties_wanted))
@@ -75,14 +97,46 @@ def _select_row(src_ptr, n, stride, k, idx_out_ptr, val_out_ptr, hits_ptr, hit_i
         if STORE_VALUES:
             tl.store(val_out_ptr + slot, raw, mask=selected)
         if COUNT_HITS:
+            increments = tl.full([BLOCK], 1, tl.int64) * hit_increment
             if ATOMIC_HITS:
-                tl.atomic_add(hits_ptr + offs, tl.full([BLOCK], 1, tl.int64) * hit_increment,
-                              mask=selected)
+                if RELAXED:
+                    tl.atomic_add(hits_ptr + offs, increments, mask=selected, sem="relaxed")
+                else:
+                    tl.atomic_add(hits_ptr + offs, increments, mask=selected)
             else:
                 old = tl.load(hits_ptr + offs, mask=selected, other=0)
-                tl.store(hits_ptr + offs, old + hit_increment, mask=selected)
+                tl.store(hits_ptr + offs, old + increments, mask=selected)
         n_selected += tl.sum(chosen, axis=0)
         n_ties += tl.sum(is_tie, axis=0)
+
+
+@triton.jit
+def _search_histogram(src_ptr, n, stride, k, PASSES: tl.constexpr, BLOCK: tl.constexpr):
+    """The k-th largest key of one row, 8 bits per pass (``tl.histogram`` of the next digit of
+    the keys that share the bits found so far); also the count of keys above it. ``PASSES``
+    below 4 leaves the low bits zero: right for keys whose low bits are zero (16-bit inputs)."""
+    bins = tl.arange(0, 256)
+    threshold = 0
+    above = 0
+    for pass_ in tl.static_range(PASSES):
+        shift = 24 - 8 * pass_
+        hist = tl.zeros([256], dtype=tl.int32)
+        outside = 0
+        for start in range(0, n, BLOCK):
+            _, key = _load_keys(src_ptr, start + tl.arange(0, BLOCK), n, stride)
+            if pass_ == 0:
+                match = key >= 0
+            else:
+                match = (key >> (shift + 8)) == (threshold >> (shift + 8))
+            # Keys off the prefix (and past the row, key -1) land in bin 0 and are taken out.
+            hist += tl.histogram(tl.where(match, (key >> shift) & 0xFF, 0), 256)
+            outside += BLOCK - tl.sum(match.to(tl.int32), axis=0)
+        hist -= tl.where(bins == 0, outside, 0)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
+        digit = tl.max(tl.where(above + at_least >= k, bins, 0), axis=0)
+        above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        threshold = threshold | (digit << shift)
+    return threshold, above
 
 
 @triton.jit
@@ -131,6 +185,76 @@ def _per_example_select_kernel(dy_ptr, val_ptr, idx_ptr, hits_ptr, N, k, stride_
                 hits_ptr, 1, True, COUNT_HITS, True, BLOCK, RADIX_BITS)
 
 
+@triton.jit
+def _scores_bias_partial_kernel(dy_ptr, part_ptr, B, N, stride_b, stride_n, ROWS_PER_CHUNK,
+                                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk c of rows: part[0, c, n] = sum |dy[b, n]| and part[1, c, n] = sum dy[b, n]."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
+    col_mask = cols < N
+    first = chunk * ROWS_PER_CHUNK
+    last = tl.minimum(first + ROWS_PER_CHUNK, B)
+    abs_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    sum_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for start in range(first, last, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        mask = (rows[:, None] < last) & col_mask[None, :]
+        ptrs = dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n
+        values = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        abs_acc += tl.abs(values)
+        sum_acc += values
+    chunks = tl.num_programs(1)
+    tl.store(part_ptr + chunk * N + cols, tl.sum(abs_acc, axis=0), mask=col_mask)
+    tl.store(part_ptr + (chunks + chunk) * N + cols, tl.sum(sum_acc, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _scores_bias_finish_kernel(part_ptr, scores_ptr, db_ptr, N, CHUNKS, BLOCK: tl.constexpr):
+    """scores[n] and db[n]: the chunks' partial sums added in chunk order."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    scores = tl.zeros([BLOCK], dtype=tl.float32)
+    bias = tl.zeros([BLOCK], dtype=tl.float32)
+    for chunk in range(0, CHUNKS):
+        scores += tl.load(part_ptr + chunk * N + cols, mask=mask, other=0.0)
+        bias += tl.load(part_ptr + (CHUNKS + chunk) * N + cols, mask=mask, other=0.0)
+    tl.store(scores_ptr + cols, scores, mask=mask)
+    tl.store(db_ptr + cols, bias.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unified_top_kernel(scores_ptr, idx_ptr, hits_ptr, N, k, hit_increment,
+                        COUNT_HITS: tl.constexpr, BLOCK: tl.constexpr):
+    threshold, above = _search_histogram(scores_ptr, N, 1, k, 4, BLOCK)
+    _compact_row(scores_ptr, N, 1, threshold, k - above, idx_ptr, idx_ptr, hits_ptr,
+                 hit_increment, False, COUNT_HITS, False, False, 4, BLOCK)
+
+
+@triton.jit
+def _gather_padded_kernel(dy_ptr, idx_ptr, out_ptr, B, K, K_PAD, stride_b, stride_n,
+                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, j] = dy[b, idx[j]] for j < K and 0 for K <= j < K_PAD (out contiguous B x K_PAD)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    valid = slots < K
+    cols = tl.load(idx_ptr + slots, mask=valid, other=0)
+    row_mask = rows[:, None] < B
+    vals = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n,
+                   mask=row_mask & valid[None, :], other=0.0)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K_PAD + slots[None, :], vals,
+             mask=row_mask & (slots[None, :] < K_PAD))
+
+
+@triton.jit
+def _per_example_top_kernel(dy_ptr, val_ptr, idx_ptr, hits_ptr, N, k, stride_b, stride_n,
+                            COUNT_HITS: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    src = dy_ptr + row * stride_b
+    threshold, above = _search_histogram(src, N, stride_n, k, PASSES, BLOCK)
+    _compact_row(src, N, stride_n, threshold, k - above, idx_ptr + row * k, val_ptr + row * k,
+                 hits_ptr, 1, True, COUNT_HITS, True, True, PASSES, BLOCK)
+
+
 def _prefer_block_near_width(configs, named_args):
     """Blocks no wider than the row (rounded up to a power of two), the widest first."""
     width = pow2_bucket(named_args["N"])
@@ -169,17 +293,54 @@ per_example_select_rows = TunedKernel(_per_example_select_kernel, _select_config
                                       prune=_prefer_block_near_width, restore_value=["hits_ptr"])
 
 
+def _prune_partial_scores(configs, named_args):
+    # Chunks are whole multiples of every BLOCK_B; few rows: no tall blocks of masked-out rows.
+    rows = pow2_bucket(named_args["B"])
+    fitting = [c for c in configs if c.kwargs["BLOCK_B"] <= max(rows, 8)]
+    return fitting or configs[-1:]
+
+
+def _histogram_configs():
+    return [triton.Config({"BLOCK": block}, num_warps=warps)
+            for block, warps in ((1024, 4), (2048, 8), (4096, 8), (512, 4), (256, 2))]
+
+
+def _prefer_histogram_block(configs, named_args):
+    width = pow2_bucket(named_args["N"])
+    fitting = [c for c in configs if c.kwargs["BLOCK"] <= max(width, 256)]
+    return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
+
+
+scores_bias_partial = TunedKernel(
+    _scores_bias_partial_kernel,
+    [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bb, bn, w, s in ((16, 128, 4, 3), (32, 64, 4, 3), (8, 256, 4, 3), (16, 256, 8, 2),
+                          (32, 128, 8, 2))],
+    key=["N", "ROWS_PER_CHUNK"], prune=_prune_partial_scores)
+scores_bias_finish = TunedKernel(
+    _scores_bias_finish_kernel, [triton.Config({"BLOCK": 1024}, num_warps=4)], key=["N"])
+unified_top = TunedKernel(_unified_top_kernel, _histogram_configs(), key=["N"],
+                          prune=_prefer_histogram_block, restore_value=["hits_ptr"])
+gather_padded = TunedKernel(
+    _gather_padded_kernel,
+    [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+     for bb, bk, w in ((32, 64, 4), (16, 128, 4), (64, 64, 8), (8, 256, 4))],
+    key=["K_PAD"])
+per_example_top = TunedKernel(_per_example_top_kernel, _histogram_configs(), key=["N"],
+                              prune=_prefer_histogram_block, restore_value=["hits_ptr"])
+
+# Rows per chunk of the score pass: enough chunks to fill a large GPU (with 64 to 256 column
+# blocks at N = 8192, 16 chunks give 1024 to 4096 programs), each chunk a multiple of 64 rows.
+SCORE_CHUNKS = 16
+# Bits of the selection key that can be non-zero per input dtype (|x| converted to float32).
+_KEY_PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
+
+
 def _no_hits(device):
     return torch.empty(1, dtype=torch.int64, device=device)
 
 
-def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
-    """Batch-shared top-k columns of ``dy`` (B x N) by ``sum_b |dy[b, n]|``.
-
-    Returns ``(idx, dy_c)``: int64 column indices sorted ascending (k) and ``dy[:, idx]`` (B x k,
-    contiguous). ``hits`` (int64, N), if given, gets B added at every selected column.
-    """
-    check_dtypes("unified_select", dy=dy)
+def _unified_select_v1(dy, k, hits):
     B, N = dy.shape
     scores = torch.empty(N, dtype=torch.float32, device=dy.device)
     column_scores[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
@@ -192,7 +353,49 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     if B > 0:
         gather_columns[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k, meta["BLOCK_K"]))](
             dy, idx, dy_c, B, k, dy.stride(0), dy.stride(1))
-    return idx, dy_c
+    return idx, dy_c, dy.sum(0)
+
+
+def _unified_select_v2(dy, k, hits):
+    B, N = dy.shape
+    rows_per_chunk = max(64, padded_columns(triton.cdiv(B, SCORE_CHUNKS)))
+    chunks = max(1, triton.cdiv(B, rows_per_chunk))
+    part = torch.empty((2, chunks, N), dtype=torch.float32, device=dy.device)
+    scores_bias_partial[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks)](
+        dy, part, B, N, dy.stride(0), dy.stride(1), rows_per_chunk)
+    scores = torch.empty(N, dtype=torch.float32, device=dy.device)
+    db = torch.empty(N, dtype=dy.dtype, device=dy.device)
+    scores_bias_finish[lambda meta: (triton.cdiv(N, meta["BLOCK"]),)](part, scores, db, N, chunks)
+    idx = torch.empty(k, dtype=torch.int64, device=dy.device)
+    count = hits is not None
+    unified_top[(1,)](scores, idx, hits if count else _no_hits(dy.device), N, k, B,
+                      COUNT_HITS=count)
+    k_pad = padded_columns(k)
+    padded = torch.empty((B, k_pad), dtype=dy.dtype, device=dy.device)
+    if B > 0:
+        gather_padded[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k_pad, meta["BLOCK_K"]))](
+            dy, idx, padded, B, k, k_pad, dy.stride(0), dy.stride(1))
+    mark_zero_padded(padded)
+    return idx, padded[:, :k], db
+
+
+def unified_select_and_bias(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
+    """``unified_select`` plus the bias gradient ``db = dy.sum(0)`` (dtype of ``dy``), which the
+    v2 kernels take from the same pass over ``dy`` as the column scores."""
+    check_dtypes("unified_select", dy=dy)
+    if kernel_version() == "v1":
+        return _unified_select_v1(dy, k, hits)
+    return _unified_select_v2(dy, k, hits)
+
+
+def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
+    """Batch-shared top-k columns of ``dy`` (B x N) by ``sum_b |dy[b, n]|``.
+
+    Returns ``(idx, dy_c)``: int64 column indices sorted ascending (k) and ``dy[:, idx]`` (B x k;
+    with the v2 kernels the ``[:, :k]`` view of a zero-padded B x roundup(k, 64) buffer, so rows
+    are 16-byte aligned). ``hits`` (int64, N), if given, gets B added at every selected column.
+    """
+    return unified_select_and_bias(dy, k, hits)[:2]
 
 
 def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
@@ -207,6 +410,11 @@ def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = Non
     idx = torch.empty((B, k), dtype=torch.int64, device=dy.device)
     if B > 0:
         count = hits is not None
-        per_example_select_rows[(B,)](dy, values, idx, hits if count else _no_hits(dy.device),
-                                      N, k, dy.stride(0), dy.stride(1), COUNT_HITS=count)
+        hits_arg = hits if count else _no_hits(dy.device)
+        if kernel_version() == "v1":
+            per_example_select_rows[(B,)](dy, values, idx, hits_arg, N, k, dy.stride(0),
+                                          dy.stride(1), COUNT_HITS=count)
+        else:
+            per_example_top[(B,)](dy, values, idx, hits_arg, N, k, dy.stride(0), dy.stride(1),
+                                  COUNT_HITS=count, PASSES=_KEY_PASSES.get(dy.dtype, 4))
     return values, idx

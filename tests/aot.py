@@ -11,6 +11,9 @@ SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 def compile_specs(specs):
     """Compiles every config of every spec for both targets; returns the worker's result list."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The checkout this test runs from, not whichever copy of the package is installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     worker = Path(__file__).with_name("aot_worker.py")
     done = subprocess.run([sys.executable, str(worker)], input=json.dumps(specs), env=env,
                           capture_output=True, text=True, timeout=1200)

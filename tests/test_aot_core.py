@@ -41,14 +41,36 @@ def _specs():
                             "stride_om": "i32"},
                  constexprs={"SCATTER": dt == "bf16"}),
         ]
+    for dt, passes in (("fp32", 4), ("fp16", 3), ("bf16", 2)):
+        specs.append(dict(kernel=f"{SEL}:per_example_top", label=dt,
+                          signature={"dy_ptr": f"*{dt}", "val_ptr": f"*{dt}", "idx_ptr": "*i64",
+                                     "hits_ptr": "*i64", "N": "i32", "k": "i32", "stride_b": "i32",
+                                     "stride_n": "i32"},
+                          constexprs={"COUNT_HITS": True, "PASSES": passes}))
+    for dt in STREAM_DTYPES:
+        specs += [
+            dict(kernel=f"{SEL}:scores_bias_partial", label=dt,
+                 signature={"dy_ptr": f"*{dt}", "part_ptr": "*fp32", "B": "i32", "N": "i32",
+                            "stride_b": "i32", "stride_n": "i32", "ROWS_PER_CHUNK": "i32"}),
+            dict(kernel=f"{SEL}:scores_bias_finish", label=dt,
+                 signature={"part_ptr": "*fp32", "scores_ptr": "*fp32", "db_ptr": f"*{dt}",
+                            "N": "i32", "CHUNKS": "i32"}),
+            dict(kernel=f"{SEL}:gather_padded", label=dt,
+                 signature={"dy_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}", "B": "i32",
+                            "K": "i32", "K_PAD": "i32", "stride_b": "i32", "stride_n": "i32"}),
+        ]
     for count in (True, False):
         specs.append(dict(kernel=f"{SEL}:unified_select_row", label=f"hits={count}",
                           signature={"scores_ptr": "*fp32", "idx_ptr": "*i64", "hits_ptr": "*i64",
                                      "N": "i32", "k": "i32", "hit_increment": "i32"},
                           constexprs={"COUNT_HITS": count}))
+        specs.append(dict(kernel=f"{SEL}:unified_top", label=f"hits={count}",
+                          signature={"scores_ptr": "*fp32", "idx_ptr": "*i64", "hits_ptr": "*i64",
+                                     "N": "i32", "k": "i32", "hit_increment": "i32"},
+                          constexprs={"COUNT_HITS": count}))
     for dt in DOT_DTYPES:
         precision = "tf32" if dt == "fp32" else "ieee"
-        common = {"B": "i32", "M": "i32", "K": "i32", "B_BUCKET": "i32"}
+        common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
         specs += [
             dict(kernel=f"{GAT}:gathered_rows_matmul", label=f"dot-{dt}",
                  signature={"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "idx_ptr": "*i64", "c_ptr": f"*{dt}",
@@ -69,7 +91,7 @@ def _specs():
             kernel = getattr(gathered, name)
             large = {"a_ptr": torch.empty(0, dtype=torch_dtypes[dt]), "B": 4096, "M": 8192, "K": 4096}
             spec["configs"] = config_indices(kernel, large)
-        elif (dt != "bf16" and not spec["label"].startswith("hits")) or spec["label"] == "hits=False":
+        elif (dt not in ("bf16", "fp16") and not spec["label"].startswith("hits")) or spec["label"] == "hits=False":
             spec["configs"] = [0]
     return specs
 

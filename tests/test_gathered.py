@@ -87,3 +87,25 @@ def test_empty_batch_products(ops):
     assert ops.gathered_input_grad(empty, w, idx).shape == (0, 6)
     assert torch.equal(ops.gathered_weight_grad(empty, torch.zeros(0, 6, device=DEVICE), idx),
                        torch.zeros(3, 6, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,M,N,k", [(5, 33, 100, 7), (9, 70, 140, 65)])
+def test_products_read_the_zero_padded_selection(B, M, N, k, dtype):
+    ops = backend.triton_ops()
+    dy = torch.randn(B, N, device=DEVICE).to(dtype)
+    x = torch.randn(B, M, device=DEVICE).to(dtype)
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    w[-1] = float("inf")  # never selected here: padding must not read it
+    dy[:, -1] = 0.0
+    idx, dy_c = ops.unified_select(dy, k)
+    assert dy_c.stride(0) % 64 == 0
+    rows = idx.long()
+    reference = dy.double()[:, rows]
+    assert_close(ops.gathered_input_grad(dy_c, w, idx), reference @ w.double()[rows], dtype)
+    assert_close(ops.gathered_weight_grad(dy_c, x, idx), reference.t() @ x.double(), dtype)
+    dense = torch.zeros(N, M, device=DEVICE, dtype=dtype)
+    ops.gathered_weight_grad(dy_c, x, idx, out=dense)
+    expected = torch.zeros(N, M, dtype=torch.float64, device=DEVICE)
+    expected[rows] = reference.t() @ x.double()
+    assert_close(dense, expected, dtype)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES
+from conftest import DEVICE, KERNEL_DTYPES, assert_close
 from reference import is_valid_topk
 from triton_mebp import backend, torch_ops
 
@@ -19,18 +19,67 @@ def ops(request):
     return torch_ops if request.param == "torch" else kernel_ops()
 
 
+@pytest.fixture(params=["v1", "v2"])
+def kernel_version(request, monkeypatch):
+    """The Triton selection kernels of each generation (TRITON_MEBP_KERNELS)."""
+    monkeypatch.setenv("TRITON_MEBP_KERNELS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("B,N,k", CASES)
 def test_unified_selects_top_columns(ops, B, N, k, dtype):
     dy = torch.randn(B, N, device=DEVICE).to(dtype)
     hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
-    idx, dy_c = ops.unified_select(dy, k, hits)
+    idx, dy_c, db = ops.unified_select_and_bias(dy, k, hits)
     assert is_valid_topk(dy.double().abs().sum(0), idx, k)
-    assert dy_c.shape == (B, k) and dy_c.dtype == dtype and dy_c.is_contiguous()
+    assert dy_c.shape == (B, k) and dy_c.dtype == dtype and dy_c.stride(1) == 1
     assert torch.equal(dy_c, dy[:, idx.long()])
+    assert db.dtype == dtype
+    assert_close(db, dy.double().sum(0), dtype)
     expected_hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
     expected_hits[idx.long()] = B
     assert torch.equal(hits, expected_hits)
+
+
+@pytest.mark.parametrize("B,N,k", [(3, 100, 7), (65, 130, 64)])
+def test_kernel_generations_agree(kernel_version, B, N, k):
+    dy = torch.randn(B, N, device=DEVICE)
+    hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    idx, dy_c, db = kernel_ops().unified_select_and_bias(dy, k, hits)
+    assert is_valid_topk(dy.double().abs().sum(0), idx, k)
+    assert torch.equal(dy_c, dy[:, idx.long()])
+    assert_close(db, dy.double().sum(0))
+    assert torch.equal(hits.nonzero().flatten(), idx.long())
+    values, rows_idx = kernel_ops().per_example_select(dy[:3], k)
+    assert torch.equal(values, dy[:3].gather(1, rows_idx.long()))
+    for b in range(3):
+        assert is_valid_topk(dy[b].double().abs(), rows_idx[b], k), f"row {b}"
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 130])
+def test_v2_pads_the_compacted_rows_with_zeros(monkeypatch, k):
+    monkeypatch.setenv("TRITON_MEBP_KERNELS", "v2")
+    dy = torch.randn(5, 200, device=DEVICE) + 10.0   # no zeros anywhere
+    idx, dy_c = kernel_ops().unified_select(dy, k)
+    padded = dy_c._base
+    width = -(-k // 64) * 64
+    assert padded.shape == (5, width) and dy_c.stride(0) == width
+    assert torch.equal(padded[:, :k], dy[:, idx.long()])
+    assert not padded[:, k:].any()
+
+
+def test_bias_pass_is_deterministic():
+    dy = torch.randn(300, 40, device=DEVICE) * 1e3
+    first = kernel_ops().unified_select_and_bias(dy, 5)[2]
+    for _ in range(2):
+        assert torch.equal(kernel_ops().unified_select_and_bias(dy, 5)[2], first)
+
+
+def test_unknown_kernel_generation_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_MEBP_KERNELS", "v3")
+    with pytest.raises(ValueError, match="TRITON_MEBP_KERNELS"):
+        kernel_ops().unified_select(torch.randn(2, 8, device=DEVICE), 1)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -97,3 +146,14 @@ def test_selection_leaves_its_input_alone(ops):
     ops.unified_select(dy, 3)
     ops.per_example_select(dy, 3)
     assert torch.equal(dy, before)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_per_example_nan_in_half_precision_keys(ops, dtype):
+    dy = torch.randn(3, 40, device=DEVICE).to(dtype)
+    dy[0, 5] = dy[0, 7] = dy[0, 9] = float("nan")
+    dy[1, 3] = float("inf")
+    values, idx = ops.per_example_select(dy, 2)
+    assert idx[0].tolist() == [5, 7]
+    assert 3 in idx[1].tolist()
+    assert torch.equal(values[1:], dy[1:].gather(1, idx[1:].long()))

@@ -36,6 +36,12 @@ class Backend(Protocol):
         idx ascending (k), ``dy_c = dy[:, idx]`` (B x k); hits += B at the selected columns."""
         ...
 
+    def unified_select_and_bias(self, dy: Tensor, k: int, hits: Tensor | None = None
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+        """``unified_select`` and the bias gradient ``db = dy.sum(0)`` (dtype of ``dy``):
+        ``(idx, dy_c, db)``, from one pass over ``dy`` where the backend can."""
+        ...
+
     def per_example_select(self, dy: Tensor, k: int, hits: Tensor | None = None
                            ) -> tuple[Tensor, Tensor]:
         """Top-k of ``|dy[b]|`` per row: ``(values, idx)``, both B x k, idx ascending per row;

@@ -47,6 +47,11 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     return idx, dy.index_select(1, idx)
 
 
+def unified_select_and_bias(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
+    """``unified_select`` and the bias gradient ``dy.sum(0)``: ``(idx, dy_c, db)``."""
+    return (*unified_select(dy, k, hits), dy.sum(0))
+
+
 def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """Per-row top-k of ``|dy|``: ``(values, idx)``, B x k, idx ascending within each row."""
     idx = _top_k(dy.abs(), k)
