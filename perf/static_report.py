@@ -1,0 +1,433 @@
+"""Static GPU report: what every kernel compiles to at the target shapes, without a GPU.
+
+Each launcher runs on ``meta`` tensors at the target shape (B = 4096, M = N = 8192, k = 410 and
+448) while its launches are recorded instead of run, so the report sees exactly the arguments,
+strides and constexprs the library passes. Each recorded launch is specialised as Triton's
+runtime does it (ints equal to 1 become constants, pointers and ints that are multiples of 16 get
+``tt.divisibility = 16``), compiled ahead of time for every autotune config and target, and read:
+
+- ``ptxas -v`` (Triton's bundled ptxas, on the PTX for sm_90a / sm_80): registers, spill stores and
+  loads, stack frame, shared memory;
+- the PTX: ``wgmma`` and ``mma.sync`` instructions; global loads and stores by width in bytes
+  (``ld16`` = 16-byte vector loads, ``ld2`` = scalar 2-byte loads, ...); ``cp.async`` copies by size;
+  TMA copies; global atomics and their memory order, shared-memory atomics.
+
+Counts are static (instructions in the code), not dynamic. One CSV row per call x kernel x config
+x dtype x k x target, written to ``perf/results/static-report-triton<version>.csv``.
+
+    python perf/static_report.py                       # everything, both targets
+    python perf/static_report.py --calls unified --dtypes bf16 --ks 410 --targets 90 \\
+        --first-config --json -                        # a few rows as JSON on stdout (tests)
+"""
+import argparse
+import contextlib
+import csv
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # a source checkout, without installing
+
+B, M, N = 4096, 8192, 8192
+KS = (410, 448)
+DTYPES = ("bf16", "fp16", "fp32")
+TARGETS = (90, 80)
+SMS = 132  # H100 SXM; programs per SM are reported against it
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+                "int32": "i32", "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8",
+                "bool": "i1"}
+COLUMNS = ["triton", "call", "kernel", "dtype", "k", "target", "config", "num_warps", "num_stages",
+           "programs", "programs_per_sm", "ok", "registers", "spill_stores", "spill_loads", "stack",
+           "smem", "wgmma", "mma_sync", "ld16", "ld8", "ld4", "ld2", "ld1", "st16", "st8", "st4",
+           "st2", "st1", "cp_async16", "cp_async_small", "tma", "atomics", "atomic_order", "shared_atomics",
+           "error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording the launches a launcher makes
+
+
+@contextlib.contextmanager
+def recording():
+    """Within: every ``TunedKernel`` launch is appended to the yielded list instead of running."""
+    from triton_mebp.kernels._tuning import TunedKernel
+    launches = []
+    original = TunedKernel.__getitem__
+
+    def record(self, grid):
+        def launch(*args, **kwargs):
+            launches.append((self, grid, args, kwargs))
+        return launch
+
+    TunedKernel.__getitem__ = record
+    try:
+        yield launches
+    finally:
+        TunedKernel.__getitem__ = original
+
+
+def _tuned_kernel_names():
+    """``id(TunedKernel) -> "module:attr"`` over the kernel modules."""
+    from triton_mebp.kernels._tuning import TunedKernel
+    names = {}
+    package = Path(importlib.import_module("triton_mebp.kernels").__file__).parent
+    for path in sorted(package.glob("*.py")):
+        if path.stem.startswith("__"):
+            continue
+        module_name = f"triton_mebp.kernels.{path.stem}"
+        module = importlib.import_module(module_name)
+        for attr, value in vars(module).items():
+            if isinstance(value, TunedKernel):
+                names.setdefault(id(value), f"{module_name}:{attr}")
+    return names
+
+
+def _calls(dtype_name, k):
+    """``{call name: function}``; each function runs launchers on meta tensors at the target shape."""
+    import torch
+    import triton
+
+    from triton_mebp.kernels import fused_mlp, gathered, optim_rows, row_update, selection
+    dtype = getattr(torch, TORCH_DTYPES[dtype_name])
+    meta = dict(device="meta")
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, **meta)
+
+    def unified(version):
+        def run():
+            with _kernel_version(version):
+                dy, x, w = t(B, N), t(B, M), t(N, M)
+                idx, dy_c = selection.unified_select(dy, k, t(N, dt=torch.int64))[:2]
+                gathered.gathered_input_grad(dy_c, w, idx)
+                gathered.gathered_weight_grad(dy_c, x, idx, out=t(N, M))
+                gathered.gathered_weight_grad(dy_c, x, idx)
+        return run
+
+    def per_example():
+        dy, x, w = t(B, N), t(B, M), t(N, M)
+        values, idx = selection.per_example_select(dy, k, t(N, dt=torch.int64))
+        gathered.per_example_input_grad(values, idx, w)
+        # per_example_weight_grad sizes its output by the distinct rows (data the meta device
+        # lacks): its segment kernel is launched as it would be, with every row selected.
+        pairs, seg, rows = t(B * k, dt=torch.int64), t(N + 1, dt=torch.int64), t(N, dt=torch.int64)
+        for scatter in (True, False):
+            gathered.segment_rows[lambda meta: (N, triton.cdiv(M, meta["BLOCK_M"]))](
+                seg, pairs, t(B * k), rows, x, t(N, M), M, x.stride(0), x.stride(1), M, 1,
+                SCATTER=scatter)
+
+    def row_updates():
+        p, g, idx = t(N, M), t(k, M), t(k, dt=torch.int64)
+        step = t(N, dt=torch.float32)
+        row_update.row_sgd_update(p, idx, g, 0.1)
+        optim_rows.row_sgd_step(p, idx, g, step, t(N, M), lr=0.1, momentum=0.9, dampening=0.0,
+                                weight_decay=0.0, nesterov=False)
+        optim_rows.row_adagrad_step(p, idx, g, step, t(N, M), lr=0.1, lr_decay=0.0,
+                                    weight_decay=0.0, eps=1e-10)
+        optim_rows.row_adam_step(p, idx, g, step, t(N, M), t(N, M), lr=1e-3, beta1=0.9,
+                                 beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)
+
+    def inference():
+        x = t(65536, 784)
+        fused_mlp.linear_act(x, t(512, 784), t(512), "relu")
+        for width in (128, 256):
+            rest_w, rest_b = t(2, width, width), t(2, width)
+            fused_mlp.fused_mlp(x, t(width, 784), t(width), rest_w, rest_b, 10)
+
+    calls = {"unified": unified("v2"), "unified-v1": unified("v1"), "per_example": per_example,
+             "row_update": row_updates}
+    if k == KS[0]:
+        calls["inference"] = inference
+    if dtype_name != "fp16":
+        return calls
+    return {name: fn for name, fn in calls.items() if name != "row_update"}
+
+
+@contextlib.contextmanager
+def _kernel_version(version):
+    before = os.environ.get("TRITON_MEBP_KERNELS")
+    os.environ["TRITON_MEBP_KERNELS"] = version
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_MEBP_KERNELS", None)
+        else:
+            os.environ["TRITON_MEBP_KERNELS"] = before
+
+
+# ----------------------------------------------------------------------------------------------
+# Specialisation as the runtime applies it
+
+
+def _aligned(tensor) -> bool:
+    return tensor.storage_offset() * tensor.element_size() % 16 == 0
+
+
+def specialise(fn, args, kwargs):
+    """``(signature, constexprs, attrs)`` of a launch, as Triton's runtime specialises it."""
+    import torch
+    bound = dict(zip(fn.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            if name in bound:
+                constexprs[name] = bound[name]
+            continue
+        value = bound[name]
+        divisible = False
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[str(value.dtype).replace("torch.", "")]
+            divisible = _aligned(value)
+        elif isinstance(value, bool):
+            signature[name] = "u1" if hasattr(torch, "uint1") else "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            divisible = value % 16 == 0
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialise {name}={value!r}")
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _programs(grid, config_kwargs):
+    size = grid(dict(config_kwargs)) if callable(grid) else grid
+    total = 1
+    for dim in size:
+        total *= int(dim)
+    return total
+
+
+def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=False, kernels=None):
+    """Compile jobs (plain dicts) for the chosen calls, dtypes, k and targets."""
+    names = _tuned_kernel_names()
+    jobs, seen = [], set()
+    for dtype_name in dtypes:
+        for k in ks:
+            for call, run in _calls(dtype_name, k).items():
+                if calls and call not in calls:
+                    continue
+                with recording() as launches:
+                    run()
+                for tuned, grid, args, kwargs in launches:
+                    kernel = names[id(tuned)]
+                    short = kernel.split(":")[1]
+                    if kernels and short not in kernels:
+                        continue
+                    signature, constexprs, attrs = specialise(tuned.fn, args, kwargs)
+                    configs = tuned.configs[:1] if first_config else tuned.configs
+                    for index, config in enumerate(configs):
+                        for target in targets:
+                            key = (call, kernel, dtype_name, k, repr(signature), repr(constexprs),
+                                   repr(attrs), index, target)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            jobs.append(dict(
+                                call=call, kernel=kernel, dtype=dtype_name, k=k, target=target,
+                                config_index=index, signature=signature, constexprs=constexprs,
+                                attrs=[[list(p), v] for p, v in attrs.items()],
+                                programs=_programs(grid, {**kwargs, **config.kwargs})))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling and reading
+
+
+def _ptxas(target):
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(target).path
+
+
+def _gpu_name(target):
+    return f"sm_{target}a" if target >= 90 else f"sm_{target}"
+
+
+PTXAS_USAGE = re.compile(r"Used (\d+) registers")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+MEMORY_OP = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
+ATOMIC = re.compile(r"\b(atom|red)\b((?:\.[\w:]+)*)")
+ORDERS = ("relaxed", "acquire", "release", "acq_rel", "sc")
+
+
+def read_ptxas(log: str) -> dict:
+    regs = PTXAS_USAGE.search(log)
+    spills = PTXAS_SPILLS.search(log)
+    smem = PTXAS_SMEM.search(log)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                stack=int(spills.group(1)) if spills else None,
+                spill_stores=int(spills.group(2)) if spills else None,
+                spill_loads=int(spills.group(3)) if spills else None,
+                smem=int(smem.group(1)) if smem else 0)
+
+
+def _access_bytes(suffixes):
+    vector, bits = 1, None
+    for part in suffixes.split(".")[1:]:
+        if part in ("v2", "v4", "v8"):
+            vector = int(part[1:])
+        match = re.fullmatch(r"[bsuf](8|16|32|64|128)", part)
+        if match:
+            bits = int(match.group(1))
+    return vector * bits // 8 if bits else None
+
+
+def read_ptx(ptx: str) -> dict:
+    """Static instruction counts of the PTX (comments and the header aside)."""
+    code = "\n".join(line.split("//")[0] for line in ptx.splitlines())
+    counts = {f"{op}{n}": 0 for op in ("ld", "st") for n in (16, 8, 4, 2, 1)}
+    for op, suffixes in MEMORY_OP.findall(code):
+        size = _access_bytes(suffixes)
+        if size is not None:
+            counts[f"{op}{min(size, 16)}"] += 1
+    sizes = [int(s, 0) for s in CP_ASYNC.findall(code)]
+    orders = set()
+    atomics = shared_atomics = 0
+    for _, suffixes in ATOMIC.findall(code):
+        parts = suffixes.split(".")
+        if "shared" in parts or "shared::cta" in parts:
+            shared_atomics += 1  # e.g. tl.histogram's bins
+            continue
+        atomics += 1
+        orders.add(next((o for o in ORDERS if o in parts), "default"))
+    return dict(counts,
+                wgmma=len(re.findall(r"\bwgmma\.mma_async", code)),
+                mma_sync=len(re.findall(r"\bmma\.sync", code)),
+                cp_async16=sum(s == 16 for s in sizes), cp_async_small=sum(s < 16 for s in sizes),
+                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", code)),
+                atomics=atomics, atomic_order="/".join(sorted(orders)),
+                shared_atomics=shared_atomics)
+
+
+def _config_label(config):
+    parts = [f"{k}={v}" for k, v in config.kwargs.items()]
+    return " ".join(parts)
+
+
+def compile_job(job) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    module_name, attr = job["kernel"].split(":")
+    tuned = getattr(importlib.import_module(module_name), attr)
+    config = tuned.configs[job["config_index"]]
+    constexprs = {**job["constexprs"], **config.kwargs}
+    signature = dict(job["signature"])
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {tuple(path): value for path, value in job["attrs"]}
+    row = dict(triton=triton.__version__, call=job["call"], kernel=attr, dtype=job["dtype"],
+               k=job["k"], target=f"sm_{job['target']}", config=_config_label(config),
+               num_warps=config.num_warps, num_stages=config.num_stages,
+               programs=job["programs"], programs_per_sm=round(job["programs"] / SMS, 2))
+    try:
+        source = ASTSource(tuned.fn, signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", job["target"], 32),
+                                  options={"num_warps": config.num_warps,
+                                           "num_stages": config.num_stages})
+        ptx = compiled.asm["ptx"]
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder, "kernel.ptx")
+            path.write_text(ptx)
+            done = subprocess.run([_ptxas(job["target"]), "-v", f"--gpu-name={_gpu_name(job['target'])}",
+                                   str(path), "-o", str(Path(folder, "kernel.cubin"))],
+                                  capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"ptxas: {done.stderr[-1000:]}")
+        row.update(ok=True, **read_ptxas(done.stderr + done.stdout), **read_ptx(ptx), error="")
+    except Exception as error:  # one failed compile is a row of the report, not the end of it
+        row.update(ok=False, error=f"{type(error).__name__}: {error}"[:500].replace("\n", " "))
+    return row
+
+
+def _compile_key(job):
+    return (job["kernel"], repr(job["signature"]), repr(job["constexprs"]), repr(job["attrs"]),
+            job["config_index"], job["target"])
+
+
+def run_jobs(jobs, workers):
+    """Rows of every job; identical specialisations (other call, other k) are compiled once."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    unique = {}
+    for job in jobs:
+        unique.setdefault(_compile_key(job), job)
+    todo = list(unique.values())
+    if workers <= 1:
+        done = [compile_job(job) for job in todo]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            done = list(pool.map(compile_job, todo, chunksize=1))
+    compiled = {_compile_key(job): row for job, row in zip(todo, done)}
+    rows = []
+    for job in jobs:
+        row = dict(compiled[_compile_key(job)])
+        row.update(call=job["call"], dtype=job["dtype"], k=job["k"], programs=job["programs"],
+                   programs_per_sm=round(job["programs"] / SMS, 2))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", nargs="*", help="unified unified-v1 per_example row_update inference")
+    parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
+    parser.add_argument("--ks", nargs="*", type=int, default=list(KS))
+    parser.add_argument("--targets", nargs="*", type=int, default=list(TARGETS))
+    parser.add_argument("--first-config", action="store_true", help="only each kernel's first config")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", help="CSV path (default perf/results/static-report-triton<ver>.csv)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the rows of the calls computed now in the CSV")
+    parser.add_argument("--json", help="write the rows as JSON to this path ('-': stdout) instead")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    import triton
+    jobs = jobs_for(args.calls, args.dtypes, args.ks, args.targets, args.first_config, args.kernels)
+    rows = run_jobs(jobs, args.jobs)
+    if args.json:
+        text = json.dumps(rows)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+        return 0
+    out = Path(args.out or ROOT / "perf" / "results" / f"static-report-triton{triton.__version__}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        # Keep the rows of the calls not recomputed now.
+        with out.open(newline="") as handle:
+            kept = [r for r in csv.DictReader(handle) if r["call"] not in {r["call"] for r in rows}]
+        rows = kept + rows
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = sum(not r["ok"] for r in rows)
+    print(f"wrote {out}: {len(rows)} rows, {failed} failed compiles")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
