@@ -52,9 +52,44 @@ DISTRIBUTED_MARK = "_mebp_distributed"  # set on those weights too: torch.compil
 _zeroed_grad_buffer = library.zeroed_grad_buffer
 
 
-def _row_sparse(rows_idx, rows, shape):
-    return torch.sparse_coo_tensor(rows_idx.long().unsqueeze(0), rows, shape, is_coalesced=True,
-                                   check_invariants=False)
+# weight.data_ptr() -> (values, indices pointers, rows) of the row-sparse gradient last returned
+_fresh_row_grads = {}
+
+
+def _row_sparse(rows_idx, rows, shape, weight=None):
+    """A row-sparse gradient from distinct, ascending row indices; remembered for ``weight``."""
+    grad = torch.sparse_coo_tensor(rows_idx.long().unsqueeze(0), rows, shape,
+                                   is_coalesced=True, check_invariants=False)
+    if weight is not None and not torch.compiler.is_compiling():
+        try:
+            _fresh_row_grads[weight.data_ptr()] = _identity(grad)
+        except RuntimeError:  # traced (fake) tensors have no memory: nothing to remember
+            pass
+    return grad
+
+
+def _identity(grad):
+    return grad._values().data_ptr(), grad._indices().data_ptr(), grad._nnz()
+
+
+def _keep_rows_coalesced(param):
+    """After autograd stored a row-sparse gradient in ``param.grad``: autograd's copy drops the
+    "coalesced" flag, so every optimizer step would sort the rows again (on a GPU, with a host
+    sync). When ``param.grad`` is exactly the gradient returned by the backward (the same memory,
+    not a sum of several backward passes) the flag is put back."""
+    fresh = _fresh_row_grads.pop(param.data_ptr(), None)
+    grad = param.grad
+    if (fresh is not None and grad is not None and grad.is_sparse and not grad.is_coalesced()
+            and fresh == _identity(grad)):
+        param.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                             is_coalesced=True, check_invariants=False)
+
+
+def _watch_row_sparse_grads(weight) -> None:
+    if (weight.requires_grad and weight.is_leaf
+            and not getattr(weight, "_mebp_keeps_rows_coalesced", False)):
+        weight.register_post_accumulate_grad_hook(_keep_rows_coalesced)
+        weight._mebp_keeps_rows_coalesced = True
 
 
 def _dense_backward(dy, x, weight, ctx):
@@ -66,23 +101,22 @@ def _dense_backward(dy, x, weight, ctx):
     if ctx.needs_input_grad[1]:
         dw = dy.t() @ x
         if ctx.grad == "sparse":
-            dw = _row_sparse(torch.arange(weight.shape[0], device=dw.device), dw, weight.shape)
+            dw = _row_sparse(torch.arange(weight.shape[0], device=dw.device), dw, weight.shape, weight)
     return dx, dw, dy.sum(0)
 
 
 def _unified_backward(dy, x, weight, ctx):
-    idx, dy_c = OPS.unified_select.default(dy, ctx.k, ctx.hits)
+    # The bias gradient comes out of the selection's pass over dy (one read of dy, not two).
+    idx, dy_c, db = OPS.unified_select_and_bias.default(dy, ctx.k, ctx.hits)
     dx = OPS.gathered_input_grad.default(dy_c, weight, idx) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
             dw = OPS.gathered_weight_grad_dense.default(dy_c, x, idx, weight)
         else:
-            dw = _row_sparse(idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape)
+            dw = _row_sparse(idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape, weight)
     if ctx.sparse_bias:
         db = dy.new_zeros(weight.shape[0]).index_copy_(0, idx.long(), dy_c.sum(0))
-    else:
-        db = dy.sum(0)
     return dx, dw, db
 
 
@@ -99,7 +133,7 @@ def _per_example_backward(dy, x, weight, ctx):
             dw = OPS.per_example_weight_grad_dense.default(values, idx, x, weight.shape[0])
         else:
             rows, grad_rows = OPS.per_example_weight_grad.default(values, idx, x, weight.shape[0])
-            dw = _row_sparse(rows, grad_rows, weight.shape)
+            dw = _row_sparse(rows, grad_rows, weight.shape, weight)
     return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
 
 
@@ -235,6 +269,8 @@ def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sp
         if getattr(weight, DISTRIBUTED_MARK, False):
             return _linear_outside_graph(*args)
         return OPS.linear.default(*args)
+    if grad == "sparse":
+        _watch_row_sparse_grads(weight)
     return MebpLinearFunction.apply(*args)
 
 

@@ -48,12 +48,35 @@ def _unified_select(dy, k, hits=None):
     return backend.ops_for(dy).unified_select(dy, k, hits)
 
 
+def _selected_columns_fake(dy, k):
+    """``dy_c`` laid out as the backend returns it: the Triton kernels (v2) hand out the
+    ``[:, :k]`` view of rows zero-padded to a multiple of 64 columns."""
+    if backend.ops_for(dy) is not torch_ops:
+        from .kernels._tiles import PAD_COLUMNS
+        from .kernels._tuning import kernel_version
+        if kernel_version() == "v2":
+            return dy.new_empty(dy.shape[0], -(-k // PAD_COLUMNS) * PAD_COLUMNS)[:, :k]
+    return dy.new_empty(dy.shape[0], k)
+
+
 def _unified_select_fake(dy, k, hits=None):
-    return dy.new_empty(k, dtype=torch.int64), dy.new_empty(dy.shape[0], k)
+    return dy.new_empty(k, dtype=torch.int64), _selected_columns_fake(dy, k)
 
 
 define("unified_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
         _unified_select, _unified_select_fake)
+
+
+def _unified_select_and_bias(dy, k, hits=None):
+    return backend.ops_for(dy).unified_select_and_bias(dy, k, hits)
+
+
+def _unified_select_and_bias_fake(dy, k, hits=None):
+    return (*_unified_select_fake(dy, k, hits), dy.new_empty(dy.shape[1]))
+
+
+define("unified_select_and_bias(Tensor dy, SymInt k, Tensor(a!)? hits=None) "
+       "-> (Tensor, Tensor, Tensor)", _unified_select_and_bias, _unified_select_and_bias_fake)
 
 
 def _per_example_select(dy, k, hits=None):
@@ -244,6 +267,7 @@ def _per_example_weight_grad_through_op(values, idx, x, n_rows, dense=False):
 ops = types.SimpleNamespace(
     name="operators",
     unified_select=OPS.unified_select.default,
+    unified_select_and_bias=OPS.unified_select_and_bias.default,
     per_example_select=OPS.per_example_select.default,
     gathered_input_grad=OPS.gathered_input_grad.default,
     gathered_weight_grad=_gathered_weight_grad_through_op,

@@ -1,0 +1,80 @@
+"""The unified backward asks the device nothing: no ``.item()``, ``.tolist()``, ``.cpu()``,
+``nonzero``, ``unique`` or truth test of a tensor from the library's code (on a GPU each would
+wait for the device and forbid CUDA-graph capture). Checked on the CPU: those calls raise when
+made from a file of ``triton_mebp`` or ``kernels/`` (the interpreter and PyTorch may make them
+internally, on the library's behalf)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import triton_mebp as mebp
+from conftest import DEVICE
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = tuple(str(p) for p in (ROOT / "triton_mebp", ROOT / "kernels"))
+METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "unique_consecutive", "__bool__",
+           "__int__", "__float__")
+FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "argwhere", "masked_select", "bincount")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+def _guard(name, original):
+    def guarded(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.startswith(LIBRARY):
+            raise HostSync(f"{name} called from {caller}:{sys._getframe(1).f_lineno}")
+        return original(*args, **kwargs)
+    return guarded
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    for name in METHODS:
+        monkeypatch.setattr(torch.Tensor, name, _guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    for name in FUNCTIONS:
+        monkeypatch.setattr(torch, name, _guard(f"torch.{name}", getattr(torch, name)))
+
+
+def test_the_guard_catches_a_sync_in_library_code(no_host_sync):
+    from triton_mebp import optim
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.ones(2, 3), (4, 3),
+                                   check_invariants=False)
+    with pytest.raises(HostSync):
+        optim._row_sparse_parts(torch.zeros(4, 3), grad)   # checks the index range on the CPU
+
+
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_unified_backward_makes_no_host_sync(no_host_sync, backend_name, grad):
+    before = mebp.get_backend()
+    mebp.set_backend(backend_name)
+    try:
+        layer = mebp.MeLinear(40, 70, k=9, grad=grad, count_hits=True).to(DEVICE)
+        x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+        layer(x).square().sum().backward()
+    finally:
+        mebp.set_backend(before)
+    assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_row_sparse_gradients_stay_coalesced_through_accumulation(any_backend, mode):
+    layer = mebp.MeLinear(12, 30, k=4, mode=mode, grad="sparse").to(DEVICE)
+    x = torch.randn(5, 12, device=DEVICE)
+    layer(x).square().sum().backward()
+    first = layer.weight.grad
+    assert first.is_coalesced()       # the optimizers' coalesce() is then free (no sort, no sync)
+    rows = first._indices()[0]
+    assert torch.equal(rows, rows.unique())
+    # A second backward sums into the gradient: it must stay right, flagged or not.
+    expected = first.to_dense() * 2
+    layer(x).square().sum().backward()
+    second = layer.weight.grad
+    assert torch.allclose(second.to_dense(), expected)
+    if second.is_coalesced():
+        assert torch.equal(second._indices()[0], second._indices()[0].unique())
