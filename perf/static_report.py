@@ -113,9 +113,14 @@ def _calls(dtype_name, k):
                 gathered.gathered_weight_grad(dy_c, x, idx)
         return run
 
+    def per_example_v1():
+        with _kernel_version("v1"):
+            selection.per_example_select(t(B, N), k, t(N, dt=torch.int64))
+
     def per_example():
         dy, x, w = t(B, N), t(B, M), t(N, M)
-        values, idx = selection.per_example_select(dy, k, t(N, dt=torch.int64))
+        with _kernel_version("v2"):
+            values, idx = selection.per_example_select(dy, k, t(N, dt=torch.int64))
         gathered.per_example_input_grad(values, idx, w)
         # per_example_weight_grad sizes its output by the distinct rows (data the meta device
         # lacks): its segment kernel is launched as it would be, with every row selected.
@@ -144,7 +149,7 @@ def _calls(dtype_name, k):
             fused_mlp.fused_mlp(x, t(width, 784), t(width), rest_w, rest_b, 10)
 
     calls = {"unified": unified("v2"), "unified-v1": unified("v1"), "per_example": per_example,
-             "row_update": row_updates}
+             "per_example-v1": per_example_v1, "row_update": row_updates}
     if k == KS[0]:
         calls["inference"] = inference
     if dtype_name != "fp16":
@@ -366,30 +371,32 @@ def _compile_key(job):
 
 
 def run_jobs(jobs, workers):
-    """Rows of every job; identical specialisations (other call, other k) are compiled once."""
+    """Yields the rows of every job as their compiles finish; identical specialisations (another
+    call, another k) are compiled once."""
     os.environ.pop("TRITON_INTERPRET", None)
-    unique = {}
+    groups = {}
     for job in jobs:
-        unique.setdefault(_compile_key(job), job)
-    todo = list(unique.values())
-    if workers <= 1:
-        done = [compile_job(job) for job in todo]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            done = list(pool.map(compile_job, todo, chunksize=1))
-    compiled = {_compile_key(job): row for job, row in zip(todo, done)}
-    rows = []
-    for job in jobs:
-        row = dict(compiled[_compile_key(job)])
-        row.update(call=job["call"], dtype=job["dtype"], k=job["k"], programs=job["programs"],
-                   programs_per_sm=round(job["programs"] / SMS, 2))
-        rows.append(row)
-    return rows
+        groups.setdefault(_compile_key(job), []).append(job)
+    todo = [same[0] for same in groups.values()]
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        done = pool.map(compile_job, todo, chunksize=1) if pool else map(compile_job, todo)
+        for job, compiled in zip(todo, done):
+            for same in groups[_compile_key(job)]:
+                row = dict(compiled)
+                row.update(call=same["call"], dtype=same["dtype"], k=same["k"],
+                           programs=same["programs"],
+                           programs_per_sm=round(same["programs"] / SMS, 2))
+                yield row
+    finally:
+        if pool:
+            pool.shutdown()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", nargs="*", help="unified unified-v1 per_example row_update inference")
+    parser.add_argument("--calls", nargs="*",
+                        help="unified unified-v1 per_example per_example-v1 row_update inference")
     parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     parser.add_argument("--ks", nargs="*", type=int, default=list(KS))
@@ -407,7 +414,7 @@ def main(argv=None):
     jobs = jobs_for(args.calls, args.dtypes, args.ks, args.targets, args.first_config, args.kernels)
     rows = run_jobs(jobs, args.jobs)
     if args.json:
-        text = json.dumps(rows)
+        text = json.dumps(list(rows))
         if args.json == "-":
             print(text)
         else:
@@ -415,17 +422,24 @@ def main(argv=None):
         return 0
     out = Path(args.out or ROOT / "perf" / "results" / f"static-report-triton{triton.__version__}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
     if args.merge and out.exists():
-        # Keep the rows of the calls not recomputed now.
+        # Keep the rows outside what is recomputed now (other calls, dtypes, k or targets).
+        redone = {(j["call"], j["dtype"], str(j["k"]), f"sm_{j['target']}") for j in jobs}
         with out.open(newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if r["call"] not in {r["call"] for r in rows}]
-        rows = kept + rows
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            kept = [r for r in csv.DictReader(handle)
+                    if (r["call"], r["dtype"], r["k"], r["target"]) not in redone]
+    written = failed = 0
+    with out.open("w", newline="") as handle:  # row by row: a cut-short run keeps what it did
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-    failed = sum(not r["ok"] for r in rows)
-    print(f"wrote {out}: {len(rows)} rows, {failed} failed compiles")
+        writer.writerows(kept)
+        for row in rows:
+            writer.writerow(row)
+            handle.flush()
+            written += 1
+            failed += not row["ok"]
+    print(f"wrote {out}: {written} rows computed, {len(kept)} kept, {failed} failed compiles")
     return 0
 
 

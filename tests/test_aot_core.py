@@ -91,7 +91,7 @@ def _specs():
             kernel = getattr(gathered, name)
             large = {"a_ptr": torch.empty(0, dtype=torch_dtypes[dt]), "B": 4096, "M": 8192, "K": 4096}
             spec["configs"] = config_indices(kernel, large)
-        elif (dt not in ("bf16", "fp16") and not spec["label"].startswith("hits")) or spec["label"] == "hits=False":
+        elif (dt != "bf16" and not spec["label"].startswith("hits")) or spec["label"] == "hits=False":
             spec["configs"] = [0]
     return specs
 
