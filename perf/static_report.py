@@ -96,7 +96,7 @@ def _calls(dtype_name, k):
     import torch
     import triton
 
-    from triton_mebp.kernels import fused_mlp, gathered, optim_rows, row_update, selection
+    from triton_mebp.kernels import fused_mlp, gathered, optim_rows, selection
     dtype = getattr(torch, TORCH_DTYPES[dtype_name])
     meta = dict(device="meta")
 
@@ -133,7 +133,6 @@ def _calls(dtype_name, k):
     def row_updates():
         p, g, idx = t(N, M), t(k, M), t(k, dt=torch.int64)
         step = t(N, dt=torch.float32)
-        row_update.row_sgd_update(p, idx, g, 0.1)
         optim_rows.row_sgd_step(p, idx, g, step, t(N, M), lr=0.1, momentum=0.9, dampening=0.0,
                                 weight_decay=0.0, nesterov=False)
         optim_rows.row_adagrad_step(p, idx, g, step, t(N, M), lr=0.1, lr_decay=0.0,
