@@ -382,7 +382,7 @@ def _unified_select_v2(dy, k, hits):
 def unified_select_and_bias(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     """``unified_select`` plus the bias gradient ``db = dy.sum(0)`` (dtype of ``dy``), which the
     v2 kernels take from the same pass over ``dy`` as the column scores."""
-    check_dtypes("unified_select", dy=dy)
+    check_dtypes("unified_select_and_bias", dy=dy)
     if kernel_version() == "v1":
         return _unified_select_v1(dy, k, hits)
     return _unified_select_v2(dy, k, hits)
@@ -395,6 +395,7 @@ def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     with the v2 kernels the ``[:, :k]`` view of a zero-padded B x roundup(k, 64) buffer, so rows
     are 16-byte aligned). ``hits`` (int64, N), if given, gets B added at every selected column.
     """
+    check_dtypes("unified_select", dy=dy)
     return unified_select_and_bias(dy, k, hits)[:2]
 
 

@@ -88,7 +88,7 @@ def test_k_one_below_full_goes_through_the_backend(any_backend, mode, monkeypatc
     x, w, b = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE), torch.randn(N, device=DEVICE)
     dy = separated_grad(B, N, mode, device=DEVICE)
     ops = backend.ops_for(dy)
-    name = "unified_select" if mode == "unified" else "per_example_select"
+    name = "unified_select_and_bias" if mode == "unified" else "per_example_select"
     calls = []
     real = getattr(ops, name)
     monkeypatch.setattr(ops, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))

@@ -29,6 +29,7 @@ def _launches(dtype):
     packed_w, packed_b = torch.zeros(1, 16, 16, **f), torch.zeros(1, 16, **f)
     return [
         ("unified_select", lambda: selection.unified_select(dy, 2), []),
+        ("unified_select_and_bias", lambda: selection.unified_select_and_bias(dy, 2), []),
         ("per_example_select", lambda: selection.per_example_select(dy, 2), []),
         ("gathered_input_grad", lambda: gathered.gathered_input_grad(dy_c, w, idx), []),
         ("gathered_weight_grad", lambda: gathered.gathered_weight_grad(dy_c, x, idx, out=out), [out]),
@@ -164,7 +165,7 @@ def test_bf16_products_compile_to_bf16_mma_with_float32_accumulation():
     """What the interpreter cannot show: the compiled products multiply bf16 operands and add
     in float32 (wgmma on sm_90, mma.sync on sm_80)."""
     strides = ("stride_ab", "stride_ak")
-    common = {"B": "i32", "M": "i32", "K": "i32", "B_BUCKET": "i32"}
+    common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
     specs = [
         dict(kernel="triton_mebp.kernels.gathered:gathered_rows_matmul", configs=[3],
              signature={"a_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i32", "c_ptr": "*bf16",
