@@ -224,7 +224,7 @@ def test_triton_provider_times_every_kernel_and_names_its_config(mode, grad):
     assert others == ({"reduced_gemm"} if mode == "unified" else set())
     for name, r in kernels.items():
         assert "warps=" in r["config"] and float(r["median_ms"]) > 0
-    assert kernels["select"]["config"].count("[") == (3 if mode == "unified" else 1)
+    assert kernels["select"]["config"].count("[") == (4 if mode == "unified" else 1)
     assert {r["metric"] for r in rows if r["kernel"] == "layer"} >= {"forward", "backward", "step-sgd"}
 
 

@@ -154,12 +154,17 @@ def _step_optimizers():
 def _kernel_groups():
     """The TunedKernels behind each timed operation, for the config column (GPU only)."""
     from ..kernels import gathered, optim_rows, selection
+    from ..kernels._tuning import kernel_version
+    v1 = kernel_version() == "v1"
     return {
-        ("unified", "select"): [selection.column_scores, selection.unified_select_row,
-                                selection.gather_columns],
+        ("unified", "select"): ([selection.column_scores, selection.unified_select_row,
+                                 selection.gather_columns] if v1 else
+                                [selection.scores_bias_partial, selection.scores_bias_finish,
+                                 selection.unified_top, selection.gather_padded]),
         ("unified", "input_grad"): [gathered.gathered_rows_matmul],
         ("unified", "weight_grad"): [gathered.transposed_matmul_rows],
-        ("per_example", "select"): [selection.per_example_select_rows],
+        ("per_example", "select"): [selection.per_example_select_rows if v1
+                                    else selection.per_example_top],
         ("per_example", "input_grad"): [gathered.per_example_dx],
         ("per_example", "weight_grad"): [gathered.segment_rows],
         ("unified", "update"): [optim_rows.row_sgd],
