@@ -34,6 +34,9 @@ def _guard(name, original):
 
 @pytest.fixture
 def no_host_sync(monkeypatch):
+    # The PyTorch ops may read values on the host only for CPU tensors: take the device path.
+    from triton_mebp import torch_ops
+    monkeypatch.setattr(torch_ops, "host_reads_are_free", lambda tensor: False)
     for name in METHODS:
         monkeypatch.setattr(torch.Tensor, name, _guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
     for name in FUNCTIONS:
@@ -78,3 +81,14 @@ def test_row_sparse_gradients_stay_coalesced_through_accumulation(any_backend, m
     assert torch.allclose(second.to_dense(), expected)
     if second.is_coalesced():
         assert torch.equal(second._indices()[0], second._indices()[0].unique())
+
+
+def test_torch_ops_device_top_k_equals_the_cpu_path():
+    from triton_mebp import torch_ops
+    scores = torch.rand(6, 50)
+    scores[1, 10:20] = 0.5                    # ties straddling the threshold
+    scores[2] = 1.0                           # all equal
+    scores[3, 7] = float("nan")
+    scores[4, 3] = float("inf")
+    for k in (1, 5, 12, 49, 50):
+        assert torch.equal(torch_ops._top_k_on_device(scores, k), torch_ops._top_k(scores, k)), k

@@ -9,6 +9,12 @@ import torch.nn.functional as F
 name = "torch"
 
 
+def host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading a value of ``tensor`` on the host costs nothing (a CPU tensor) and may
+    skip work; on a GPU it would wait for the device, so those paths compute without asking."""
+    return tensor.device.type == "cpu"
+
+
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     """Order-preserving int64 keys of non-negative scores; NaN above +inf, as in the kernels."""
     if scores.dtype == torch.float64:
@@ -21,6 +27,8 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest entries of each row of ``scores`` (B x N, non-negative),
     ascending; ties at the threshold go to the lowest positions, as in the kernels."""
+    if not host_reads_are_free(scores):
+        return _top_k_on_device(scores, k)
     B, N = scores.shape
     if k == N:
         return torch.arange(N, device=scores.device).repeat(B, 1)
@@ -36,6 +44,21 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     above, at = scores > kth, scores == kth
     chosen = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))  # k per row
     return chosen.nonzero()[:, 1].view(B, k)
+
+
+def _top_k_on_device(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``_top_k`` without reading any value on the host (no sync on a GPU): the lowest-positions
+    choice among threshold ties is computed for every row and kept where topk's may differ."""
+    values, idx = torch.topk(scores, k, dim=1, sorted=False)  # ties: an unspecified choice
+    keys = _order_keys(scores)
+    kth = _order_keys(values).min(1, keepdim=True).values
+    above, at = keys > kth, keys == kth
+    n_above = above.sum(1, keepdim=True)
+    straddles = n_above + at.sum(1, keepdim=True) > k
+    chosen = above | (at & (at.cumsum(1) <= k - n_above))
+    preference = torch.arange(scores.shape[1], 0, -1, device=scores.device)  # lowest first
+    lowest = torch.topk(chosen * preference, k, dim=1, sorted=False).indices
+    return torch.where(straddles, lowest, idx).sort(dim=1).values
 
 
 def unified_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = None):
