@@ -89,6 +89,8 @@ def op_samples():
     return [
         (OPS.unified_select.default, (dy, k)),
         (OPS.unified_select.default, (dy, k, hits.clone())),
+        (OPS.unified_select_and_bias.default, (dy, k)),
+        (OPS.unified_select_and_bias.default, (dy, k, hits.clone())),
         (OPS.per_example_select.default, (dy, k, hits.clone())),
         (OPS.count_examples.default, (torch.zeros((), dtype=torch.int64), dy)),
         (OPS.gathered_input_grad.default, (dy_c, w, idx)),
