@@ -71,6 +71,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [dict(mode="dense"), dict(mode="per_example", k=4, row_scale=True),
+                                     dict(mode="per_example", k=4, step_scale=True),
                                      dict(mode="unified", k=4, optimizer="rowadam", clip=5.0),
                                      dict(mode="unified", k=4, optimizer="adagrad", simplify=True)])
 def test_tagger_learns_and_reports_the_best_held_out_epoch(corpus, options):

@@ -129,7 +129,9 @@ class WindowConfig:
     weight gradient meets the optimizer: ``row_scale`` divides each selected row of a hidden
     layer's weight gradient by the number of examples that selected it in the batch (per-example
     mode: a mean over those examples instead of a partial sum); ``clip`` clips every gradient
-    element to ``[-clip, clip]`` (the reference code clips at 5)."""
+    element to ``[-clip, clip]`` (the reference code clips at 5); ``step_scale`` scales the
+    optimizer's step of each hidden weight row by the fraction of the batch's examples that
+    selected the row (per-example mode: a row picked by 5 of 100 examples moves 5% of the step)."""
     mode: str = "unified"
     k: float = 0.05
     optimizer: str = "adam"
@@ -143,6 +145,7 @@ class WindowConfig:
     prune_fraction: float = 0.5
     row_scale: bool = False
     clip: float | None = None
+    step_scale: bool = False
 
     def __post_init__(self):
         if self.mode not in WINDOW_MODES:
@@ -157,10 +160,13 @@ class WindowConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.mode != "dense":
             resolve_k(self.k, self.hidden, "the hidden layers")
-        if (self.simplify or self.row_scale) and self.mode == "dense":
-            raise ValueError("simplify and row_scale need a meProp mode (unified or per_example)")
-        if self.simplify and self.row_scale:
-            raise ValueError("simplify and row_scale both use the hit counters: choose one")
+        counted = self.row_scale or self.step_scale
+        if (self.simplify or counted) and self.mode == "dense":
+            raise ValueError("simplify, row_scale and step_scale need a meProp mode (unified or "
+                             "per_example)")
+        if self.simplify and counted:
+            raise ValueError("simplify uses the hit counters that row_scale and step_scale use: "
+                             "choose one")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip!r}")
 
@@ -195,9 +201,10 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
     row_sparse = config.optimizer == "rowadam"
     if config.mode != "dense":
         model.mlp = convert(model.mlp, k=config.k_count, mode=config.mode,
-                            grad="sparse" if row_sparse else "dense", count_hits=config.row_scale,
-                            inplace=True)
-    scaled = [m for m in model.mlp.modules() if isinstance(m, MeLinear)] if config.row_scale else []
+                            grad="sparse" if row_sparse else "dense",
+                            count_hits=config.row_scale or config.step_scale, inplace=True)
+    counted = [m for m in model.mlp.modules() if isinstance(m, MeLinear)] \
+        if config.row_scale or config.step_scale else []
     model.to(device)
     optimizer = make_optimizer("adagrad" if config.optimizer == "adagrad" else "adam",
                                model.parameters(), config.learning_rate, row_sparse)
@@ -218,16 +225,22 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
         loss_sum, backward_s, started = torch.zeros((), device=device), 0.0, time.perf_counter()
         for start in range(0, len(y), config.batch_size):
             batch = permutation[start:start + config.batch_size]
-            for layer in scaled:
+            for layer in counted:
                 layer.reset_hits()
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             backward_s += timed_backward(loss, device)
-            for layer in scaled:
-                _divide_rows(layer.weight, layer.hits)
+            if config.row_scale:
+                for layer in counted:
+                    _divide_rows(layer.weight, layer.hits)
             if config.clip is not None:
                 _clip(model.parameters(), config.clip)
+            before = [layer.weight.detach().clone() for layer in counted] if config.step_scale else []
             optimizer.step()
+            with torch.no_grad():
+                for layer, old in zip(counted, before):
+                    fraction = (layer.hits.to(old.dtype) / len(batch)).unsqueeze(1)
+                    layer.weight.copy_(torch.lerp(old, layer.weight, fraction))
             loss_sum += loss.detach() * len(batch)
         train_s = time.perf_counter() - started
         if simplifier is not None and epoch <= prune_epochs:
