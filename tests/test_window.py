@@ -6,7 +6,7 @@ import torch
 
 import triton_mebp as mebp
 from triton_mebp.app import cli
-from triton_mebp.app.window import (WindowConfig, WindowVocabulary, _divide_rows, load_window_data,
+from triton_mebp.app.window import (WindowConfig, WindowTagger, WindowVocabulary, _divide_rows, load_window_data,
                                     split_held_out, train_window, word_shape)
 
 from test_pos import write_corpus
@@ -71,7 +71,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [dict(mode="dense"), dict(mode="per_example", k=4, row_scale=True),
-                                     dict(mode="per_example", k=4, step_scale=True),
+                                     dict(mode="per_example", k=4, step_scale=True, activation="tanh"),
                                      dict(mode="unified", k=4, optimizer="rowadam", clip=5.0),
                                      dict(mode="unified", k=4, optimizer="adagrad", simplify=True)])
 def test_tagger_learns_and_reports_the_best_held_out_epoch(corpus, options):
@@ -97,6 +97,8 @@ def test_bad_window_settings():
         WindowConfig(mode="dense", row_scale=True)
     with pytest.raises(ValueError, match="k="):
         WindowConfig(k=501)
+    with pytest.raises(ValueError, match="activation"):
+        WindowTagger([4, 4, 4], 3, activation="gelu")
 
 
 def test_cli_window_task(corpus, tmp_path, capsys):

@@ -54,6 +54,12 @@ def step_scale_configs():
             for o in ("adam", "rowadam")]
 
 
+def tanh_configs():
+    """Zero-centred hidden activations: per-example + Adam against its dense and unified rows."""
+    return [WindowConfig(mode=m, k=0.05, optimizer="adam", activation="tanh", **COMMON)
+            for m in ("dense", "per_example", "unified")]
+
+
 def core_configs():
     """The rows that get seeds 1 and 2 first when time is short."""
     by_key = lambda mode, k, o: WindowConfig(mode=mode, k=k, optimizer=o, **COMMON)
@@ -99,7 +105,7 @@ def main():
     global _DATA
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", required=True,
-                        help="grid, leads, step_scale, core or mesimp:MODE:K:OPTIMIZER (repeatable; "
+                        help="grid, leads, step_scale, core, tanh or mesimp:MODE:K:OPTIMIZER (repeatable; "
                         "jobs run in the order given, all seeds of one set before the next)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=1)
@@ -109,7 +115,7 @@ def main():
     jobs, seen = [], set(done)
     for name in args.set:  # each set in turn, seed-major within it
         group = {"grid": grid_configs, "leads": leads_configs, "step_scale": step_scale_configs,
-                 "core": core_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
+                 "core": core_configs, "tanh": tanh_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
         for seed in args.seeds:
             for config in group:
                 if key(config, seed) not in seen:

@@ -31,6 +31,7 @@ KINDS = ("word", "suffix", "shape")
 WINDOW_MODES = ("dense",) + MODES
 WINDOW_OPTIMIZERS = ("adam", "rowadam", "adagrad")
 DEFAULT_LR = {"adam": 1e-3, "rowadam": 1e-3, "adagrad": 0.05}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def word_shape(form: str) -> str:
@@ -94,11 +95,17 @@ class WindowTagger(nn.Module):
     """Embeddings of the window's word, suffix and shape features, concatenated, then ``mlp``
     (an ``nn.Sequential``: hidden ReLU layers, a linear output)."""
 
-    def __init__(self, sizes, n_tags, *, dims=(50, 20, 10), hidden=500, layers=2):
+    def __init__(self, sizes, n_tags, *, dims=(50, 20, 10), hidden=500, layers=2,
+                 activation="relu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         self.embeddings = nn.ModuleList(nn.Embedding(n, d) for n, d in zip(sizes, dims))
         self.width = 2 * WINDOW + 1
         self.mlp = build_mlp(self.width * sum(dims), n_tags, hidden, layers)
+        for i, module in enumerate(self.mlp):
+            if isinstance(module, nn.ReLU):
+                self.mlp[i] = ACTIVATIONS[activation]()
 
     def forward(self, features):
         columns = features.split(self.width, dim=1)
@@ -131,7 +138,8 @@ class WindowConfig:
     mode: a mean over those examples instead of a partial sum); ``clip`` clips every gradient
     element to ``[-clip, clip]`` (the reference code clips at 5); ``step_scale`` scales the
     optimizer's step of each hidden weight row by the fraction of the batch's examples that
-    selected the row (per-example mode: a row picked by 5 of 100 examples moves 5% of the step)."""
+    selected the row (per-example mode: a row picked by 5 of 100 examples moves 5% of the step).
+    ``activation``: of the hidden layers, ``relu`` or ``tanh``."""
     mode: str = "unified"
     k: float = 0.05
     optimizer: str = "adam"
@@ -146,6 +154,7 @@ class WindowConfig:
     row_scale: bool = False
     clip: float | None = None
     step_scale: bool = False
+    activation: str = "relu"
 
     def __post_init__(self):
         if self.mode not in WINDOW_MODES:
@@ -167,6 +176,8 @@ class WindowConfig:
         if self.simplify and counted:
             raise ValueError("simplify uses the hit counters that row_scale and step_scale use: "
                              "choose one")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip!r}")
 
@@ -197,7 +208,8 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
     prune, so that the reported model is the simplified one)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = WindowTagger(vocab.sizes(), len(vocab.tags), hidden=config.hidden, layers=config.layers)
+    model = WindowTagger(vocab.sizes(), len(vocab.tags), hidden=config.hidden, layers=config.layers,
+                         activation=config.activation)
     row_sparse = config.optimizer == "rowadam"
     if config.mode != "dense":
         model.mlp = convert(model.mlp, k=config.k_count, mode=config.mode,
