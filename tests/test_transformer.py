@@ -466,3 +466,24 @@ def test_decoder_layers_convert_and_their_mlps_are_pruned():
     assert cross[:16].ne(0).any(1).sum() == 4 and cross[16:].ne(0).any(1).sum() == 8
     simp = Simplifier(converted, threshold=0.3)
     assert simp.layers == ["decoder.layers.0.linear1", "decoder.layers.1.linear1"]
+
+
+def test_bare_encoder_stack_is_pruned_and_its_inference_fast_path_agrees(monkeypatch):
+    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                             batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    model = mebp.convert(stack, k=0.25)
+    simp = Simplifier(model, threshold=0.3)
+    assert simp.layers == ["layers.0.linear1", "layers.1.linear1"]
+    x = torch.randn(3, 5, 16)
+    model(x).sum().backward()
+    assert simp.prune() == {"layers.0.linear1": (32, 8), "layers.1.linear1": (32, 8)}
+    expected = model(x).detach()  # training mode: the Python forward with MeMultiheadAttention
+    fused = []
+    original = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd",
+                        lambda *a, **kw: fused.append(1) or original(*a, **kw))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(fused) == 2  # PyTorch's fused inference path ran on the compacted layers

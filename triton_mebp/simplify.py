@@ -294,18 +294,37 @@ def _find_links(model: nn.Module, producer=_is_plain_me_linear):
     if hooked:
         why = f"module {hooked[0]!r} has forward hooks, which the simplifier cannot see through"
         return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
+    if isinstance(model, TRANSFORMER_STACKS):  # its own forward does not trace; its layers do
+        links, reasons, paths = {}, {}, {}
+        _stack_layer_links(model, [""], producer, links, reasons, paths)
+        return links, reasons, paths
     try:
-        graph = _LinearLeafTracer().trace(model)
+        graph = (_trace_layer(model) if isinstance(model, TRANSFORMER_LAYERS)
+                 else _LinearLeafTracer().trace(model))
     except Exception as error:  # any untraceable forward: nothing is proven safe
         why = (f"torch.fx could not trace the model ({type(error).__name__}: {error}), so the "
                "simplifier cannot see what reads the layer's output")
         return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
     links, reasons, paths = _fx_links(model, graph, producer)
-    _stack_layer_links(model, graph, producer, links, reasons, paths)
+    modules = dict(model.named_modules())
+    stacks = [node.target for node in graph.nodes if node.op == "call_module"
+              and isinstance(modules[node.target], TRANSFORMER_STACKS)]
+    _stack_layer_links(model, stacks, producer, links, reasons, paths)
     return links, reasons, paths
 
 
-def _stack_layer_links(model, graph, producer, links, reasons, paths):
+def _trace_layer(layer):
+    """The graph of an nn.Transformer*Layer's forward, traced with its default masks and flags.
+
+    The masks and flags only reach the attention calls (leaves): the layer's other data flow is
+    the same for every value, so the trace with the defaults proves it.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(layer.forward).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return _LinearLeafTracer().trace(layer, concrete_args=defaults)
+
+
+def _stack_layer_links(model, stacks, producer, links, reasons, paths):
     """Links inside the layers of each nn.TransformerEncoder/Decoder the traced forward calls.
 
     The stack's own forward (torch's code) only calls each layer and its final norm, and the
@@ -313,18 +332,11 @@ def _stack_layer_links(model, graph, producer, links, reasons, paths):
     layer's own traced forward proves (its MLP) is safe wherever the layer sits.
     """
     modules = dict(model.named_modules())
-    stacks = [node.target for node in graph.nodes if node.op == "call_module"
-              and isinstance(modules[node.target], TRANSFORMER_STACKS)]
     for stack_name in stacks:
         for index, layer in enumerate(modules[stack_name].layers):
-            prefix = f"{stack_name}.layers.{index}."
+            prefix = f"{stack_name}.layers.{index}." if stack_name else f"layers.{index}."
             try:
-                # The masks and flags only reach the attention calls (leaves): the layer's other
-                # data flow is the same for every value, so tracing with the defaults proves it.
-                defaults = {name: p.default for name, p in
-                            inspect.signature(layer.forward).parameters.items()
-                            if p.default is not inspect.Parameter.empty}
-                layer_graph = _LinearLeafTracer().trace(layer, concrete_args=defaults)
+                layer_graph = _trace_layer(layer)
             except Exception as error:
                 for name, module in layer.named_modules():
                     if producer(module):
