@@ -64,7 +64,7 @@ def _unified_select_fake(dy, k, hits=None):
 
 
 define("unified_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
-        _unified_select, _unified_select_fake)
+       _unified_select, _unified_select_fake)
 
 
 def _unified_select_and_bias(dy, k, hits=None):
@@ -89,7 +89,7 @@ def _per_example_select_fake(dy, k, hits=None):
 
 
 define("per_example_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
-        _per_example_select, _per_example_select_fake)
+       _per_example_select, _per_example_select_fake)
 
 
 def _count_examples(counter, dy):
@@ -114,7 +114,7 @@ def _gathered_input_grad_fake(dy_c, weight, idx):
 
 
 define("gathered_input_grad(Tensor dy_c, Tensor weight, Tensor idx) -> Tensor",
-        _gathered_input_grad, _gathered_input_grad_fake)
+       _gathered_input_grad, _gathered_input_grad_fake)
 
 
 def _gathered_weight_grad(dy_c, x, idx):
@@ -126,7 +126,7 @@ def _gathered_weight_grad_fake(dy_c, x, idx):
 
 
 define("gathered_weight_grad(Tensor dy_c, Tensor x, Tensor idx) -> Tensor",
-        _gathered_weight_grad, _gathered_weight_grad_fake)
+       _gathered_weight_grad, _gathered_weight_grad_fake)
 
 
 def _gathered_weight_grad_dense(dy_c, x, idx, weight):
@@ -139,7 +139,7 @@ def _gathered_weight_grad_dense_fake(dy_c, x, idx, weight):
 
 
 define("gathered_weight_grad_dense(Tensor dy_c, Tensor x, Tensor idx, Tensor weight) -> Tensor",
-        _gathered_weight_grad_dense, _gathered_weight_grad_dense_fake)
+       _gathered_weight_grad_dense, _gathered_weight_grad_dense_fake)
 
 
 # ---- per-example products ----
@@ -153,7 +153,7 @@ def _per_example_input_grad_fake(values, idx, weight):
 
 
 define("per_example_input_grad(Tensor values, Tensor idx, Tensor weight) -> Tensor",
-        _per_example_input_grad, _per_example_input_grad_fake)
+       _per_example_input_grad, _per_example_input_grad_fake)
 
 
 def _per_example_weight_grad(values, idx, x, n_rows):
@@ -165,8 +165,8 @@ def _per_example_weight_grad_fake(values, idx, x, n_rows):
     return values.new_empty(distinct, dtype=torch.int64), values.new_empty(distinct, x.shape[1])
 
 
-define("per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows) -> (Tensor, Tensor)",
-        _per_example_weight_grad, _per_example_weight_grad_fake)
+define("per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
+       "-> (Tensor, Tensor)", _per_example_weight_grad, _per_example_weight_grad_fake)
 
 
 def _per_example_weight_grad_dense(values, idx, x, n_rows):
@@ -177,8 +177,8 @@ def _per_example_weight_grad_dense_fake(values, idx, x, n_rows):
     return values.new_empty(n_rows, x.shape[1])
 
 
-define("per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows) -> Tensor",
-        _per_example_weight_grad_dense, _per_example_weight_grad_dense_fake)
+define("per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
+       "-> Tensor", _per_example_weight_grad_dense, _per_example_weight_grad_dense_fake)
 
 
 # ---- row-sparse optimizer updates (in place on the rows idx of a parameter and its state) ----
