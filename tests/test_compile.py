@@ -194,6 +194,7 @@ def test_export_of_a_simplified_model_runs_the_same():
     model = simplified_mlp()
     x = torch.randn(5, 8)
     program = torch.export.export(model, (x,))
+    assert "triton_mebp.linear.default" in {str(node.target) for node in program.graph.nodes}
     assert_close(program.module()(x), model(x), torch.float32)
     fast = mebp.optimize_for_inference(model)
     program = torch.export.export(fast, (x,))
