@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import triton_mebp as mebp
 from triton_mebp import backend, library
-from conftest import assert_close
+from conftest import DEVICE, assert_close
 from reference import separated_grad
 
 OPS = torch.ops.triton_mebp
@@ -26,11 +26,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def make_mlp(mode="unified", grad="dense", widths=(8, 16, 12, 3), k=4):
+def make_mlp(mode="unified", grad="dense", widths=(8, 16, 12, 3), k=4, device=DEVICE):
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
-    return mebp.convert(nn.Sequential(*layers), k=k, mode=mode, grad=grad, count_hits=True)
+    return mebp.convert(nn.Sequential(*layers).to(device), k=k, mode=mode, grad=grad,
+                        count_hits=True)
 
 
 def dense_grads(model):
@@ -57,7 +58,7 @@ def test_compiled_training_matches_eager(mode, grad):
     compiled_model = copy.deepcopy(eager)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
-    batches = [torch.randn(5, 8), torch.randn(5, 8)]
+    batches = [torch.randn(5, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)]
     train_and_compare(eager, compiled_model, compiled, batches)
     assert eager[0].hits.sum() > 0 and counter.frame_count == 1
     if grad == "sparse":
@@ -71,7 +72,7 @@ def test_inductor_compiles_a_training_step():
     eager = make_mlp("unified", "dense")
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    train_and_compare(eager, compiled_model, compiled, [torch.randn(6, 8)])
+    train_and_compare(eager, compiled_model, compiled, [torch.randn(6, 8, device=DEVICE)])
 
 
 def op_samples():
@@ -116,6 +117,13 @@ def op_samples():
     ]
 
 
+def on_device(value):
+    """A sample argument on the test device (CUDA when there is one), keeping requires_grad."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().to(DEVICE).requires_grad_(value.requires_grad)
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_opcheck_every_operator(backend_name):
     before = mebp.get_backend()
@@ -123,7 +131,7 @@ def test_opcheck_every_operator(backend_name):
     try:
         checked = set()
         for op, args, *kwargs in op_samples():
-            torch.library.opcheck(op, args, *kwargs)
+            torch.library.opcheck(op, tuple(map(on_device, args)), *kwargs)
             checked.add(op._schema.name)
     finally:
         mebp.set_backend(before)
@@ -138,7 +146,8 @@ def test_batch_sizes_share_one_dynamic_graph():
     compiled_model = copy.deepcopy(eager)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend=counter)
-    train_and_compare(eager, compiled_model, compiled, [torch.randn(b, 8) for b in (3, 6, 9, 4)])
+    batches = [torch.randn(b, 8, device=DEVICE) for b in (3, 6, 9, 4)]
+    train_and_compare(eager, compiled_model, compiled, batches)
     assert counter.frame_count == 1
 
 
@@ -148,7 +157,7 @@ def test_prune_between_compiled_steps_recompiles_once():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
     simplifiers = [mebp.Simplifier(m, threshold=0.5) for m in (eager, compiled_model)]
-    batches = [torch.randn(6, 8) for _ in range(6)]
+    batches = [torch.randn(6, 8, device=DEVICE) for _ in range(6)]
     train_and_compare(eager, compiled_model, compiled, batches[:3])
     reports = [s.prune() for s in simplifiers]
     assert reports[0] == reports[1] and any(new < old for old, new in reports[0].values())
@@ -157,7 +166,7 @@ def test_prune_between_compiled_steps_recompiles_once():
 
 
 def test_compiled_steps_reuse_the_dense_gradient_memory():
-    model = make_mlp("unified", "dense")
+    model = make_mlp("unified", "dense", device="cpu")  # the CPU gradient buffer
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     pointers = []
     for _ in range(3):
@@ -171,10 +180,10 @@ def test_compiled_steps_reuse_the_dense_gradient_memory():
 
 @torch._dynamo.config.patch(allow_rnn=True)  # Dynamo wraps nn.LSTM (and subclasses) only on request
 def test_compiled_lstm_matches_eager():
-    eager = mebp.MeLSTM(5, 4, k=3, mode="unified")
+    eager = mebp.MeLSTM(5, 4, k=3, mode="unified", device=DEVICE)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 2, 5)
+    x = torch.randn(3, 2, 5, device=DEVICE)
     for model, run in ((eager, eager), (compiled_model, compiled)):
         run(x)[0].square().sum().backward()
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
@@ -185,14 +194,14 @@ def simplified_mlp():
     model = make_mlp("unified", "dense", k=0.25)
     simplifier = mebp.Simplifier(model, threshold=0.5)
     for _ in range(3):
-        model(torch.randn(6, 8)).square().sum().backward()
+        model(torch.randn(6, 8, device=DEVICE)).square().sum().backward()
     assert any(new < old for old, new in simplifier.prune().values())
     return model.eval()
 
 
 def test_export_of_a_simplified_model_runs_the_same():
     model = simplified_mlp()
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, device=DEVICE)
     program = torch.export.export(model, (x,))
     assert "triton_mebp.linear.default" in {str(node.target) for node in program.graph.nodes}
     assert_close(program.module()(x), model(x), torch.float32)
@@ -203,7 +212,7 @@ def test_export_of_a_simplified_model_runs_the_same():
 
 def test_export_of_fused_inference_kernels(triton_backend):
     model = simplified_mlp()
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, device=DEVICE)
     for fuse_mlp in (True, False):
         fast = mebp.optimize_for_inference(model, kernels=True, fuse_mlp=fuse_mlp)
         program = torch.export.export(fast, (x,))
