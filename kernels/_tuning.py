@@ -51,20 +51,26 @@ class TunedKernel:
 
     ``kernel[grid](*args, **kwargs)`` launches it; the config space is ``configs`` and the pruning
     function ``prune(configs, named_args)`` removes configs that do not suit the problem.
-    ``reset_to_zero`` names outputs accumulated with atomics; ``restore_value`` names tensors the
-    kernel updates in place, restored after each tuning trial so tuning applies the update once.
+    ``reset_to_zero`` names outputs accumulated with atomics. ``in_place`` names tensors the
+    kernel updates in place: the first launch of a tuning key tunes on copies of them (trials
+    and the tuner's own final run change the copies only, and no restoring copy sits in the
+    timed region), then runs the chosen config once on the real tensors. Chosen configs are kept
+    per key (the ``key`` arguments and the tensors' dtypes); later launches go straight to them.
     """
 
-    def __init__(self, fn, configs, key, prune=None, reset_to_zero=None, restore_value=None):
+    def __init__(self, fn, configs, key, prune=None, reset_to_zero=None, in_place=None):
         self.fn = fn
         self.configs = list(configs)
         self.prune = prune
-        options = dict(key=key, reset_to_zero=reset_to_zero, restore_value=restore_value)
+        self.key = list(key)
+        self.in_place = tuple(in_place or ())
+        options = dict(key=key, reset_to_zero=reset_to_zero)
         if prune is not None:
             options["prune_configs_by"] = {"early_config_prune": lambda cfgs, nargs, **kw: prune(cfgs, nargs)}
         if _supports_cache_results():
             options["cache_results"] = True
         self.tuned = triton.autotune(self.configs, **options)(fn)
+        self.chosen = {}
         self.last_config = None
 
     def pruned_configs(self, named_args):
@@ -73,15 +79,33 @@ class TunedKernel:
             raise RuntimeError(f"{self.fn.__name__}: no autotune config fits this problem")
         return configs
 
+    def _tuning_key(self, named_args):
+        dtypes = tuple(str(v.dtype) for v in named_args.values() if hasattr(v, "dtype"))
+        return tuple(named_args[name] for name in self.key) + dtypes
+
+    def _tune(self, grid, args, kwargs, named_args):
+        """Tunes (on copies of the in-place tensors); returns the chosen config."""
+        scratch = {name: named_args[name].clone() for name in self.in_place}
+        trial_args = [scratch.get(name, value) for name, value in zip(self.fn.arg_names, args)]
+        trial_kwargs = {name: scratch.get(name, value) for name, value in kwargs.items()}
+        self.tuned[grid](*trial_args, **trial_kwargs)
+        return self.tuned.best_config
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if tuning_enabled():
-                result = self.tuned[grid](*args, **kwargs)
-                self.last_config = self.tuned.best_config
-                return result
             named_args = dict(zip(self.fn.arg_names, args))
             named_args.update(kwargs)
-            config = self.pruned_configs(named_args)[0]
+            if tuning_enabled():
+                key = self._tuning_key(named_args)
+                config = self.chosen.get(key)
+                if config is None and not self.in_place:
+                    result = self.tuned[grid](*args, **kwargs)  # tuned, then run once: done
+                    self.chosen[key] = self.last_config = self.tuned.best_config
+                    return result
+                if config is None:
+                    config = self.chosen[key] = self._tune(grid, args, kwargs, named_args)
+            else:
+                config = self.pruned_configs(named_args)[0]
             self.last_config = config
             return self.fn[grid](*args, **kwargs, **config.kwargs,
                                  num_warps=config.num_warps, num_stages=config.num_stages)

@@ -125,13 +125,13 @@ def _row_adam_kernel(p_ptr, idx_ptr, g_ptr, m_ptr, v_ptr, step_ptr, K, M,
     tl.store(step_ptr + rows, step, mask=k_mask)
 
 
-# Tuning trials restore what the kernels update in place, so tuning applies each update once.
+# Tuning runs on copies of what the kernels update in place, so each update is applied once.
 row_sgd = TunedKernel(_row_sgd_kernel, _CONFIGS, key=["M"], prune=_prune,
-                      restore_value=["p_ptr", "buf_ptr", "step_ptr"])
+                      in_place=["p_ptr", "buf_ptr", "step_ptr"])
 row_adagrad = TunedKernel(_row_adagrad_kernel, _CONFIGS, key=["M"], prune=_prune,
-                          restore_value=["p_ptr", "sum_ptr", "step_ptr"])
+                          in_place=["p_ptr", "sum_ptr", "step_ptr"])
 row_adam = TunedKernel(_row_adam_kernel, _CONFIGS, key=["M"], prune=_prune,
-                       restore_value=["p_ptr", "m_ptr", "v_ptr", "step_ptr"])
+                       in_place=["p_ptr", "m_ptr", "v_ptr", "step_ptr"])
 
 
 def _grid(K):

@@ -282,7 +282,7 @@ column_scores = TunedKernel(
     prune=_prune_scores,
 )
 unified_select_row = TunedKernel(_unified_select_kernel, _select_configs(), key=["N"],
-                                 prune=_prefer_block_near_width, restore_value=["hits_ptr"])
+                                 prune=_prefer_block_near_width, in_place=["hits_ptr"])
 gather_columns = TunedKernel(
     _gather_columns_kernel,
     [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
@@ -290,7 +290,7 @@ gather_columns = TunedKernel(
     key=["K"],
 )
 per_example_select_rows = TunedKernel(_per_example_select_kernel, _select_configs(), key=["N"],
-                                      prune=_prefer_block_near_width, restore_value=["hits_ptr"])
+                                      prune=_prefer_block_near_width, in_place=["hits_ptr"])
 
 
 def _prune_partial_scores(configs, named_args):
@@ -320,14 +320,14 @@ scores_bias_partial = TunedKernel(
 scores_bias_finish = TunedKernel(
     _scores_bias_finish_kernel, [triton.Config({"BLOCK": 1024}, num_warps=4)], key=["N"])
 unified_top = TunedKernel(_unified_top_kernel, _histogram_configs(), key=["N"],
-                          prune=_prefer_histogram_block, restore_value=["hits_ptr"])
+                          prune=_prefer_histogram_block, in_place=["hits_ptr"])
 gather_padded = TunedKernel(
     _gather_padded_kernel,
     [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
      for bb, bk, w in ((32, 64, 4), (16, 128, 4), (64, 64, 8), (8, 256, 4))],
     key=["K_PAD"])
 per_example_top = TunedKernel(_per_example_top_kernel, _histogram_configs(), key=["N"],
-                              prune=_prefer_histogram_block, restore_value=["hits_ptr"])
+                              prune=_prefer_histogram_block, in_place=["hits_ptr"])
 
 # Rows per chunk of the score pass: enough chunks to fill a large GPU (with 64 to 256 column
 # blocks at N = 8192, 16 chunks give 1024 to 4096 programs), each chunk a multiple of 64 rows.

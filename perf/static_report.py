@@ -7,7 +7,7 @@ runtime does it (ints equal to 1 become constants, pointers and ints that are mu
 ``tt.divisibility = 16``), compiled ahead of time for every autotune config and target, and read:
 
 - ``ptxas -v`` (Triton's bundled ptxas, on the PTX for sm_90a / sm_80): registers, spill stores and
-  loads, stack frame, shared memory;
+  loads, stack frame; shared memory (Triton's dynamic allocation, or ptxas's static count if more);
 - the PTX: ``wgmma`` and ``mma.sync`` instructions; global loads and stores by width in bytes
   (``ld16`` = 16-byte vector loads, ``ld2`` = scalar 2-byte loads, ...); ``cp.async`` copies by size;
   TMA copies; global atomics and their memory order, shared-memory atomics.
@@ -358,7 +358,10 @@ def compile_job(job) -> dict:
                                   capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"ptxas: {done.stderr[-1000:]}")
-        row.update(ok=True, **read_ptxas(done.stderr + done.stdout), **read_ptx(ptx), error="")
+        usage = read_ptxas(done.stderr + done.stdout)
+        # ptxas counts static shared memory only; Triton allocates its buffers dynamically.
+        usage["smem"] = max(usage["smem"], compiled.metadata.shared)
+        row.update(ok=True, **usage, **read_ptx(ptx), error="")
     except Exception as error:  # one failed compile is a row of the report, not the end of it
         row.update(ok=False, error=f"{type(error).__name__}: {error}"[:500].replace("\n", " "))
     return row
@@ -392,6 +395,30 @@ def run_jobs(jobs, workers):
             pool.shutdown()
 
 
+SUMMARY_FIELDS = ("registers", "spill_stores", "ld16", "ld4", "ld2", "st16", "st2", "cp_async16",
+                  "wgmma", "programs_per_sm")
+
+
+def summary(paths, dtype="bf16", k="410", target="sm_90") -> str:
+    """Markdown table of the unified path, v1 against v2, each kernel's first config, from CSVs."""
+    lines = ["| triton | path | kernel | config | " + " | ".join(SUMMARY_FIELDS) + " |",
+             "|---" * (4 + len(SUMMARY_FIELDS)) + "|"]
+    for path in paths:
+        with open(path, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle)
+                    if r["dtype"] == dtype and r["k"] == k and r["target"] == target]
+        for call in ("unified-v1", "unified"):
+            seen = set()
+            for row in rows:
+                if row["call"] != call or row["kernel"] in seen:
+                    continue
+                seen.add(row["kernel"])  # the first row of a kernel is its first config
+                label = "v1" if call.endswith("v1") else "v2"
+                lines.append(f"| {row['triton']} | {label} | {row['kernel']} | {row['config']} | "
+                             + " | ".join(row[f] for f in SUMMARY_FIELDS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", nargs="*",
@@ -406,7 +433,12 @@ def main(argv=None):
     parser.add_argument("--merge", action="store_true",
                         help="replace only the rows of the calls computed now in the CSV")
     parser.add_argument("--json", help="write the rows as JSON to this path ('-': stdout) instead")
+    parser.add_argument("--summary", nargs="*", metavar="CSV",
+                        help="print the unified path's v1/v2 table (bf16, k=410, sm_90) of CSVs")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     import triton

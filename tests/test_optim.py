@@ -391,12 +391,12 @@ def test_bad_input_errors():
             cls([nn.Parameter(torch.randn(2))], **kwargs)
 
 
-def test_autotuning_restores_every_tensor_updated_in_place():
-    """Tuning trials run the kernel many times: each one must start from the same state."""
+def test_autotuning_copies_every_tensor_updated_in_place():
+    """Tuning trials run the kernel many times: they must run on copies of what it updates."""
     from triton_mebp.kernels import optim_rows
     for kernel in (optim_rows.row_sgd, optim_rows.row_adagrad, optim_rows.row_adam):
         written = {n for n in kernel.fn.arg_names if n.endswith("_ptr")} - {"idx_ptr", "g_ptr"}
-        assert set(kernel.tuned.restore_value) == written, kernel.fn.__name__
+        assert set(kernel.in_place) == written, kernel.fn.__name__
 
 
 def _signature(dtype, names):
@@ -423,3 +423,39 @@ def test_kernels_compile_ahead_of_time():
     check_results(results)
     assert len(results) == sum(len(getattr(optim_rows, s["kernel"].split(":")[1]).configs)
                                for s in specs) * 2
+
+
+def test_in_place_kernels_tune_on_copies_and_update_once(monkeypatch):
+    """With tuning on, the tuner sees copies of the in-place tensors; the real ones are updated
+    once, by the chosen config, and a second launch reuses the choice without tuning."""
+    from triton_mebp.kernels import _tuning, optim_rows
+    kernel = optim_rows.row_sgd
+    seen = []
+
+    class FakeTuner:
+        best_config = kernel.configs[-1]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(args[0].data_ptr())
+                args[0].add_(100.0)  # a trial that scribbles over what it was given
+            return run
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda: True)
+    monkeypatch.setattr(kernel, "tuned", FakeTuner())
+    monkeypatch.setattr(kernel, "chosen", {})
+    param = torch.randn(6, 5, device=DEVICE)
+    before = param.clone()
+    idx = torch.tensor([1, 4], device=DEVICE)
+    grad = torch.randn(2, 5, device=DEVICE)
+    step = torch.zeros(6, device=DEVICE)
+    optim_rows.row_sgd_step(param, idx, grad, step, None, lr=0.5, momentum=0.0, dampening=0.0,
+                            weight_decay=0.0, nesterov=False)
+    assert len(seen) == 1 and seen[0] != param.data_ptr()
+    expected = before.clone()
+    expected[idx] -= 0.5 * grad
+    torch.testing.assert_close(param, expected)
+    assert kernel.last_config is FakeTuner.best_config
+    optim_rows.row_sgd_step(param, idx, grad, step, None, lr=0.5, momentum=0.0, dampening=0.0,
+                            weight_decay=0.0, nesterov=False)
+    assert len(seen) == 1   # the key's config is remembered
