@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One-shot GPU check: the test suite compiled (no interpreter), a reduced sweep and its charts.
+# One-shot GPU check, in this order: the kernels at the target shape (perf/gpu_kernels.py: v1 and
+# v2, untuned then tuned, against cuBLAS and dense, per-example, the layer, host time, a bf16
+# check; its first 4 minutes), the test suite compiled (no interpreter), a reduced sweep, charts.
 #
 #   perf/gpu_check.sh OUTDIR
 #
 # Needs a CUDA GPU and only the packages of the machine's image (torch, triton, pytest,
 # hypothesis, numpy, matplotlib): nothing is installed; the checkout goes on PYTHONPATH.
-# Leaves in OUTDIR: gpu_check.log, pytest.xml, sweep-DEVICE.csv,
-# charts/*.png. Fits in 8 minutes: each phase runs under its own timeout.
+# Leaves in OUTDIR: gpu_check.log, gpu-kernels.csv, pytest.xml, sweep-DEVICE.csv, charts/*.png,
+# and all of them in one OUTDIR/gpu-check.tar.gz. Each phase runs under its own timeout.
 # Without a GPU it stops at once with exit status 2. GPU_CHECK_REHEARSE=1 runs the same plumbing on
 # the CPU (a small test subset under the interpreter, a tiny sweep) to rehearse the script.
 set -uo pipefail
@@ -51,13 +53,21 @@ if ! "$PY" -c '
 import sys, triton, triton_mebp, triton_mebp.kernels.selection as s
 print("gpu_check: triton", triton.__version__, "| triton_mebp from", triton_mebp.__file__,
       "| kernels from", s.__file__)
-assert s.__file__.startswith(sys.argv[1]), "the kernels are not the checkout's"
+assert s.__file__.startswith(sys.argv[1]), "the kernels do not come from the checkout"
 ' "$ROOT"; then
     say "FAILED: the package does not import from the checkout"
     return 3
 fi
 
 status=0
+say "kernels at the target shape (perf/gpu_kernels.py, at most 240 s)"
+rehearse_flag=()
+[[ "$REHEARSE" == 1 ]] && rehearse_flag=(--rehearse)
+timeout 240 "$PY" "$ROOT/perf/gpu_kernels.py" "${rehearse_flag[@]}" --out "$OUTDIR/gpu-kernels.csv"
+rc=$?
+[[ $rc -eq 124 ]] && say "gpu_kernels.py ran past its 240 s limit (its CSV keeps the rows done)"
+[[ $rc -ne 0 ]] && { say "gpu_kernels.py FAILED (exit $rc)"; status=1; }
+
 if [[ "$REHEARSE" == 1 ]]; then
     tests=("$ROOT/tests/test_sweep.py" "$ROOT/tests/test_estimate.py")
 else
@@ -68,6 +78,8 @@ parallel=()
 if [[ "$REHEARSE" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
     parallel=(-n 8)
 fi
+# A test that hangs on the GPU stops after 120 s instead of taking the suite with it.
+"$PY" -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
 say "pytest ${tests[*]} ${parallel[*]} (compiled kernels, TRITON_MEBP_AUTOTUNE=0)"
 TRITON_MEBP_AUTOTUNE=0 timeout 230 "$PY" -m pytest "${tests[@]}" "${parallel[@]}" -q -p no:cacheprovider \
     --rootdir="$ROOT" --junitxml="$OUTDIR/pytest.xml" -o addopts="-ra"
@@ -107,4 +119,9 @@ return $status
 
 # Everything the check prints also goes to the log; the pipe ends when the check does.
 run_check 2>&1 | tee "$LOG"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# One file to bring back from the GPU machine.
+bundle=$(mktemp)
+tar -czf "$bundle" -C "$OUTDIR" --exclude=gpu-check.tar.gz . && mv "$bundle" "$OUTDIR/gpu-check.tar.gz" \
+    && echo "gpu_check: everything in $OUTDIR/gpu-check.tar.gz"
+exit "$status"

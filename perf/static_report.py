@@ -395,7 +395,7 @@ def run_jobs(jobs, workers):
             pool.shutdown()
 
 
-SUMMARY_FIELDS = ("registers", "spill_stores", "ld16", "ld4", "ld2", "st16", "st2", "cp_async16",
+SUMMARY_FIELDS = ("registers", "spill_stores", "smem", "ld16", "ld4", "ld2", "st16", "st2", "cp_async16",
                   "wgmma", "programs_per_sm")
 
 
