@@ -254,3 +254,6 @@ def test_bad_input_is_reported():
     with pytest.raises(ValueError, match="mode"):
         mebp_lstm_layer(torch.randn(T, B, INPUT), torch.zeros(B, HIDDEN), torch.zeros(B, HIDDEN),
                         me.weight_ih_l0, me.weight_hh_l0, k=2, mode="dense")
+    with pytest.raises(ValueError, match="b_ih and b_hh"):
+        mebp_lstm_layer(torch.randn(T, B, INPUT), torch.zeros(B, HIDDEN), torch.zeros(B, HIDDEN),
+                        me.weight_ih_l0, me.weight_hh_l0, me.bias_ih_l0, None, k=2)

@@ -14,6 +14,8 @@ def import_checkout_kernels() -> None:
         return
     spec = importlib.util.spec_from_file_location(
         name, source, submodule_search_locations=[str(source.parent)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the checkout's kernels from {source}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

@@ -55,7 +55,7 @@ class CommStats:
     def reset(self) -> None:
         self.mebp_bytes = 0
         self.ddp_bytes = 0
-        self.layer_bytes = {}
+        self.layer_bytes: dict[str, int] = {}
         self.per_example_union = 0
         self.per_example_dense = 0
 
@@ -159,7 +159,7 @@ class _DistributedLayer:
             dx = ops.gathered_input_grad(dy_c, weight, idx)  # while the rows travel
         if ctx.sparse_bias:
             db = dy.new_zeros(N).index_copy_(0, idx, dy_c.sum(0))
-        if work is not None:
+        if work is not None and rows is not None:
             _wait(work, f"{self._label()}: the all-reduce of the {k} selected weight rows")
             rows.div_(self.world)
             if ctx.grad == "dense":
@@ -256,13 +256,13 @@ def count_ddp_bytes(ddp: nn.parallel.DistributedDataParallel, stats: CommStats |
 def _timedelta(timeout):
     if timeout is None or isinstance(timeout, datetime.timedelta):
         return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not float(timeout) > 0:
         raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got "
                          f"{timeout!r}")
     return datetime.timedelta(seconds=float(timeout))
 
 
-_groups = {}  # (ranks, timeout, use, default group) -> process group, reused by later wrappers
+_groups: dict = {}  # (ranks, timeout, use, default group) -> process group, reused by later wrappers
 
 
 def _group(parent, timeout, use: str):

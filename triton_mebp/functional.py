@@ -14,7 +14,7 @@ MODES = ("unified", "per_example")
 GRADS = ("dense", "sparse")
 
 
-def resolve_k(k, width: int, layer: str = "layer") -> int:
+def resolve_k(k: int | float, width: int, layer: str = "layer") -> int:
     """The number of kept gradient entries for a layer of ``width`` outputs.
 
     ``k`` is an int in [1, width] or a float ratio in (0, 1] of the width (rounded, at least 1).
@@ -53,7 +53,7 @@ _zeroed_grad_buffer = library.zeroed_grad_buffer
 
 
 # weight.data_ptr() -> (values, indices pointers, rows) of the row-sparse gradient last returned
-_fresh_row_grads = {}
+_fresh_row_grads: dict[int, tuple] = {}
 
 
 def _row_sparse(rows_idx, rows, shape, weight=None):
@@ -122,6 +122,7 @@ def _unified_backward(dy, x, weight, ctx):
 
 def _per_example_backward(dy, x, weight, ctx):
     values, idx = OPS.per_example_select.default(dy, ctx.k, ctx.hits)
+    dw: torch.Tensor | None
     if x.shape[1] == 0:  # in_features = 0: nothing to gather (embedding_bag rejects empty rows)
         dx, dw = x.new_zeros(x.shape), torch.zeros_like(weight)
         dw = dw.to_sparse() if ctx.grad == "sparse" else dw
@@ -222,8 +223,9 @@ torch.library.register_autograd(f"{library.NAMESPACE}::linear", _linear_backward
                                 setup_context=_setup_linear, lib=library.LIB)
 
 
-def mebp_linear(input, weight, bias=None, *, k, mode="unified", grad="dense", sparse_bias=False,
-                hits=None, refs=None):
+def mebp_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                k: int | float, mode: str = "unified", grad: str = "dense", sparse_bias: bool = False,
+                hits: torch.Tensor | None = None, refs: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with minimal-effort back propagation.
 
     Forward is the ordinary dense linear. Backward keeps the ``k`` largest-magnitude entries of

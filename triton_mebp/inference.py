@@ -137,7 +137,8 @@ def _plain_linear(layer: nn.Linear) -> nn.Linear:
 
 def _units(children):
     """Splits a Sequential's children into (linear, activation name) units and other modules."""
-    units, i = [], 0
+    units: list[tuple[nn.Module, str | None]] = []
+    i = 0
     while i < len(children):
         module = children[i]
         if isinstance(module, PASS_THROUGH):
@@ -165,7 +166,8 @@ def _fusable(run, dtype) -> bool:
 
 
 def _fuse_sequential(seq: nn.Sequential, fuse_mlp: bool) -> nn.Sequential:
-    modules, run = [], []
+    modules: list[nn.Module] = []
+    run: list[tuple[nn.Linear, str]] = []
 
     def flush():
         if not run:

@@ -278,7 +278,7 @@ ops = types.SimpleNamespace(
 
 # ---- the CPU dense-gradient buffer ----
 
-_dense_grad_storage = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
+_dense_grad_storage: dict[int, tuple] = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
 _CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
 
 
@@ -298,7 +298,8 @@ def zeroed_grad_buffer(weight, dtype):
     if (owner is not None and owner() is weight
             and storage.nbytes() == weight.numel() * dtype.itemsize
             and torch._C._storage_Use_Count(storage._cdata) == 1):  # held by this cache alone
-        return torch.empty(0, dtype=dtype).set_(storage, 0, weight.shape).zero_()
+        # (torch's stub lists set_ without the default, contiguous, stride)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, weight.shape).zero_()  # type: ignore[call-overload]
     buffer = torch.zeros(weight.shape, dtype=dtype)
     _dense_grad_storage[key] = (weakref.ref(weight, lambda _: _dense_grad_storage.pop(key, None)),
                                 buffer.untyped_storage())

@@ -1,7 +1,9 @@
 """``MeLinear`` (a drop-in ``nn.Linear``) and ``convert`` for whole models."""
 import copy
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +23,12 @@ class MeLinear(nn.Linear):
     is made once per batch size, dtype and device.
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 k=0.05, mode="unified", grad="dense", sparse_bias=False, count_hits=False,
-                 auto=False):
+    hits: torch.Tensor
+    refs: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, k: int | float = 0.05, mode: str = "unified", grad: str = "dense",
+                 sparse_bias: bool = False, count_hits: bool = False, auto: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(k, mode, grad, sparse_bias, count_hits, auto)
 
@@ -39,8 +44,9 @@ class MeLinear(nn.Linear):
         self.register_buffer("refs", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, k=0.05, mode="unified", grad="dense",
-                    sparse_bias=False, count_hits=False, auto=False) -> "MeLinear":
+    def from_linear(cls, linear: nn.Linear, *, k: int | float = 0.05, mode: str = "unified",
+                    grad: str = "dense", sparse_bias: bool = False, count_hits: bool = False,
+                    auto: bool = False) -> "MeLinear":
         """A MeLinear that shares ``linear``'s Parameter objects (an optimizer keeps working)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
@@ -126,9 +132,11 @@ class ConvertReport(list):
                          for row in rows)
 
 
-def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(),
-            skip_output=True, inplace=False, sparse_bias=False, count_hits=False,
-            auto=False, attention_k=None, mlp_k=None, roles=None, report=False):
+def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", grad: str = "dense",
+            exclude: str | Iterable[str] = (), skip_output: bool = True, inplace: bool = False,
+            sparse_bias: bool = False, count_hits: bool = False, auto: bool = False,
+            attention_k: int | float | None = None, mlp_k: int | float | None = None,
+            roles: dict[str, list[str]] | None = None, report: bool = False):
     """Replace the model's ``nn.Linear`` layers by ``MeLinear`` sharing the same parameters.
 
     ``nn.LSTM`` layers (without ``proj_size``) become ``MeLSTM``, with ``k`` taken against the
@@ -155,8 +163,8 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
         exclude = (exclude,)
     target = model if inplace else copy.deepcopy(model)
     role_of = linear_roles(target, roles)
-    linear_options = dict(mode=mode, grad=grad, sparse_bias=sparse_bias, count_hits=count_hits,
-                          auto=auto)
+    linear_options: dict[str, Any] = dict(mode=mode, grad=grad, sparse_bias=sparse_bias,
+                                          count_hits=count_hits, auto=auto)
 
     def excluded_by(name):
         pattern = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
@@ -194,7 +202,7 @@ def convert(model: nn.Module, *, k=0.05, mode="unified", grad="dense", exclude=(
         role_k = k_for_role("attention", k, attention_k, mlp_k)
         in_why = excluded_by(in_name)
         in_k = None if in_why else role_k
-        in_count = None if in_why else resolve_k(in_k, width, f"layer {in_name!r} (3 * embed_dim)")
+        in_count = None if in_why else resolve_k(role_k, width, f"layer {in_name!r} (3 * embed_dim)")
         new = MeMultiheadAttention.from_mha(module, in_proj_k=in_k, mode=mode, grad=grad)
         entries.append(ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width,
                                     in_count, in_why or ""))

@@ -12,10 +12,15 @@ State layout (relied on by the model simplifier): per-element state tensors have
 shape, ``row_step`` has shape ``(param.shape[0],)``, ``step`` is a 0-d float32 CPU tensor.
 """
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from . import backend
+
+# What torch.optim optimizers take: parameters, or parameter groups (dicts with "params").
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
 def _check_range(name, value, low=0.0, high=math.inf, high_open=False):
@@ -66,7 +71,7 @@ class _RowOptimizer(torch.optim.Optimizer):
     """Shared step loop: row-sparse gradients go to ``_rows`` (the backend's fused row update),
     dense ones to ``_dense`` (the torch.optim update)."""
 
-    _per_element = ()  # names of the per-element state tensors
+    _per_element: tuple[str, ...] = ()  # names of the per-element state tensors
 
     def _init_state(self, param, state, group):
         raise NotImplementedError
@@ -178,8 +183,8 @@ class RowSGD(_RowOptimizer):
 
     _per_element = ("momentum_buffer",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
         _check_range("lr", lr)
         _check_range("momentum", momentum)
         _check_range("weight_decay", weight_decay)
@@ -235,8 +240,9 @@ class RowAdagrad(_RowOptimizer):
 
     _per_element = ("sum",)
 
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10) -> None:
         _check_range("lr", lr)
         _check_range("lr_decay", lr_decay)
         _check_range("weight_decay", weight_decay)
@@ -274,7 +280,8 @@ class RowAdam(_RowOptimizer):
     _per_element = ("exp_avg", "exp_avg_sq")
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         _check_range("lr", lr)
         _check_range("eps", eps)
         _check_range("weight_decay", weight_decay)
@@ -321,11 +328,12 @@ class RowAdamW(RowAdam):
 
     _decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def sgd_step_rows(params, lr: float) -> None:
+def sgd_step_rows(params: Iterable[torch.Tensor], lr: float) -> None:
     """Plain SGD ``p -= lr * p.grad`` that touches only the gradient's rows when it is row-sparse
     (one ``RowSGD`` step without momentum); dense gradients get the ordinary update."""
     with_grads = [p for p in params if p.grad is not None]

@@ -50,7 +50,7 @@ def _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep):
         tc = torch.tanh(c_new)
         h_new = o * tc
         if keep:
-            acts[t], h_prev[t], c_prev[t], tanh_c[t] = a, h, c, tc
+            acts[t], h_prev[t], c_prev[t], tanh_c[t] = a, h, c, tc  # type: ignore[index]
         if active is None:
             out[t] = h_new
             h, c = h_new, c_new
@@ -120,7 +120,7 @@ class MeLSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, active, k, mode, reverse):
-        bias = None if b_ih is None else b_ih + b_hh
+        bias = None if b_ih is None or b_hh is None else b_ih + b_hh
         out, h, c, (acts, h_prev, c_prev, tanh_c) = _run_layer(x, h0, c0, w_ih, w_hh, bias,
                                                                active, reverse, keep=True)
         ctx.save_for_backward(x, w_ih, w_hh, acts, h_prev, c_prev, tanh_c, active)
@@ -175,14 +175,16 @@ class MeLSTMLayerFunction(torch.autograd.Function):
                                              None if dense else kept_idx, x, h_prev, w_ih, w_hh,
                                              need_x, need_w_ih, need_w_hh)
         db_ih = db if ctx.has_bias and ctx.needs_input_grad[5] else None
-        db_hh = db.clone() if ctx.has_bias and ctx.needs_input_grad[6] else None
+        db_hh = db.clone() if db is not None and ctx.needs_input_grad[6] else None
         dh0 = dh if ctx.needs_input_grad[1] else None
         dc0 = dc if ctx.needs_input_grad[2] else None
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
 
 
-def mebp_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, *, k, mode="unified",
-                    reverse=False, active=None):
+def mebp_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
+                    w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
+                    b_hh: torch.Tensor | None = None, *, k: int | float, mode: str = "unified",
+                    reverse: bool = False, active: torch.Tensor | None = None):
     """One direction of one LSTM layer with a meProp backward.
 
     ``x``: T x B x I (time-major); ``h0``, ``c0``: B x H; weights as in ``nn.LSTM`` (4H x I,
@@ -191,11 +193,13 @@ def mebp_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, *, k, mode="uni
     Returns ``(output T x B x H, h_n, c_n)``; the output is zero at steps that are not active.
     """
     check_mode(mode)
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be tensors or both be None")
     k = resolve_k(k, w_hh.shape[0], "the LSTM gates")
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return MeLSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, active, k, mode, reverse)
-    bias = None if b_ih is None else b_ih + b_hh
+    bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     out, h, c, _ = _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep=False)
     return out, h, c
 
@@ -210,7 +214,7 @@ class MeLSTM(nn.LSTM):
     output and zero gradient, and the final states are taken at each sequence's own last step).
     """
 
-    def __init__(self, *args, k=0.05, mode="unified", **kwargs):
+    def __init__(self, *args, k: int | float = 0.05, mode: str = "unified", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._setup(k, mode)
 
@@ -222,7 +226,7 @@ class MeLSTM(nn.LSTM):
         self.k, self.mode = k, mode
 
     @classmethod
-    def from_lstm(cls, lstm: nn.LSTM, *, k=0.05, mode="unified") -> "MeLSTM":
+    def from_lstm(cls, lstm: nn.LSTM, *, k: int | float = 0.05, mode: str = "unified") -> "MeLSTM":
         """A MeLSTM with ``lstm``'s options that shares its Parameter objects."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"from_lstm needs an nn.LSTM, got {type(lstm).__name__}")
@@ -312,7 +316,7 @@ class MeLSTM(nn.LSTM):
 
         directions = 2 if self.bidirectional else 1
         k = self.k_count
-        layer_input, h_n, c_n = x, [], []
+        layer_input, h_last, c_last = x, [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
@@ -325,12 +329,12 @@ class MeLSTM(nn.LSTM):
                     getattr(self, "bias_hh" + suffix) if self.bias else None,
                     k=k, mode=self.mode, reverse=bool(direction), active=active)
                 outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
+                h_last.append(h)
+                c_last.append(c)
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        h_n, c_n = torch.stack(h_last), torch.stack(c_last)
 
         output = layer_input
         if packed:

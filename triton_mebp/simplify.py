@@ -13,7 +13,9 @@ import inspect
 import math
 import numbers
 import operator
+import os
 from dataclasses import dataclass, field
+from typing import IO
 
 import torch
 import torch.nn.functional as F
@@ -213,10 +215,10 @@ def _node_step(node, source, modules):
     swap = lambda v: ([v if a is source else a for a in node.args],
                       {key: v if a is source else a for key, a in node.kwargs.items()})
     if node.op == "call_method":
-        def step(v):
+        def method_step(v):
             args, kwargs = swap(v)
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return step
+        return method_step
 
     def step(v):
         args, kwargs = swap(v)
@@ -227,12 +229,14 @@ def _node_step(node, source, modules):
 def _fx_links(model: nn.Module, graph, producer):
     """Consumers found in a torch.fx graph of the model's forward: (links, reasons, paths)."""
     modules = dict(model.named_modules())
-    calls = {}
+    calls: dict = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
     read_directly = [node.target for node in graph.nodes if node.op == "get_attr"]
-    links, reasons, paths = {}, {}, {}
+    links: dict = {}
+    reasons: dict = {}
+    paths: dict = {}
     for name, module in modules.items():
         if not producer(module):
             continue
@@ -247,7 +251,7 @@ def _fx_links(model: nn.Module, graph, producer):
                              f"it is called {len(nodes)} times in the forward")
             continue
         consumers, reason, frontier = [], None, [nodes[0]]
-        steps = {nodes[0]: []}  # the element-wise steps from the layer's output to each node
+        steps: dict = {nodes[0]: []}  # the element-wise steps from the layer's output to each node
         while frontier and reason is None:
             source = frontier.pop()
             for user in source.users:
@@ -295,7 +299,9 @@ def _find_links(model: nn.Module, producer=_is_plain_me_linear):
         why = f"module {hooked[0]!r} has forward hooks, which the simplifier cannot see through"
         return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
     if isinstance(model, TRANSFORMER_STACKS):  # its own forward does not trace; its layers do
-        links, reasons, paths = {}, {}, {}
+        links: dict = {}
+        reasons: dict = {}
+        paths: dict = {}
         _stack_layer_links(model, [""], producer, links, reasons, paths)
         return links, reasons, paths
     try:
@@ -354,10 +360,11 @@ def _stack_layer_links(model, stacks, producer, links, reasons, paths):
 
 def _shared_objects(model: nn.Module):
     """ids of modules and parameters that appear at more than one place in the model."""
-    seen, shared = set(), set()
+    seen: set[int] = set()
+    shared: set[int] = set()
     for _, module in model.named_modules(remove_duplicate=False):
         (shared if id(module) in seen else seen).add(id(module))
-    seen_params = set()
+    seen_params: set[int] = set()
     for _, param in model.named_parameters(remove_duplicate=False):
         (shared if id(param) in seen_params else seen_params).add(id(param))
     return shared
@@ -457,7 +464,7 @@ def _resize_me_linear(layer: MeLinear, width: int) -> None:
     """Hit counters of the new width, and k (a count: see ``_fix_k_count``) capped at it."""
     layer.hits = torch.zeros(width, dtype=torch.int64, device=layer.weight.device)
     layer.refs.zero_()
-    if isinstance(layer.k, numbers.Integral) and not isinstance(layer.k, bool) and layer.k > width:
+    if isinstance(layer.k, numbers.Integral) and not isinstance(layer.k, bool) and int(layer.k) > width:
         layer.k = width
 
 
@@ -497,8 +504,15 @@ class Simplifier:
     ``consumers`` what reads each, ``skipped`` the other MeLinear layers and why.
     """
 
-    def __init__(self, model: nn.Module, *, threshold: float = 0.1, optimizer=None,
-                 min_width: int = 1):
+    model: nn.Module
+    threshold: float
+    optimizer: torch.optim.Optimizer | None
+    min_width: int
+    plans: list[PrunePlan]
+    skipped: dict[str, str]
+
+    def __init__(self, model: nn.Module, *, threshold: float = 0.1,
+                 optimizer: torch.optim.Optimizer | None = None, min_width: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Simplifier needs an nn.Module, got {type(model).__name__}")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
@@ -574,7 +588,10 @@ class Simplifier:
         kept = {plan.name: self._kept(plan) for plan in self.plans}
         names = {id(p): f"{mname}.{pname}" for mname, m in self.model.named_modules()
                  for pname, p in m.named_parameters(recurse=False)}
-        param_cuts, shifts, widths, report = {}, {}, [], {}
+        param_cuts: dict = {}
+        shifts: dict = {}
+        widths: list = []
+        report = {}
         for plan in self.plans:
             layer, keep = plan.layer, kept[plan.name]
             old, new = layer.out_features, keep.numel()
@@ -626,7 +643,7 @@ class SimplifySchedule:
 
     def __init__(self, simplifier: Simplifier, *, steps_per_epoch: int, cycle_epochs: int = 5,
                  prunes_per_epoch: int = 8, prune_first_cycle: bool = False,
-                 reset_optimizer: bool = True, last_pruning_cycle: int | None = None):
+                 reset_optimizer: bool = True, last_pruning_cycle: int | None = None) -> None:
         for label, value in (("steps_per_epoch", steps_per_epoch), ("cycle_epochs", cycle_epochs),
                              ("prunes_per_epoch", prunes_per_epoch)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -641,7 +658,7 @@ class SimplifySchedule:
         self.prune_first_cycle, self.reset_optimizer = prune_first_cycle, reset_optimizer
         self.last_pruning_cycle = last_pruning_cycle
         self.steps = 0
-        self.history = []
+        self.history: list[tuple[int, PruneReport]] = []
 
     @property
     def cycle(self) -> int:
@@ -653,7 +670,7 @@ class SimplifySchedule:
             return False
         return cycle % 2 == (0 if self.prune_first_cycle else 1)
 
-    def step(self):
+    def step(self) -> PruneReport | None:
         cycle = self.cycle
         self.steps += 1
         in_epoch = (self.steps - 1) % self.steps_per_epoch + 1
@@ -676,7 +693,7 @@ def _linear_shapes(model: nn.Module):
     return {name: [m.out_features, m.in_features] for name, m in model.named_modules() if _is_linear(m)}
 
 
-def save_simplified(model: nn.Module, path) -> None:
+def save_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes]) -> None:
     """Saves the (compacted) model's weights and its Linear widths, tensors and plain data only."""
     torch.save({"format": CHECKPOINT_FORMAT, "linear_shapes": _linear_shapes(model),
                 "state_dict": model.state_dict()}, path)
@@ -710,7 +727,8 @@ def _read_checkpoint(path, map_location):
     return {name: (int(o), int(i)) for name, (o, i) in shapes.items()}, state
 
 
-def load_simplified(model: nn.Module, path, *, map_location=None) -> nn.Module:
+def load_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes], *,
+                    map_location=None) -> nn.Module:
     """Resizes a freshly built full-size ``model`` to a saved simplified one and loads its weights.
 
     Loads with ``torch.load(weights_only=True)``. A file that is not such a checkpoint, or one that

@@ -114,8 +114,8 @@ class MeMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         # The steps of F.multi_head_attention_forward (torch 2.x), with our in-projection.
-        is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
-                                        self.num_heads)
+        is_batched = F._mha_shape_check(  # type: ignore[attr-defined]  # private, not in the stubs
+            query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if self.batch_first and is_batched:
             if key is value:
                 if query is key:
@@ -161,7 +161,7 @@ class MeMultiheadAttention(nn.MultiheadAttention):
             elif tuple(attn_mask.shape) != (bsz * heads, tgt_len, src_len):
                 raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, "
                                    f"but should be {(bsz * heads, tgt_len, src_len)}.")
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:  # both or neither
             k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
             if attn_mask is not None:
