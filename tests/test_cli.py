@@ -9,10 +9,9 @@ import matplotlib.image
 import pytest
 
 import triton_mebp
+from test_data import make_mnist
 from triton_mebp.app import cli
 from triton_mebp.app.train import demo_configs
-
-from test_data import make_mnist
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,12 +1,11 @@
 """User errors of the command line: one line on stderr, exit status 2, before any training."""
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from triton_mebp.app import cli, train
 from test_data import idx_bytes, make_mnist
+from triton_mebp.app import cli, train
 
 
 @pytest.fixture

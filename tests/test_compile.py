@@ -12,9 +12,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import triton_mebp as mebp
-from triton_mebp import backend, library
 from conftest import DEVICE, assert_close
 from reference import separated_grad
+from triton_mebp import backend, library
 
 OPS = torch.ops.triton_mebp
 
@@ -184,7 +184,7 @@ def test_compiled_lstm_matches_eager():
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 2, 5, device=DEVICE)
-    for model, run in ((eager, eager), (compiled_model, compiled)):
+    for run in (eager, compiled):
         run(x)[0].square().sum().backward()
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         assert_close(b.grad, a.grad, torch.float32)

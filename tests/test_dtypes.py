@@ -2,7 +2,6 @@
 float64 takes the PyTorch ops whatever the backend; bfloat16 runs in the interpreter too."""
 import pytest
 import torch
-from torch import nn
 
 import triton_mebp as mebp
 from aot import compile_specs

@@ -1,6 +1,5 @@
 """Inference kernels (linear + bias + activation epilogue, fused whole MLP) and
 optimize_for_inference."""
-import copy
 
 import pytest
 import torch

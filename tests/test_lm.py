@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from triton_mebp.app import cli
-from triton_mebp.app.lm import (CharTransformer, LMConfig, corpus_from_text, load_pydoc_topics,
-                                 run_lm_experiment, train_lm, validation_loss)
-
+from triton_mebp.app.lm import (
+    CharTransformer,
+    LMConfig,
+    corpus_from_text,
+    load_pydoc_topics,
+    run_lm_experiment,
+    train_lm,
+    validation_loss,
+)
 
 
 @pytest.fixture(autouse=True)

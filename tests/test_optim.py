@@ -8,11 +8,10 @@ import torch
 from torch import nn
 
 import triton_mebp as mebp
-from triton_mebp.optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
-from triton_mebp.simplify import Simplifier
-
 from aot import check_results, compile_specs
 from conftest import DEVICE, KERNEL_DTYPES, assert_close
+from triton_mebp.optim import RowAdagrad, RowAdam, RowAdamW, RowSGD
+from triton_mebp.simplify import Simplifier
 
 # name -> (class, hyper-parameters, matching torch.optim class)
 OPTIMIZERS = {

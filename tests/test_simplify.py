@@ -9,7 +9,13 @@ from torch import nn
 
 import triton_mebp as mebp
 from conftest import DEVICE, assert_close
-from triton_mebp.simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified
+from triton_mebp.simplify import (
+    PruneReport,
+    Simplifier,
+    SimplifySchedule,
+    load_simplified,
+    save_simplified,
+)
 
 
 def make_mlp(widths, bias=True, activation=nn.ReLU, k=0.25, mode="unified", grad="dense", **kw):

@@ -5,9 +5,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import triton_mebp as mebp

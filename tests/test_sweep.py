@@ -222,7 +222,7 @@ def test_triton_provider_times_every_kernel_and_names_its_config(mode, grad):
     others = {r["kernel"] for r in rows if r["kernel"] not in sweep.KERNELS + ("layer",)}
     assert set(kernels) == set(sweep.KERNELS)
     assert others == ({"reduced_gemm"} if mode == "unified" else set())
-    for name, r in kernels.items():
+    for r in kernels.values():
         assert "warps=" in r["config"] and float(r["median_ms"]) > 0
     assert kernels["select"]["config"].count("[") == (4 if mode == "unified" else 1)
     assert {r["metric"] for r in rows if r["kernel"] == "layer"} >= {"forward", "backward", "step-sgd"}

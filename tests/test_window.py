@@ -5,11 +5,18 @@ import pytest
 import torch
 
 import triton_mebp as mebp
-from triton_mebp.app import cli
-from triton_mebp.app.window import (WindowConfig, WindowTagger, WindowVocabulary, _divide_rows, load_window_data,
-                                    split_held_out, train_window, word_shape)
-
 from test_pos import write_corpus
+from triton_mebp.app import cli
+from triton_mebp.app.window import (
+    WindowConfig,
+    WindowTagger,
+    WindowVocabulary,
+    _divide_rows,
+    load_window_data,
+    split_held_out,
+    train_window,
+    word_shape,
+)
 
 
 @pytest.mark.parametrize("form, shape", [("Obama", "Xx"), ("1990s", "dx"), ("e-mail", "x-x"),

@@ -4,6 +4,8 @@ Forward passes stay dense; backward passes keep only the top-k output gradients 
 layer, so only k rows of each weight take part and receive a gradient.
 """
 from . import _checkout  # noqa: F401  (first: triton_mebp.kernels in a source checkout)
+
+# isort: split
 from . import optim
 from .backend import get_backend, set_backend
 from .distributed import DistributedDataParallel, DistributedSimplifier
@@ -13,8 +15,8 @@ from .inference import FusedLinear, FusedMLP, optimize_for_inference
 from .modules import ConvertReport, MeLinear, convert
 from .optim import RowAdagrad, RowAdam, RowAdamW, RowSGD, sgd_step_rows
 from .rnn import MeLSTM, mebp_lstm_layer
-from .transformer import MeMultiheadAttention
 from .simplify import PruneReport, Simplifier, SimplifySchedule, load_simplified, save_simplified
+from .transformer import MeMultiheadAttention
 
 __all__ = [
     "ConvertReport", "DistributedDataParallel", "DistributedSimplifier", "FusedLinear",

@@ -1,4 +1,4 @@
-""""Will meProp be faster for my shapes?": backward speedup predicted by a fitted cost model.
+"""Will meProp be faster for my shapes? The backward speedup predicted by a fitted cost model.
 
 A cost model is fitted, by non-negative least squares on relative error
 (``scipy.optimize.nnls``), to a sweep's measured times of one device, commit, dtype, mode and

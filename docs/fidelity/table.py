@@ -9,6 +9,7 @@ import os
 import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = os.path.join(HERE, "runs.jsonl")
 FIELDS = ("setting", "mode", "k", "optimizer", "extra", "seeds", "test_acc_mean", "test_acc_std",
           "gap_to_dense", "last_epoch_test_acc_mean", "best_epoch_mean", "held_out_acc_mean",
           "widths", "backward_s_per_epoch")
@@ -37,7 +38,7 @@ def _mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(path=os.path.join(HERE, "runs.jsonl")):
+def summarise(path=RUNS):
     groups = collections.OrderedDict()
     with open(path) as f:
         for line in f:

@@ -211,7 +211,13 @@ def _set_threads(args) -> None:
 
 def run_demo(args) -> int:
     from .data import load_digits
-    from .train import add_comparisons, benchmark_backward, demo_configs, resolve_device, run_experiment
+    from .train import (
+        add_comparisons,
+        benchmark_backward,
+        demo_configs,
+        resolve_device,
+        run_experiment,
+    )
     device = resolve_device(args.device)
     _set_threads(args)
     dataset = load_digits()
@@ -235,7 +241,7 @@ def run_demo(args) -> int:
     meta = _meta(dataset, device, args.seeds, started_at)
     _report(summaries, args.out, extra=extra, benchmark=benchmark, meta=meta)
     if extra:
-        print("\nk sweep (meProp unified, AdaGrad, seed %d):" % args.seeds[0])
+        print(f"\nk sweep (meProp unified, AdaGrad, seed {args.seeds[0]}):")
         for s in sorted(extra, key=lambda s: s["config"]["k"]):
             print(f"  {s['label']}: {s['test_acc_mean']:.2f}% ({s['gap_to_dense']:+.2f} vs dense), "
                   f"backward {s['backward_s_mean']:.3f} s/epoch ({s['speedup']:.2f}×)")

@@ -11,7 +11,6 @@ device, into ``perf/charts/``:
 - ``roofline-DEVICE.png``: achieved FLOP rate against arithmetic intensity for every kernel, under
   the device's measured copy bandwidth and matmul rate.
 """
-import argparse
 import csv
 import glob
 import re
