@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test check wheel-check demo sweep gpu-check clean
+.PHONY: test check lint format-check types wheel-check format demo sweep gpu-check clean
 
 $(STAMP): pyproject.toml .ci/setup-venv
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup-venv
@@ -14,10 +14,23 @@ $(STAMP): pyproject.toml .ci/setup-venv
 test: $(STAMP) check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: wheel-check
+check: lint types wheel-check  # the fast checks before the test suite; `make test` runs them first
+
+lint: $(STAMP)  # ruff's rules, configured in pyproject.toml
+	$(PY) -m ruff check .
+
+format-check: $(STAMP)  # the formatter's layout (ruff format), configured in pyproject.toml
+	$(PY) -m ruff format --check .
+
+types: $(STAMP)  # mypy on the library's core modules, configured in pyproject.toml
+	$(PY) -m mypy
 
 wheel-check: $(STAMP)  # the sdist and wheel built, the wheel installed and smoke-tested (.ci/wheel-check)
 	PY=$(PY) bash .ci/wheel-check
+
+format: $(STAMP)  # rewrites files: ruff's safe fixes (import order, ...), then the formatter
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 demo: $(STAMP)
 	$(PY) -m triton_mebp demo
