@@ -519,7 +519,7 @@ def write_lm_csv(path, summaries) -> None:
 
 def chart_bpc_vs_k(path, summaries) -> bool:
     """Validation bits per character against k, one curve per optimizer; dense as a line."""
-    from .report import _pyplot
+    from .report import _pyplot, save_figure
     curves = {}
     for s in summaries:
         c = s["config"]
@@ -551,14 +551,11 @@ def chart_bpc_vs_k(path, summaries) -> bool:
     ax.set_title("Character-level transformer: validation bits/char against k")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_validation_curves(path, summaries) -> bool:
-    from .report import _pyplot
+    from .report import _pyplot, save_figure
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
@@ -572,14 +569,11 @@ def chart_validation_curves(path, summaries) -> bool:
     ax.set_title("Validation bits/char through training (mean over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_timings(path, summaries) -> bool:
-    from .report import _pyplot
+    from .report import _pyplot, save_figure
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(summaries) + 1.5))
     labels = [s["label"] for s in summaries]
@@ -594,17 +588,14 @@ def chart_timings(path, summaries) -> bool:
     ax.set_title("Time per training step", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_mlp_widths(path, summaries) -> bool:
     simplified = [s for s in summaries if s["config"]["simplify"]]
     if not simplified:
         return False
-    from .report import _pyplot
+    from .report import _pyplot, save_figure
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in simplified:
@@ -619,10 +610,7 @@ def chart_mlp_widths(path, summaries) -> bool:
     ax.set_title("meSimp: MLP hidden width through training (first seed)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_lm_report(out_dir, summaries, *, meta=None) -> dict:

@@ -91,6 +91,15 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path) -> bool:
+    """Lays out, writes (PNG, 120 dpi) and closes ``fig``; True, for the chart writers."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator
     axis.set_major_locator(MaxNLocator(integer=True))
@@ -155,10 +164,7 @@ def chart_accuracy_vs_k(path, summaries) -> bool:
     ax.set_title("Test accuracy against k (mean ± std over seeds; dashed: dense)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_backward_vs_k(path, summaries, benchmark=None) -> bool:
@@ -208,10 +214,7 @@ def chart_backward_vs_k(path, summaries, benchmark=None) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Backward time and speedup against k")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_widths(path, summaries) -> bool:
@@ -236,10 +239,7 @@ def chart_widths(path, summaries) -> bool:
     ax.set_title("meSimp: hidden width through training (mean over seeds)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def chart_loss_curves(path, summaries) -> bool:
@@ -263,10 +263,7 @@ def chart_loss_curves(path, summaries) -> bool:
         ax.set_title(f"Training loss, {opt} (mean over seeds)")
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_report(out_dir, summaries, *, extra=None, benchmark=None, meta=None) -> dict:
