@@ -1,5 +1,6 @@
 """How the hidden activations of the window tagger evolve in its first 200 steps (batch 100,
-Adam lr 1e-3 unless named, k = 25 of 500, seed 0): writes drift.csv next to this file.
+Adam lr 1e-3 unless named, k = 25 of 500 in both hidden layers unless named, ReLU unless named,
+seed 0): writes drift.csv next to this file. ``h1``/``h2`` are the hidden layers' outputs.
 
     nice -n 10 python docs/fidelity/drift.py
 """
@@ -18,23 +19,28 @@ from triton_mebp.app.train import make_optimizer  # noqa: E402
 from triton_mebp.app.window import WindowTagger, load_window_data  # noqa: E402
 from triton_mebp.modules import MeLinear, convert  # noqa: E402
 
-SETTINGS = {  # name: (mode, optimizer, lr, eps, step_scale)
-    "dense, adam": ("dense", "adam", 1e-3, None, False),
-    "unified, adam": ("unified", "adam", 1e-3, None, False),
-    "per-example, adam": ("per_example", "adam", 1e-3, None, False),
-    "per-example, adam eps=1e-3": ("per_example", "adam", 1e-3, 1e-3, False),
-    "per-example, adam, step scaled": ("per_example", "adam", 1e-3, None, True),
-    "per-example, adagrad lr=0.05": ("per_example", "adagrad", 0.05, None, False),
+SETTINGS = {  # name: (mode, optimizer, lr, eps, step_scale, meProp layers, activation)
+    "dense, adam": ("dense", "adam", 1e-3, None, False, (), "relu"),
+    "unified, adam": ("unified", "adam", 1e-3, None, False, ("0", "2"), "relu"),
+    "per-example, adam": ("per_example", "adam", 1e-3, None, False, ("0", "2"), "relu"),
+    "per-example, adam eps=1e-3": ("per_example", "adam", 1e-3, 1e-3, False, ("0", "2"), "relu"),
+    "per-example, adam, step scaled": ("per_example", "adam", 1e-3, None, True, ("0", "2"), "relu"),
+    "per-example, adagrad lr=0.05": ("per_example", "adagrad", 0.05, None, False, ("0", "2"), "relu"),
+    "per-example in layer 1 only, adam": ("per_example", "adam", 1e-3, None, False, ("0",), "relu"),
+    "per-example in layer 2 only, adam": ("per_example", "adam", 1e-3, None, False, ("2",), "relu"),
+    "dense, adam, tanh": ("dense", "adam", 1e-3, None, False, (), "tanh"),
+    "per-example, adam, tanh": ("per_example", "adam", 1e-3, None, False, ("0", "2"), "tanh"),
 }
 STEPS, EVERY, BATCH = 200, 25, 100
 
 
-def trace(name, mode, optimizer_name, lr, eps, step_scale, data, vocab):
+def trace(name, mode, optimizer_name, lr, eps, step_scale, me_layers, activation, data, vocab):
     features, tags = data["train"]
     torch.manual_seed(0)
-    model = WindowTagger(vocab.sizes(), len(vocab.tags))
+    model = WindowTagger(vocab.sizes(), len(vocab.tags), activation=activation)
     if mode != "dense":
-        model.mlp = convert(model.mlp, k=25, mode=mode, count_hits=True, inplace=True)
+        model.mlp = convert(model.mlp, k=25, mode=mode, count_hits=True, inplace=True,
+                            exclude=[n for n in ("0", "2") if n not in me_layers])
     layers = [m for m in model.mlp if isinstance(m, MeLinear)]
     optimizer = make_optimizer(optimizer_name, model.parameters(), lr, False, eps)
     outputs = {}

@@ -1,4 +1,5 @@
-"""Summarises runs.jsonl (written by run.py) into summary.csv and table.md next to this file.
+"""Summarises runs.jsonl (written by run.py) into summary.csv and table.md next to this file,
+and the last step of drift.csv (drift.py) into drift.md.
 
     python docs/fidelity/table.py
 """
@@ -20,6 +21,10 @@ def _extra(config):
     parts = []
     if config.get("row_scale"):
         parts.append("rows / examples that selected them")
+    if config.get("step_scale"):
+        parts.append("row steps × fraction of examples that selected them")
+    if config.get("activation", "relu") != "relu":
+        parts.append(config["activation"])
     if config.get("clip"):
         parts.append(f"clip ±{config['clip']:g}")
     if config.get("simplify"):
@@ -58,14 +63,14 @@ def summarise(path=RUNS):
             held_out_acc_mean=statistics.fmean(r["held_out_acc"] for r in runs),
             widths="/".join(f"{statistics.fmean(w):.0f}" for w in zip(*(r["widths"] for r in runs))),
             backward_s_per_epoch=statistics.fmean(r["backward_s_per_epoch"] for r in runs)))
-    dense = {r["optimizer"]: r for r in rows if r["mode"] == "dense"}
-    for row in rows:
-        base = dense.get(BASELINE[row["optimizer"]])
+    dense = {(r["optimizer"], "tanh" in r["extra"]): r for r in rows if r["mode"] == "dense"}
+    for row in rows:  # against dense with the same optimizer (RowAdam: Adam) and activation
+        base = dense.get((BASELINE[row["optimizer"]], "tanh" in row["extra"]))
         row["gap_to_dense"] = None if base is None or row["mode"] == "dense" else \
             row["test_acc_mean"] - base["test_acc_mean"]
     order = {"dense": 0, "unified": 1, "per_example": 2}
-    rows.sort(key=lambda r: (BASELINE[r["optimizer"]], r["optimizer"], r["k"] or 0,
-                             order[r["mode"]], r["extra"]))
+    rows.sort(key=lambda r: (BASELINE[r["optimizer"]], "tanh" in r["extra"], r["optimizer"],
+                             r["k"] or 0, order[r["mode"]], r["extra"]))
     return rows
 
 
@@ -86,6 +91,16 @@ def main():
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    drift = os.path.join(HERE, "drift.csv")
+    if os.path.exists(drift):  # drift.py's last step, as a table
+        with open(drift) as f:
+            rows = list(csv.DictReader(f))
+        last = max(int(r["step"]) for r in rows)
+        lines = [f"| {r['setting']} | {float(r['loss']):.3f} | {float(r['h1_mean']):.2f} | "
+                 f"{100 * float(r['h1_active']):.0f}% | {float(r['h2_mean']):.2f} | "
+                 f"{float(r['logit_absmax']):.0f} |" for r in rows if int(r["step"]) == last]
+        with open(os.path.join(HERE, "drift.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
