@@ -60,6 +60,11 @@ def tanh_configs():
             for m in ("dense", "per_example", "unified")]
 
 
+def tanh_rowadam_configs():
+    return [WindowConfig(mode=m, k=0.05, optimizer="rowadam", activation="tanh", **COMMON)
+            for m in ("per_example", "unified")]
+
+
 def core_configs():
     """The rows that get seeds 1 and 2 first when time is short."""
     by_key = lambda mode, k, o: WindowConfig(mode=mode, k=k, optimizer=o, **COMMON)
@@ -105,7 +110,7 @@ def main():
     global _DATA
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", required=True,
-                        help="grid, leads, step_scale, core, tanh or mesimp:MODE:K:OPTIMIZER (repeatable; "
+                        help="grid, leads, step_scale, core, tanh, tanh_rowadam or mesimp:MODE:K:OPTIMIZER (repeatable; "
                         "jobs run in the order given, all seeds of one set before the next)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=1)
@@ -115,7 +120,8 @@ def main():
     jobs, seen = [], set(done)
     for name in args.set:  # each set in turn, seed-major within it
         group = {"grid": grid_configs, "leads": leads_configs, "step_scale": step_scale_configs,
-                 "core": core_configs, "tanh": tanh_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
+                 "core": core_configs, "tanh": tanh_configs,
+                 "tanh_rowadam": tanh_rowadam_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
         for seed in args.seeds:
             for config in group:
                 if key(config, seed) not in seen:
