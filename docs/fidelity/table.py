@@ -1,5 +1,5 @@
 """Summarises runs.jsonl (written by run.py) into summary.csv and table.md next to this file,
-and the last step of drift.csv (drift.py) into drift.md.
+the last step of drift.csv (drift.py) into drift.md and lstm_runs.jsonl (lstm.py) into lstm.md.
 
     python docs/fidelity/table.py
 """
@@ -100,6 +100,19 @@ def main():
                  f"{100 * float(r['h1_active']):.0f}% | {float(r['h2_mean']):.2f} | "
                  f"{float(r['logit_absmax']):.0f} |" for r in rows if int(r["step"]) == last]
         with open(os.path.join(HERE, "drift.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    lstm = os.path.join(HERE, "lstm_runs.jsonl")
+    if os.path.exists(lstm):  # lstm.py's runs, one row each
+        with open(lstm) as f:
+            runs = [json.loads(line) for line in f]
+        lines = ["| LSTM tagger | seed | test acc % at best held-out epoch | best epoch | test acc % at "
+                 "last epoch |", "|---|---|---|---|---|"]
+        for r in runs:
+            k = "" if r["mode"] == "dense" else f" k={r['k']} of 2000 gates"
+            lines.append(f"| {r['mode'].replace('_', '-')}{k}, {r['optimizer']}, {r['epochs_run']} "
+                         f"epochs | {r['seed']} | {r['test_accuracy']:.2f} | {r['best_epoch']} | "
+                         f"{r['last_test_accuracy']:.2f} |")
+        with open(os.path.join(HERE, "lstm.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
 
