@@ -42,6 +42,12 @@ def grid_configs():
     return configs
 
 
+def k_more_configs():
+    """k = 2% and 10%, every mode and optimizer."""
+    return [WindowConfig(mode=mode, k=k, optimizer=optimizer, **COMMON) for k in (0.02, 0.10)
+            for mode in ("unified", "per_example") for optimizer in ("adam", "rowadam", "adagrad")]
+
+
 def leads_configs():
     """Per-example + Adam at k = 5%: the leads of issue 15, item 2."""
     return [WindowConfig(mode="per_example", k=0.05, optimizer=o, row_scale=True, **COMMON)
@@ -110,7 +116,7 @@ def main():
     global _DATA
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", required=True,
-                        help="grid, leads, step_scale, core, tanh, tanh_rowadam or mesimp:MODE:K:OPTIMIZER (repeatable; "
+                        help="grid, leads, step_scale, core, tanh, tanh_rowadam, k_more or mesimp:MODE:K:OPTIMIZER (repeatable; "
                         "jobs run in the order given, all seeds of one set before the next)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=1)
@@ -121,7 +127,7 @@ def main():
     for name in args.set:  # each set in turn, seed-major within it
         group = {"grid": grid_configs, "leads": leads_configs, "step_scale": step_scale_configs,
                  "core": core_configs, "tanh": tanh_configs,
-                 "tanh_rowadam": tanh_rowadam_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
+                 "tanh_rowadam": tanh_rowadam_configs, "k_more": k_more_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
         for seed in args.seeds:
             for config in group:
                 if key(config, seed) not in seen:
