@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml .ci/setup-venv
 test: $(STAMP) check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: lint types wheel-check  # the fast checks before the test suite; `make test` runs them first
+check: lint format-check types wheel-check  # the fast checks before the test suite; `make test` runs them first
 
 lint: $(STAMP)  # ruff's rules, configured in pyproject.toml
 	$(PY) -m ruff check .

@@ -1,4 +1,5 @@
 """Argument checks the launchers run before any kernel launch."""
+
 import torch
 
 # The floating dtypes every kernel computes correctly (float32 accumulation); float64 is not one
@@ -11,9 +12,11 @@ def check_dtypes(op: str, **tensors) -> None:
     """Raises a TypeError naming ``op`` and the argument whose dtype the kernels do not support."""
     for name, tensor in tensors.items():
         if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; the Triton kernels support "
-                            f"{', '.join(str(d) for d in KERNEL_DTYPES)} (other dtypes run on the "
-                            "PyTorch backend: triton_mebp.set_backend('torch'))")
+            raise TypeError(
+                f"{op}: {name} has dtype {tensor.dtype}; the Triton kernels support "
+                f"{', '.join(str(d) for d in KERNEL_DTYPES)} (other dtypes run on the "
+                "PyTorch backend: triton_mebp.set_backend('torch'))"
+            )
 
 
 def check_indices(op: str, **tensors) -> None:

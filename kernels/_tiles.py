@@ -1,11 +1,13 @@
 """Tile scheduling shared by the matrix-product kernels."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 GROUP: tl.constexpr):
+def grouped_tile(
+    pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr
+):
     """(row block, column block) of program ``pid``; GROUP row blocks share column blocks in
     consecutive programs, so their operand tiles are reused from L2."""
     blocks_rows = tl.cdiv(rows, BLOCK_ROWS)
@@ -34,8 +36,14 @@ def padded_width(view) -> int:
     """The row length that may be read from ``view`` (B x k): the zero-padded width when ``view``
     is the ``[:, :k]`` view of a marked base, else k."""
     base = view._base
-    if (base is not None and getattr(base, "_mebp_zero_padded", False) and base.dim() == 2
-            and view.data_ptr() == base.data_ptr() and view.stride() == base.stride()
-            and base.stride(1) == 1 and base.shape[0] == view.shape[0]):
+    if (
+        base is not None
+        and getattr(base, "_mebp_zero_padded", False)
+        and base.dim() == 2
+        and view.data_ptr() == base.data_ptr()
+        and view.stride() == base.stride()
+        and base.stride(1) == 1
+        and base.shape[0] == view.shape[0]
+    ):
         return base.shape[1]
     return view.shape[1]

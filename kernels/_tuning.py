@@ -2,6 +2,7 @@
 
 ``TRITON_MEBP_AUTOTUNE=0`` turns tuning off; under ``TRITON_INTERPRET=1`` it is always off.
 """
+
 import inspect
 import os
 
@@ -66,7 +67,9 @@ class TunedKernel:
         self.in_place = tuple(in_place or ())
         options = dict(key=key, reset_to_zero=reset_to_zero)
         if prune is not None:
-            options["prune_configs_by"] = {"early_config_prune": lambda cfgs, nargs, **kw: prune(cfgs, nargs)}
+            options["prune_configs_by"] = {
+                "early_config_prune": lambda cfgs, nargs, **kw: prune(cfgs, nargs)
+            }
         if _supports_cache_results():
             options["cache_results"] = True
         self.tuned = triton.autotune(self.configs, **options)(fn)
@@ -107,8 +110,14 @@ class TunedKernel:
             else:
                 config = self.pruned_configs(named_args)[0]
             self.last_config = config
-            return self.fn[grid](*args, **kwargs, **config.kwargs,
-                                 num_warps=config.num_warps, num_stages=config.num_stages)
+            return self.fn[grid](
+                *args,
+                **kwargs,
+                **config.kwargs,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+
         return launch
 
 

@@ -10,6 +10,7 @@ Per-example layout (values ``v`` and indices ``i``, both B x k):
   (b, j) pairs are sorted by row once, then each program sums one row's segment in a fixed order.
   No atomics, so the result is deterministic.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -20,11 +21,28 @@ from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket
 
 
 @triton.jit
-def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, K_VALID, B_BUCKET,
-                                 stride_ab, stride_ak, stride_wn, stride_wm, stride_cb, stride_cm,
-                                 INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 GROUP_B: tl.constexpr):
+def _gathered_rows_matmul_kernel(
+    a_ptr,
+    w_ptr,
+    idx_ptr,
+    c_ptr,
+    B,
+    M,
+    K,
+    K_VALID,
+    B_BUCKET,
+    stride_ab,
+    stride_ak,
+    stride_wn,
+    stride_wm,
+    stride_cb,
+    stride_cm,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_B: tl.constexpr,
+):
     """c[B, M] = a[B, K] @ w[idx[K], M]; columns K_VALID <= j < K of ``a`` are zero padding."""
     pid_b, pid_m = grouped_tile(tl.program_id(0), B, M, BLOCK_B, BLOCK_M, GROUP_B)
 
@@ -38,22 +56,44 @@ def _gathered_rows_matmul_kernel(a_ptr, w_ptr, idx_ptr, c_ptr, B, M, K, K_VALID,
         mask_k = offs_k < K
         valid_k = offs_k < K_VALID
         rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
-        a = tl.load(a_ptr + offs_b[:, None].to(tl.int64) * stride_ab + offs_k[None, :] * stride_ak,
-                    mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
-                    mask=valid_k[:, None] & mask_m[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + offs_b[:, None].to(tl.int64) * stride_ab + offs_k[None, :] * stride_ak,
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
+            mask=valid_k[:, None] & mask_m[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
 
 
 @triton.jit
-def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, K_VALID, B_BUCKET,
-                                   stride_ab, stride_ak, stride_xb, stride_xm,
-                                   stride_on, stride_om,
-                                   SCATTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_B: tl.constexpr):
+def _transposed_matmul_rows_kernel(
+    a_ptr,
+    x_ptr,
+    idx_ptr,
+    out_ptr,
+    B,
+    M,
+    K,
+    K_VALID,
+    B_BUCKET,
+    stride_ab,
+    stride_ak,
+    stride_xb,
+    stride_xm,
+    stride_on,
+    stride_om,
+    SCATTER: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
     """rows[K, M] = a[B, K].T @ x[B, M], stored at out[idx[j]] (SCATTER) or out[j] for
     j < K_VALID; columns K_VALID <= j < K of ``a`` are zero padding, loaded but not stored."""
     pid_k = tl.program_id(0)
@@ -66,10 +106,16 @@ def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, K_VA
     for start in range(0, B, BLOCK_B):
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_b[None, :].to(tl.int64) * stride_ab,
-                      mask=mask_k[:, None] & mask_b[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_b[:, None].to(tl.int64) * stride_xb + offs_m[None, :] * stride_xm,
-                    mask=mask_b[:, None] & mask_m[None, :], other=0.0)
+        a_t = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_b[None, :].to(tl.int64) * stride_ab,
+            mask=mask_k[:, None] & mask_b[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + offs_b[:, None].to(tl.int64) * stride_xb + offs_m[None, :] * stride_xm,
+            mask=mask_b[:, None] & mask_m[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a_t, x.to(a_t.dtype), acc, input_precision=INPUT_PRECISION)
     valid_k = offs_k < K_VALID
     if SCATTER:
@@ -81,9 +127,20 @@ def _transposed_matmul_rows_kernel(a_ptr, x_ptr, idx_ptr, out_ptr, B, M, K, K_VA
 
 
 @triton.jit
-def _per_example_dx_kernel(v_ptr, i_ptr, w_ptr, dx_ptr, M, K,
-                           stride_wn, stride_wm, stride_xb, stride_xm,
-                           BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+def _per_example_dx_kernel(
+    v_ptr,
+    i_ptr,
+    w_ptr,
+    dx_ptr,
+    M,
+    K,
+    stride_wn,
+    stride_wm,
+    stride_xb,
+    stride_xm,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """dx[b, :] = sum_j v[b, j] * w[i[b, j], :] (v, i contiguous B x K)."""
     b = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,16 +151,34 @@ def _per_example_dx_kernel(v_ptr, i_ptr, w_ptr, dx_ptr, M, K,
         mask_k = offs_k < K
         v = tl.load(v_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         rows = tl.load(i_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
-                    mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
+            mask=mask_k[:, None] & mask_m[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(v[:, None] * w, axis=0)
-    tl.store(dx_ptr + b * stride_xb + offs_m * stride_xm, acc.to(dx_ptr.dtype.element_ty), mask=mask_m)
+    tl.store(
+        dx_ptr + b * stride_xb + offs_m * stride_xm, acc.to(dx_ptr.dtype.element_ty), mask=mask_m
+    )
 
 
 @triton.jit
-def _segment_rows_kernel(seg_ptr, example_ptr, value_ptr, row_ptr, x_ptr, out_ptr, M,
-                         stride_xb, stride_xm, stride_on, stride_om,
-                         SCATTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+def _segment_rows_kernel(
+    seg_ptr,
+    example_ptr,
+    value_ptr,
+    row_ptr,
+    x_ptr,
+    out_ptr,
+    M,
+    stride_xb,
+    stride_xm,
+    stride_on,
+    stride_om,
+    SCATTER: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """out[row u] = sum_{t in segment u} value[t] * x[example[t], :]; segments from seg_ptr."""
     u = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,69 +191,112 @@ def _segment_rows_kernel(seg_ptr, example_ptr, value_ptr, row_ptr, x_ptr, out_pt
         mask_t = offs_t < seg_end
         examples = tl.load(example_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         v = tl.load(value_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + examples[:, None] * stride_xb + offs_m[None, :] * stride_xm,
-                    mask=mask_t[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + examples[:, None] * stride_xb + offs_m[None, :] * stride_xm,
+            mask=mask_t[:, None] & mask_m[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(v[:, None] * x, axis=0)
     if SCATTER:
         out_row = tl.load(row_ptr + u).to(tl.int64)
     else:
         out_row = u.to(tl.int64)
-    tl.store(out_ptr + out_row * stride_on + offs_m * stride_om, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m)
+    tl.store(
+        out_ptr + out_row * stride_on + offs_m * stride_om,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m,
+    )
 
 
 def _dot_smem_bytes(a_block, b_block, elem_bytes, stages):
     return (a_block + b_block) * elem_bytes * stages
 
 
-
-
 def _prune_dx(configs, named_args):
     elem = named_args["a_ptr"].element_size()
-    fitting = [c for c in configs
-               if _dot_smem_bytes(c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_K"],
-                                  c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_M"], elem, c.num_stages) <= SMEM_LIMIT
-               and (c.kwargs["BLOCK_K"] <= max(pow2_bucket(named_args["K"]), 32))]
+    fitting = [
+        c
+        for c in configs
+        if _dot_smem_bytes(
+            c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_K"],
+            c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_M"],
+            elem,
+            c.num_stages,
+        )
+        <= SMEM_LIMIT
+        and (c.kwargs["BLOCK_K"] <= max(pow2_bucket(named_args["K"]), 32))
+    ]
     return fitting or configs[-1:]
 
 
 def _prune_dw(configs, named_args):
     elem = named_args["a_ptr"].element_size()
-    fitting = [c for c in configs
-               if _dot_smem_bytes(c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_B"],
-                                  c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_M"], elem, c.num_stages) <= SMEM_LIMIT
-               and c.kwargs["BLOCK_K"] <= max(pow2_bucket(named_args["K"]), 32)]
+    fitting = [
+        c
+        for c in configs
+        if _dot_smem_bytes(
+            c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_B"],
+            c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_M"],
+            elem,
+            c.num_stages,
+        )
+        <= SMEM_LIMIT
+        and c.kwargs["BLOCK_K"] <= max(pow2_bucket(named_args["K"]), 32)
+    ]
     return fitting or configs[-1:]
 
 
 def _mm_configs(first, second, third):
-    shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-              (128, 256, 64, 3, 8), (32, 64, 32, 4, 4)]
-    return [triton.Config({first: a, second: b, third: c}, num_stages=s, num_warps=w)
-            for a, b, c, s, w in shapes]
+    shapes = [
+        (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 256, 64, 3, 8),
+        (32, 64, 32, 4, 4),
+    ]
+    return [
+        triton.Config({first: a, second: b, third: c}, num_stages=s, num_warps=w)
+        for a, b, c, s, w in shapes
+    ]
 
 
 gathered_rows_matmul = TunedKernel(
     _gathered_rows_matmul_kernel,
-    [triton.Config({**c.kwargs, "GROUP_B": 8}, num_stages=c.num_stages, num_warps=c.num_warps)
-     for c in _mm_configs("BLOCK_B", "BLOCK_M", "BLOCK_K")],
-    key=["B_BUCKET", "M", "K"], prune=_prune_dx)
+    [
+        triton.Config({**c.kwargs, "GROUP_B": 8}, num_stages=c.num_stages, num_warps=c.num_warps)
+        for c in _mm_configs("BLOCK_B", "BLOCK_M", "BLOCK_K")
+    ],
+    key=["B_BUCKET", "M", "K"],
+    prune=_prune_dx,
+)
 transposed_matmul_rows = TunedKernel(
-    _transposed_matmul_rows_kernel, _mm_configs("BLOCK_K", "BLOCK_M", "BLOCK_B"),
-    key=["B_BUCKET", "M", "K"], prune=_prune_dw)
+    _transposed_matmul_rows_kernel,
+    _mm_configs("BLOCK_K", "BLOCK_M", "BLOCK_B"),
+    key=["B_BUCKET", "M", "K"],
+    prune=_prune_dw,
+)
 per_example_dx = TunedKernel(
     _per_example_dx_kernel,
-    [triton.Config({"BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w)
-     for bk, bm, w in ((16, 256, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4))],
-    key=["M", "K"])
+    [
+        triton.Config({"BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w)
+        for bk, bm, w in ((16, 256, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4))
+    ],
+    key=["M", "K"],
+)
 segment_rows = TunedKernel(
     _segment_rows_kernel,
-    [triton.Config({"BLOCK_T": bt, "BLOCK_M": bm}, num_warps=w)
-     for bt, bm, w in ((16, 256, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4))],
-    key=["M"])
+    [
+        triton.Config({"BLOCK_T": bt, "BLOCK_M": bm}, num_warps=w)
+        for bt, bm, w in ((16, 256, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4))
+    ],
+    key=["M"],
+)
 
 
-def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gathered_input_grad(
+    dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
     """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``.
 
     A ``dy_c`` from ``unified_select`` (v2) is read whole tiles at a time from its zero padding."""
@@ -190,15 +308,32 @@ def gathered_input_grad(dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Ten
     dx = torch.empty((B, M), dtype=dy_c.dtype, device=dy_c.device)
     if B == 0:
         return dx
-    gathered_rows_matmul[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)](
-        dy_c, weight, idx, dx, B, M, K_loop, K, pow2_bucket(B),
-        dy_c.stride(0), dy_c.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-        INPUT_PRECISION=input_precision(dy_c.dtype))
+    gathered_rows_matmul[
+        lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)
+    ](
+        dy_c,
+        weight,
+        idx,
+        dx,
+        B,
+        M,
+        K_loop,
+        K,
+        pow2_bucket(B),
+        dy_c.stride(0),
+        dy_c.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        INPUT_PRECISION=input_precision(dy_c.dtype),
+    )
     return dx
 
 
-def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+def gathered_weight_grad(
+    dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``dy_c.T @ x``: the k selected rows of dW (k x M), or written into ``out[idx]`` if given."""
     check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out)
     check_indices("gathered_weight_grad", idx=idx)
@@ -212,14 +347,33 @@ def gathered_weight_grad(dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
         if not scatter:
             out.zero_()
         return out
-    transposed_matmul_rows[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))](
-        dy_c, x, idx, out, B, M, K_loop, K, pow2_bucket(B),
-        dy_c.stride(0), dy_c.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        SCATTER=scatter, INPUT_PRECISION=input_precision(dy_c.dtype))
+    transposed_matmul_rows[
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))
+    ](
+        dy_c,
+        x,
+        idx,
+        out,
+        B,
+        M,
+        K_loop,
+        K,
+        pow2_bucket(B),
+        dy_c.stride(0),
+        dy_c.stride(1),
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        SCATTER=scatter,
+        INPUT_PRECISION=input_precision(dy_c.dtype),
+    )
     return out
 
 
-def per_example_input_grad(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def per_example_input_grad(
+    values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
     check_dtypes("per_example_input_grad", values=values, weight=weight)
     check_indices("per_example_input_grad", idx=idx)
@@ -230,12 +384,23 @@ def per_example_input_grad(values: torch.Tensor, idx: torch.Tensor, weight: torc
         return dx
     values, idx = values.contiguous(), idx.contiguous()
     per_example_dx[lambda meta: (B, triton.cdiv(M, meta["BLOCK_M"]))](
-        values, idx, weight, dx, M, K, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1))
+        values,
+        idx,
+        weight,
+        dx,
+        M,
+        K,
+        weight.stride(0),
+        weight.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+    )
     return dx
 
 
-def per_example_weight_grad(values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int,
-                            dense: bool = False):
+def per_example_weight_grad(
+    values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int, dense: bool = False
+):
     """Rows of dW touched by a per-example selection, each summed over its examples.
 
     Returns ``(rows, grad)``: the distinct selected rows ascending (int64) and their gradient
@@ -253,10 +418,24 @@ def per_example_weight_grad(values: torch.Tensor, idx: torch.Tensor, x: torch.Te
     examples = order // K
     ordered_values = values.reshape(-1)[order]
     scatter = dense
-    target = (torch.zeros((n_rows, M), dtype=values.dtype, device=x.device) if dense
-              else torch.empty((rows.numel(), M), dtype=values.dtype, device=x.device))
+    target = (
+        torch.zeros((n_rows, M), dtype=values.dtype, device=x.device)
+        if dense
+        else torch.empty((rows.numel(), M), dtype=values.dtype, device=x.device)
+    )
     if rows.numel() > 0:
         segment_rows[lambda meta: (rows.numel(), triton.cdiv(M, meta["BLOCK_M"]))](
-            seg, examples, ordered_values, rows, x, target, M,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1), SCATTER=scatter)
+            seg,
+            examples,
+            ordered_values,
+            rows,
+            x,
+            target,
+            M,
+            x.stride(0),
+            x.stride(1),
+            target.stride(0),
+            target.stride(1),
+            SCATTER=scatter,
+        )
     return rows, target

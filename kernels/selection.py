@@ -21,6 +21,7 @@ Two generations, chosen by ``TRITON_MEBP_KERNELS`` (see ``_tuning.kernel_version
 - v1: one score program per column block walking all rows, 4-bit radix passes and a count
   pass, an unpadded ``dy_c``, ``db`` by a separate ``dy.sum(0)``.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -49,9 +50,21 @@ def _load_keys(src_ptr, offs, n, stride):
 
 
 @triton.jit
-def _select_row(src_ptr, n, stride, k, idx_out_ptr, val_out_ptr, hits_ptr, hit_increment,
-                STORE_VALUES: tl.constexpr, COUNT_HITS: tl.constexpr, ATOMIC_HITS: tl.constexpr,
-                BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _select_row(
+    src_ptr,
+    n,
+    stride,
+    k,
+    idx_out_ptr,
+    val_out_ptr,
+    hits_ptr,
+    hit_increment,
+    STORE_VALUES: tl.constexpr,
+    COUNT_HITS: tl.constexpr,
+    ATOMIC_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):
     """Writes the positions of the k largest |src| of one row, ascending, to idx_out_ptr."""
     # Radix search for the k-th largest key: the largest T with count(key >= T) >= k.
     digits = tl.arange(0, 1 << RADIX_BITS)
@@ -70,15 +83,43 @@ def _select_row(src_ptr, n, stride, k, idx_out_ptr, val_out_ptr, hits_ptr, hit_i
     for start in range(0, n, BLOCK):
         _, key = _load_keys(src_ptr, start + tl.arange(0, BLOCK), n, stride)
         above += tl.sum((key > threshold).to(tl.int32), axis=0)
-    _compact_row(src_ptr, n, stride, threshold, k - above, idx_out_ptr, val_out_ptr, hits_ptr,
-                 hit_increment, STORE_VALUES, COUNT_HITS, ATOMIC_HITS, False, 4, BLOCK)
+    _compact_row(
+        src_ptr,
+        n,
+        stride,
+        threshold,
+        k - above,
+        idx_out_ptr,
+        val_out_ptr,
+        hits_ptr,
+        hit_increment,
+        STORE_VALUES,
+        COUNT_HITS,
+        ATOMIC_HITS,
+        False,
+        4,
+        BLOCK,
+    )
 
 
 @triton.jit
-def _compact_row(src_ptr, n, stride, threshold, ties_wanted, idx_out_ptr, val_out_ptr, hits_ptr,
-                 hit_increment, STORE_VALUES: tl.constexpr, COUNT_HITS: tl.constexpr,
-                 ATOMIC_HITS: tl.constexpr, RELAXED: tl.constexpr, PASSES: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _compact_row(
+    src_ptr,
+    n,
+    stride,
+    threshold,
+    ties_wanted,
+    idx_out_ptr,
+    val_out_ptr,
+    hits_ptr,
+    hit_increment,
+    STORE_VALUES: tl.constexpr,
+    COUNT_HITS: tl.constexpr,
+    ATOMIC_HITS: tl.constexpr,
+    RELAXED: tl.constexpr,
+    PASSES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Writes the positions with key > threshold and the first ``ties_wanted`` with key ==
     threshold, ascending (one ordered pass). Keys are compared on their top 8 * PASSES bits."""
     n_selected = 0
@@ -140,8 +181,9 @@ def _search_histogram(src_ptr, n, stride, k, PASSES: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _column_scores_kernel(dy_ptr, scores_ptr, B, N, stride_b, stride_n,
-                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_scores_kernel(
+    dy_ptr, scores_ptr, B, N, stride_b, stride_n, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """scores[n] = sum_b |dy[b, n]|, accumulated in float32."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -149,45 +191,103 @@ def _column_scores_kernel(dy_ptr, scores_ptr, B, N, stride_b, stride_n,
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         mask = (rows[:, None] < B) & col_mask[None, :]
-        ptrs = dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n
+        ptrs = (
+            dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n
+        )
         acc += tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32))
     tl.store(scores_ptr + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 @triton.jit
-def _unified_select_kernel(scores_ptr, idx_ptr, hits_ptr, N, k, hit_increment,
-                           COUNT_HITS: tl.constexpr, BLOCK: tl.constexpr,
-                           RADIX_BITS: tl.constexpr):
-    _select_row(scores_ptr, N, 1, k, idx_ptr, idx_ptr, hits_ptr, hit_increment,
-                False, COUNT_HITS, False, BLOCK, RADIX_BITS)
+def _unified_select_kernel(
+    scores_ptr,
+    idx_ptr,
+    hits_ptr,
+    N,
+    k,
+    hit_increment,
+    COUNT_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):
+    _select_row(
+        scores_ptr,
+        N,
+        1,
+        k,
+        idx_ptr,
+        idx_ptr,
+        hits_ptr,
+        hit_increment,
+        False,
+        COUNT_HITS,
+        False,
+        BLOCK,
+        RADIX_BITS,
+    )
 
 
 @triton.jit
-def _gather_columns_kernel(dy_ptr, idx_ptr, out_ptr, B, K, stride_b, stride_n,
-                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gather_columns_kernel(
+    dy_ptr, idx_ptr, out_ptr, B, K, stride_b, stride_n, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """out[b, j] = dy[b, idx[j]], out contiguous B x K."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     slot_mask = slots < K
     cols = tl.load(idx_ptr + slots, mask=slot_mask, other=0)
     mask = (rows[:, None] < B) & slot_mask[None, :]
-    vals = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n,
-                   mask=mask)
+    vals = tl.load(
+        dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n,
+        mask=mask,
+    )
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + slots[None, :], vals, mask=mask)
 
 
 @triton.jit
-def _per_example_select_kernel(dy_ptr, val_ptr, idx_ptr, hits_ptr, N, k, stride_b, stride_n,
-                               COUNT_HITS: tl.constexpr, BLOCK: tl.constexpr,
-                               RADIX_BITS: tl.constexpr):
+def _per_example_select_kernel(
+    dy_ptr,
+    val_ptr,
+    idx_ptr,
+    hits_ptr,
+    N,
+    k,
+    stride_b,
+    stride_n,
+    COUNT_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
-    _select_row(dy_ptr + row * stride_b, N, stride_n, k, idx_ptr + row * k, val_ptr + row * k,
-                hits_ptr, 1, True, COUNT_HITS, True, BLOCK, RADIX_BITS)
+    _select_row(
+        dy_ptr + row * stride_b,
+        N,
+        stride_n,
+        k,
+        idx_ptr + row * k,
+        val_ptr + row * k,
+        hits_ptr,
+        1,
+        True,
+        COUNT_HITS,
+        True,
+        BLOCK,
+        RADIX_BITS,
+    )
 
 
 @triton.jit
-def _scores_bias_partial_kernel(dy_ptr, part_ptr, B, N, stride_b, stride_n, ROWS_PER_CHUNK,
-                                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scores_bias_partial_kernel(
+    dy_ptr,
+    part_ptr,
+    B,
+    N,
+    stride_b,
+    stride_n,
+    ROWS_PER_CHUNK,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Chunk c of rows: part[0, c, n] = sum |dy[b, n]| and part[1, c, n] = sum dy[b, n]."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
@@ -199,7 +299,9 @@ def _scores_bias_partial_kernel(dy_ptr, part_ptr, B, N, stride_b, stride_n, ROWS
     for start in range(first, last, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         mask = (rows[:, None] < last) & col_mask[None, :]
-        ptrs = dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n
+        ptrs = (
+            dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n
+        )
         values = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         abs_acc += tl.abs(values)
         sum_acc += values
@@ -223,36 +325,101 @@ def _scores_bias_finish_kernel(part_ptr, scores_ptr, db_ptr, N, CHUNKS, BLOCK: t
 
 
 @triton.jit
-def _unified_top_kernel(scores_ptr, idx_ptr, hits_ptr, N, k, hit_increment,
-                        COUNT_HITS: tl.constexpr, BLOCK: tl.constexpr):
+def _unified_top_kernel(
+    scores_ptr,
+    idx_ptr,
+    hits_ptr,
+    N,
+    k,
+    hit_increment,
+    COUNT_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     threshold, above = _search_histogram(scores_ptr, N, 1, k, 4, BLOCK)
-    _compact_row(scores_ptr, N, 1, threshold, k - above, idx_ptr, idx_ptr, hits_ptr,
-                 hit_increment, False, COUNT_HITS, False, False, 4, BLOCK)
+    _compact_row(
+        scores_ptr,
+        N,
+        1,
+        threshold,
+        k - above,
+        idx_ptr,
+        idx_ptr,
+        hits_ptr,
+        hit_increment,
+        False,
+        COUNT_HITS,
+        False,
+        False,
+        4,
+        BLOCK,
+    )
 
 
 @triton.jit
-def _gather_padded_kernel(dy_ptr, idx_ptr, out_ptr, B, K, K_PAD, stride_b, stride_n,
-                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gather_padded_kernel(
+    dy_ptr,
+    idx_ptr,
+    out_ptr,
+    B,
+    K,
+    K_PAD,
+    stride_b,
+    stride_n,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[b, j] = dy[b, idx[j]] for j < K and 0 for K <= j < K_PAD (out contiguous B x K_PAD)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     valid = slots < K
     cols = tl.load(idx_ptr + slots, mask=valid, other=0)
     row_mask = rows[:, None] < B
-    vals = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n,
-                   mask=row_mask & valid[None, :], other=0.0)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K_PAD + slots[None, :], vals,
-             mask=row_mask & (slots[None, :] < K_PAD))
+    vals = tl.load(
+        dy_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_n,
+        mask=row_mask & valid[None, :],
+        other=0.0,
+    )
+    tl.store(
+        out_ptr + rows[:, None].to(tl.int64) * K_PAD + slots[None, :],
+        vals,
+        mask=row_mask & (slots[None, :] < K_PAD),
+    )
 
 
 @triton.jit
-def _per_example_top_kernel(dy_ptr, val_ptr, idx_ptr, hits_ptr, N, k, stride_b, stride_n,
-                            COUNT_HITS: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr):
+def _per_example_top_kernel(
+    dy_ptr,
+    val_ptr,
+    idx_ptr,
+    hits_ptr,
+    N,
+    k,
+    stride_b,
+    stride_n,
+    COUNT_HITS: tl.constexpr,
+    PASSES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     src = dy_ptr + row * stride_b
     threshold, above = _search_histogram(src, N, stride_n, k, PASSES, BLOCK)
-    _compact_row(src, N, stride_n, threshold, k - above, idx_ptr + row * k, val_ptr + row * k,
-                 hits_ptr, 1, True, COUNT_HITS, True, True, PASSES, BLOCK)
+    _compact_row(
+        src,
+        N,
+        stride_n,
+        threshold,
+        k - above,
+        idx_ptr + row * k,
+        val_ptr + row * k,
+        hits_ptr,
+        1,
+        True,
+        COUNT_HITS,
+        True,
+        True,
+        PASSES,
+        BLOCK,
+    )
 
 
 def _prefer_block_near_width(configs, named_args):
@@ -263,8 +430,12 @@ def _prefer_block_near_width(configs, named_args):
 
 
 def _select_configs():
-    return [triton.Config({"BLOCK": block, "RADIX_BITS": RADIX_BITS}, num_warps=warps)
-            for block in (128, 512, 2048, 4096) for warps in (4, 8) if block >= 32 * warps]
+    return [
+        triton.Config({"BLOCK": block, "RADIX_BITS": RADIX_BITS}, num_warps=warps)
+        for block in (128, 512, 2048, 4096)
+        for warps in (4, 8)
+        if block >= 32 * warps
+    ]
 
 
 def _prune_scores(configs, named_args):
@@ -276,21 +447,42 @@ def _prune_scores(configs, named_args):
 
 column_scores = TunedKernel(
     _column_scores_kernel,
-    [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w)
-     for bb, bn, w in ((32, 64, 4), (8, 64, 4), (64, 32, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8))],
+    [
+        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w)
+        for bb, bn, w in (
+            (32, 64, 4),
+            (8, 64, 4),
+            (64, 32, 4),
+            (16, 128, 4),
+            (32, 128, 8),
+            (64, 64, 8),
+        )
+    ],
     key=["N"],
     prune=_prune_scores,
 )
-unified_select_row = TunedKernel(_unified_select_kernel, _select_configs(), key=["N"],
-                                 prune=_prefer_block_near_width, in_place=["hits_ptr"])
+unified_select_row = TunedKernel(
+    _unified_select_kernel,
+    _select_configs(),
+    key=["N"],
+    prune=_prefer_block_near_width,
+    in_place=["hits_ptr"],
+)
 gather_columns = TunedKernel(
     _gather_columns_kernel,
-    [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
-     for bb, bk, w in ((32, 32, 4), (64, 16, 4), (16, 64, 4), (64, 64, 8))],
+    [
+        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+        for bb, bk, w in ((32, 32, 4), (64, 16, 4), (16, 64, 4), (64, 64, 8))
+    ],
     key=["K"],
 )
-per_example_select_rows = TunedKernel(_per_example_select_kernel, _select_configs(), key=["N"],
-                                      prune=_prefer_block_near_width, in_place=["hits_ptr"])
+per_example_select_rows = TunedKernel(
+    _per_example_select_kernel,
+    _select_configs(),
+    key=["N"],
+    prune=_prefer_block_near_width,
+    in_place=["hits_ptr"],
+)
 
 
 def _prune_partial_scores(configs, named_args):
@@ -301,8 +493,10 @@ def _prune_partial_scores(configs, named_args):
 
 
 def _histogram_configs():
-    return [triton.Config({"BLOCK": block}, num_warps=warps)
-            for block, warps in ((1024, 4), (2048, 8), (4096, 8), (512, 4), (256, 2))]
+    return [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((1024, 4), (2048, 8), (4096, 8), (512, 4), (256, 2))
+    ]
 
 
 def _prefer_histogram_block(configs, named_args):
@@ -313,21 +507,44 @@ def _prefer_histogram_block(configs, named_args):
 
 scores_bias_partial = TunedKernel(
     _scores_bias_partial_kernel,
-    [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bb, bn, w, s in ((16, 128, 4, 3), (32, 64, 4, 3), (8, 256, 4, 3), (16, 256, 8, 2),
-                          (32, 128, 8, 2))],
-    key=["N", "ROWS_PER_CHUNK"], prune=_prune_partial_scores)
+    [
+        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bb, bn, w, s in (
+            (16, 128, 4, 3),
+            (32, 64, 4, 3),
+            (8, 256, 4, 3),
+            (16, 256, 8, 2),
+            (32, 128, 8, 2),
+        )
+    ],
+    key=["N", "ROWS_PER_CHUNK"],
+    prune=_prune_partial_scores,
+)
 scores_bias_finish = TunedKernel(
-    _scores_bias_finish_kernel, [triton.Config({"BLOCK": 1024}, num_warps=4)], key=["N"])
-unified_top = TunedKernel(_unified_top_kernel, _histogram_configs(), key=["N"],
-                          prune=_prefer_histogram_block, in_place=["hits_ptr"])
+    _scores_bias_finish_kernel, [triton.Config({"BLOCK": 1024}, num_warps=4)], key=["N"]
+)
+unified_top = TunedKernel(
+    _unified_top_kernel,
+    _histogram_configs(),
+    key=["N"],
+    prune=_prefer_histogram_block,
+    in_place=["hits_ptr"],
+)
 gather_padded = TunedKernel(
     _gather_padded_kernel,
-    [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
-     for bb, bk, w in ((32, 64, 4), (16, 128, 4), (64, 64, 8), (8, 256, 4))],
-    key=["K_PAD"])
-per_example_top = TunedKernel(_per_example_top_kernel, _histogram_configs(), key=["N"],
-                              prune=_prefer_histogram_block, in_place=["hits_ptr"])
+    [
+        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+        for bb, bk, w in ((32, 64, 4), (16, 128, 4), (64, 64, 8), (8, 256, 4))
+    ],
+    key=["K_PAD"],
+)
+per_example_top = TunedKernel(
+    _per_example_top_kernel,
+    _histogram_configs(),
+    key=["N"],
+    prune=_prefer_histogram_block,
+    in_place=["hits_ptr"],
+)
 
 # Rows per chunk of the score pass: enough chunks to fill a large GPU (with 64 to 256 column
 # blocks at N = 8192, 16 chunks give 1024 to 4096 programs), each chunk a multiple of 64 rows.
@@ -344,15 +561,18 @@ def _unified_select_v1(dy, k, hits):
     B, N = dy.shape
     scores = torch.empty(N, dtype=torch.float32, device=dy.device)
     column_scores[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        dy, scores, B, N, dy.stride(0), dy.stride(1))
+        dy, scores, B, N, dy.stride(0), dy.stride(1)
+    )
     idx = torch.empty(k, dtype=torch.int64, device=dy.device)
     count = hits is not None
-    unified_select_row[(1,)](scores, idx, hits if count else _no_hits(dy.device), N, k, B,
-                             COUNT_HITS=count)
+    unified_select_row[(1,)](
+        scores, idx, hits if count else _no_hits(dy.device), N, k, B, COUNT_HITS=count
+    )
     dy_c = torch.empty((B, k), dtype=dy.dtype, device=dy.device)
     if B > 0:
-        gather_columns[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k, meta["BLOCK_K"]))](
-            dy, idx, dy_c, B, k, dy.stride(0), dy.stride(1))
+        gather_columns[
+            lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k, meta["BLOCK_K"]))
+        ](dy, idx, dy_c, B, k, dy.stride(0), dy.stride(1))
     return idx, dy_c, dy.sum(0)
 
 
@@ -362,19 +582,22 @@ def _unified_select_v2(dy, k, hits):
     chunks = max(1, triton.cdiv(B, rows_per_chunk))
     part = torch.empty((2, chunks, N), dtype=torch.float32, device=dy.device)
     scores_bias_partial[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks)](
-        dy, part, B, N, dy.stride(0), dy.stride(1), rows_per_chunk)
+        dy, part, B, N, dy.stride(0), dy.stride(1), rows_per_chunk
+    )
     scores = torch.empty(N, dtype=torch.float32, device=dy.device)
     db = torch.empty(N, dtype=dy.dtype, device=dy.device)
     scores_bias_finish[lambda meta: (triton.cdiv(N, meta["BLOCK"]),)](part, scores, db, N, chunks)
     idx = torch.empty(k, dtype=torch.int64, device=dy.device)
     count = hits is not None
-    unified_top[(1,)](scores, idx, hits if count else _no_hits(dy.device), N, k, B,
-                      COUNT_HITS=count)
+    unified_top[(1,)](
+        scores, idx, hits if count else _no_hits(dy.device), N, k, B, COUNT_HITS=count
+    )
     k_pad = padded_columns(k)
     padded = torch.empty((B, k_pad), dtype=dy.dtype, device=dy.device)
     if B > 0:
-        gather_padded[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k_pad, meta["BLOCK_K"]))](
-            dy, idx, padded, B, k, k_pad, dy.stride(0), dy.stride(1))
+        gather_padded[
+            lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(k_pad, meta["BLOCK_K"]))
+        ](dy, idx, padded, B, k, k_pad, dy.stride(0), dy.stride(1))
     mark_zero_padded(padded)
     return idx, padded[:, :k], db
 
@@ -413,9 +636,20 @@ def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = Non
         count = hits is not None
         hits_arg = hits if count else _no_hits(dy.device)
         if kernel_version() == "v1":
-            per_example_select_rows[(B,)](dy, values, idx, hits_arg, N, k, dy.stride(0),
-                                          dy.stride(1), COUNT_HITS=count)
+            per_example_select_rows[(B,)](
+                dy, values, idx, hits_arg, N, k, dy.stride(0), dy.stride(1), COUNT_HITS=count
+            )
         else:
-            per_example_top[(B,)](dy, values, idx, hits_arg, N, k, dy.stride(0), dy.stride(1),
-                                  COUNT_HITS=count, PASSES=_KEY_PASSES.get(dy.dtype, 4))
+            per_example_top[(B,)](
+                dy,
+                values,
+                idx,
+                hits_arg,
+                N,
+                k,
+                dy.stride(0),
+                dy.stride(1),
+                COUNT_HITS=count,
+                PASSES=_KEY_PASSES.get(dy.dtype, 4),
+            )
     return values, idx

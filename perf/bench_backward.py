@@ -9,6 +9,7 @@ CUDA: triton.testing.do_bench), medians with 20/80% quantiles; rows in its CSV s
     python perf/bench_backward.py --batch 4096 --features 8192 --dtype bf16 --device cuda
     python perf/bench_backward.py --threads 1 --out perf/results/backward-cpu.csv
 """
+
 import argparse
 
 import torch
@@ -30,7 +31,9 @@ def make_backward(provider, x, w, b, dy, k):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--features", type=int, default=4096, help="in = out features")
     parser.add_argument("--k", type=float, default=0.05)
@@ -52,20 +55,34 @@ def main(argv=None):
     dy = torch.randn(args.batch, n, device=device, dtype=dtype)
     k = mebp.resolve_k(args.k, n)
     backwards = {p: make_backward(p, x, w, b, dy, k) for p in PROVIDERS}
-    timings = harness.measure_side_by_side(backwards, device, min_run_time=args.min_run_time,
-                                           rounds=args.rounds)
+    timings = harness.measure_side_by_side(
+        backwards, device, min_run_time=args.min_run_time, rounds=args.rounds
+    )
     env = harness.environment(device)
     meprop = "mebp-triton" if mebp.backend.ops_for(x).name == "triton" else "mebp-torch"
     rows = []
     for p, timing in timings.items():
         mode, grad = p.split("/") if p != "dense" else ("", "dense")
-        rows.append(dict(kernel="layer", provider="dense" if p == "dense" else meprop, mode=mode,
-                         grad=grad, dtype=args.dtype, batch=args.batch, in_features=n,
-                         out_features=n, k=n if p == "dense" else k, metric="backward",
-                         **harness.timing_fields(timing)))
+        rows.append(
+            dict(
+                kernel="layer",
+                provider="dense" if p == "dense" else meprop,
+                mode=mode,
+                grad=grad,
+                dtype=args.dtype,
+                batch=args.batch,
+                in_features=n,
+                out_features=n,
+                k=n if p == "dense" else k,
+                metric="backward",
+                **harness.timing_fields(timing),
+            )
+        )
     dense = timings["dense"].median_ms
-    print(f"backward of one layer: B={args.batch} M=N={n} k={k} ({args.k}) {args.dtype} on "
-          f"{env['device']}, torch {torch.__version__}")
+    print(
+        f"backward of one layer: B={args.batch} M=N={n} k={k} ({args.k}) {args.dtype} on "
+        f"{env['device']}, torch {torch.__version__}"
+    )
     print(f"{'provider':<22}{'median ms':>11}{'q20':>9}{'q80':>9}{'speedup':>9}")
     for p, (median, q20, q80) in timings.items():
         print(f"{p:<22}{median:>11.2f}{q20:>9.2f}{q80:>9.2f}{dense / median:>8.1f}x")

@@ -22,6 +22,7 @@ per step by each rank (``CommStats``: DDP's buckets and the meProp layers). Writ
 ``-bytes`` (its own columns); ``shape`` records the world size, threads, widths and the machine's
 1-minute load average before and after the run.
 """
+
 import argparse
 import os
 import sys
@@ -47,8 +48,9 @@ PROVIDERS = ("ddp-dense", "ddp-mebp-dense-allreduce", "mebp-ddp")
 
 def _mlp(width, device):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, 10)).to(device)
+    return nn.Sequential(
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    ).to(device)
 
 
 def _provider(name, args, device):
@@ -59,10 +61,10 @@ def _provider(name, args, device):
         return ddp, torch.optim.Adam(ddp.parameters(), lr=1e-3), count_ddp_bytes(ddp)
     if name == "ddp-mebp-dense-allreduce":
         ddp = nn.parallel.DistributedDataParallel(
-            mebp.convert(model, k=args.k, mode="unified", grad="dense"))
+            mebp.convert(model, k=args.k, mode="unified", grad="dense")
+        )
         return ddp, torch.optim.Adam(ddp.parameters(), lr=1e-3), count_ddp_bytes(ddp)
-    ddp = mebp.DistributedDataParallel(mebp.convert(model, k=args.k, mode="unified",
-                                                    grad="sparse"))
+    ddp = mebp.DistributedDataParallel(mebp.convert(model, k=args.k, mode="unified", grad="sparse"))
     return ddp, mebp.RowAdam(ddp.parameters(), lr=1e-3), ddp.comm_stats
 
 
@@ -88,8 +90,9 @@ def _rank_main(rank, args, init_file, out_file):
     device = torch.device(f"cuda:{rank}" if args.backend == "nccl" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(args.backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=args.world)
+    dist.init_process_group(
+        args.backend, init_method=f"file://{init_file}", rank=rank, world_size=args.world
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, args.width, generator=generator).to(device)
@@ -110,14 +113,29 @@ def _rank_main(rank, args, init_file, out_file):
     table = torch.tensor([times[name] for name in providers], dtype=torch.float64)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
     if rank == 0:
-        torch.save(dict(times={name: table[i].tolist() for i, name in enumerate(providers)},
-                        bytes=bytes_per_step), out_file)
+        torch.save(
+            dict(
+                times={name: table[i].tolist() for i, name in enumerate(providers)},
+                bytes=bytes_per_step,
+            ),
+            out_file,
+        )
     dist.barrier()
     dist.destroy_process_group()
 
 
-BYTE_COLUMNS = ["provider", "mode", "grad", "world", "batch", "widths", "k", "mebp_bytes",
-                "ddp_bytes", "total_bytes"]
+BYTE_COLUMNS = [
+    "provider",
+    "mode",
+    "grad",
+    "world",
+    "batch",
+    "widths",
+    "k",
+    "mebp_bytes",
+    "ddp_bytes",
+    "total_bytes",
+]
 
 
 def main(argv=None):
@@ -138,49 +156,93 @@ def main(argv=None):
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.pt")
-        mp.start_processes(_rank_main, args=(args, os.path.join(tmp, "init"), result_file),
-                           nprocs=args.world, start_method="spawn")
+        mp.start_processes(
+            _rank_main,
+            args=(args, os.path.join(tmp, "init"), result_file),
+            nprocs=args.world,
+            start_method="spawn",
+        )
         result = torch.load(result_file)
     k = mebp.resolve_k(args.k, args.width)
     torch.set_num_threads(args.threads)  # as in each rank, for the device label
     env = harness.environment(device)
     env["device"] += f", {args.backend}, {args.world} ranks"
     widths = f"{args.width}-{args.width}-{args.width}-10"
-    shape = harness.shape_text(world=args.world, threads=args.threads, widths=widths,
-                               load=f"{load_before:.1f}-{os.getloadavg()[0]:.1f}")
+    shape = harness.shape_text(
+        world=args.world,
+        threads=args.threads,
+        widths=widths,
+        load=f"{load_before:.1f}-{os.getloadavg()[0]:.1f}",
+    )
     grads = {"ddp-dense": "", "ddp-mebp-dense-allreduce": "dense", "mebp-ddp": "sparse"}
-    common = dict(kernel="ddp_train_step", dtype="fp32", batch=args.batch,
-                  in_features=args.width, out_features=args.width, shape=shape, k=k)
+    common = dict(
+        kernel="ddp_train_step",
+        dtype="fp32",
+        batch=args.batch,
+        in_features=args.width,
+        out_features=args.width,
+        shape=shape,
+        k=k,
+    )
     rows, byte_rows, summary = [], [], {}
     for name, samples in result["times"].items():
         mode = "" if name == "ddp-dense" else "unified"
-        phases = dict(step=[sum(s) for s in samples], forward=[s[0] for s in samples],
-                      backward=[s[1] for s in samples], optimizer=[s[2] for s in samples])
+        phases = dict(
+            step=[sum(s) for s in samples],
+            forward=[s[0] for s in samples],
+            backward=[s[1] for s in samples],
+            optimizer=[s[2] for s in samples],
+        )
         for metric, values in phases.items():
             timing = harness.summarize([v * 1e3 for v in values])
-            rows.append(dict(common, provider=name, mode=mode, grad=grads[name], metric=metric,
-                             **harness.timing_fields(timing)))
+            rows.append(
+                dict(
+                    common,
+                    provider=name,
+                    mode=mode,
+                    grad=grads[name],
+                    metric=metric,
+                    **harness.timing_fields(timing),
+                )
+            )
             summary[(name, metric)] = timing.median_ms
         mebp_bytes, ddp_bytes = result["bytes"][name]
-        byte_rows.append(dict(provider=name, mode=mode, grad=grads[name], world=args.world,
-                              batch=args.batch, widths=widths, k=k, mebp_bytes=mebp_bytes,
-                              ddp_bytes=ddp_bytes, total_bytes=mebp_bytes + ddp_bytes))
+        byte_rows.append(
+            dict(
+                provider=name,
+                mode=mode,
+                grad=grads[name],
+                world=args.world,
+                batch=args.batch,
+                widths=widths,
+                k=k,
+                mebp_bytes=mebp_bytes,
+                ddp_bytes=ddp_bytes,
+                total_bytes=mebp_bytes + ddp_bytes,
+            )
+        )
         summary[(name, "bytes")] = mebp_bytes + ddp_bytes
     harness.write_rows(rows, out, env)
     bytes_out = out.with_name(out.stem + "-bytes" + out.suffix)
     harness.write_rows(byte_rows, bytes_out, env, columns=BYTE_COLUMNS)
     print(f"wrote {out} and {bytes_out}")
     base = summary.get(("ddp-dense", "step"))
-    print(f"{shape}, B={args.batch}/rank, k={k}, {env['device']}, "
-          f"{args.rounds * args.steps} steps each")
-    print(f"{'provider':28s} {'step ms':>9s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} {'MB/step':>9s}"
-          f" {'speedup':>8s}")
+    print(
+        f"{shape}, B={args.batch}/rank, k={k}, {env['device']}, "
+        f"{args.rounds * args.steps} steps each"
+    )
+    print(
+        f"{'provider':28s} {'step ms':>9s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} {'MB/step':>9s}"
+        f" {'speedup':>8s}"
+    )
     for name in result["times"]:
         step = summary[(name, "step")]
-        print(f"{name:28s} {step:9.1f} {summary[(name, 'forward')]:7.1f} "
-              f"{summary[(name, 'backward')]:7.1f} {summary[(name, 'optimizer')]:7.1f} "
-              f"{summary[(name, 'bytes')] / 1e6:9.2f} "
-              f"{(base / step if base else float('nan')):7.2f}x")
+        print(
+            f"{name:28s} {step:9.1f} {summary[(name, 'forward')]:7.1f} "
+            f"{summary[(name, 'backward')]:7.1f} {summary[(name, 'optimizer')]:7.1f} "
+            f"{summary[(name, 'bytes')] / 1e6:9.2f} "
+            f"{(base / step if base else float('nan')):7.2f}x"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ quantiles, rows in its CSV schema in perf/results/inference.csv.
 
     python perf/bench_inference.py [--full 784,500,500,10 --compact 784,64,64,10 --batch N]
 """
+
 import argparse
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def main(argv=None):
     compact = [int(w) for w in args.compact.split(",")]
     cases = [("cpu", torch.float32, args.batch or 8192)] if args.device in ("all", "cpu") else []
     if torch.cuda.is_available() and args.device in ("all", "cuda"):
-        cases += [("cuda", dtype, args.batch or 65536)
-                  for dtype in (torch.float16, torch.bfloat16, torch.float32)]
+        cases += [
+            ("cuda", dtype, args.batch or 65536)
+            for dtype in (torch.float16, torch.bfloat16, torch.float32)
+        ]
     rows = []
     for device, dtype, batch in cases:
         torch.manual_seed(0)
@@ -53,24 +56,38 @@ def main(argv=None):
         x = torch.randn(batch, full[0], device=device, dtype=dtype)
         with torch.inference_mode():
             if "fused" in models:  # the fused kernel computes what PyTorch computes
-                torch.testing.assert_close(models["fused"](x), models["compacted"](x),
-                                           atol=5e-2, rtol=5e-2)
+                torch.testing.assert_close(
+                    models["fused"](x), models["compacted"](x), atol=5e-2, rtol=5e-2
+                )
             calls = {name: (lambda model=model, x=x: model(x)) for name, model in models.items()}
-            results = harness.measure_side_by_side(calls, device, min_run_time=args.min_run_time,
-                                                   rounds=args.reps)
+            results = harness.measure_side_by_side(
+                calls, device, min_run_time=args.min_run_time, rounds=args.reps
+            )
         env = harness.environment(device)
         for name, timing in results.items():
             widths = full if name == "uncompacted" else compact
-            rows.append(dict(env, kernel="mlp_inference", provider=name,
-                             dtype=harness.dtype_label(dtype), batch=batch, in_features=widths[0],
-                             out_features=widths[-1],
-                             shape=harness.shape_text(widths="-".join(map(str, widths))),
-                             metric="forward", **harness.timing_fields(timing)))
+            rows.append(
+                dict(
+                    env,
+                    kernel="mlp_inference",
+                    provider=name,
+                    dtype=harness.dtype_label(dtype),
+                    batch=batch,
+                    in_features=widths[0],
+                    out_features=widths[-1],
+                    shape=harness.shape_text(widths="-".join(map(str, widths))),
+                    metric="forward",
+                    **harness.timing_fields(timing),
+                )
+            )
         line = ", ".join(f"{name} {t.median_ms:.3f} ms" for name, t in results.items())
         ratio = results["uncompacted"].median_ms / results["compacted"].median_ms
-        extra = (f", fused vs PyTorch on the same weights "
-                 f"{results['compacted'].median_ms / results['fused'].median_ms:.2f}x"
-                 if "fused" in results else "")
+        extra = (
+            f", fused vs PyTorch on the same weights "
+            f"{results['compacted'].median_ms / results['fused'].median_ms:.2f}x"
+            if "fused" in results
+            else ""
+        )
         print(f"{device} {str(dtype):14s} B={batch}: {line}; compaction {ratio:.2f}x{extra}")
     if not rows:
         print("nothing measured: CUDA is not available")

@@ -16,6 +16,7 @@ Medians (and 20/80 % quantiles) from the benchmark harness (``torch.utils.benchm
 ``triton.testing.do_bench`` on the GPU), all cases measured side by side in one run. Appends
 rows in the harness's CSV schema to the CSV if ``--csv`` is given.
 """
+
 import argparse
 import sys
 
@@ -41,16 +42,21 @@ def _cases(device, dtype, B, M, N, k_ratio):
     adam = torch.optim.Adam([w_dense], lr=1e-3)
     w_rows = nn.Parameter(w_dense.detach().clone())
     rows = torch.randperm(N, device=device)[:k].sort().values
-    w_rows.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), torch.randn(k, M, device=device,
-                                                                          dtype=dtype),
-                                          (N, M), is_coalesced=True, check_invariants=False)
+    w_rows.grad = torch.sparse_coo_tensor(
+        rows.unsqueeze(0),
+        torch.randn(k, M, device=device, dtype=dtype),
+        (N, M),
+        is_coalesced=True,
+        check_invariants=False,
+    )
     row_adam = RowAdam([w_rows], lr=1e-3)
 
     # Full training step of one layer.
     dense_layer = nn.Linear(M, N, device=device, dtype=dtype)
     dense_opt = torch.optim.Adam(dense_layer.parameters(), lr=1e-3)
-    me_layer = mebp.MeLinear(M, N, device=device, dtype=dtype, k=k_ratio, mode="unified",
-                             grad="sparse")
+    me_layer = mebp.MeLinear(
+        M, N, device=device, dtype=dtype, k=k_ratio, mode="unified", grad="sparse"
+    )
     me_opt = RowAdam(me_layer.parameters(), lr=1e-3)
 
     def full_step(layer, opt):
@@ -59,6 +65,7 @@ def _cases(device, dtype, B, M, N, k_ratio):
             opt.zero_grad(set_to_none=True)
             layer(x).backward(dy)
             opt.step()
+
         return run
 
     def forward_only():
@@ -77,25 +84,45 @@ def _cases(device, dtype, B, M, N, k_ratio):
 def run(device, dtype, B, M, N, k_ratio, min_run_time, sink):
     k, cases = _cases(device, dtype, B, M, N, k_ratio)
     env = harness.environment(device)
-    print(f"\n{env['device']} {harness.dtype_label(dtype)}  B={B} M={M} N={N} k={k} ({k_ratio:.0%})")
-    timings = harness.measure_side_by_side(cases, device, min_run_time=min_run_time, warmup_ms=25,
-                                           rep_ms=200)
+    print(
+        f"\n{env['device']} {harness.dtype_label(dtype)}  B={B} M={M} N={N} k={k} ({k_ratio:.0%})"
+    )
+    timings = harness.measure_side_by_side(
+        cases, device, min_run_time=min_run_time, warmup_ms=25, rep_ms=200
+    )
     results = {}
     for (metric, provider), timing in timings.items():
         median, q20, q80 = timing
         results[(metric, provider)] = median
         print(f"  {metric:15s} {provider:26s} median {median:9.3f} ms  [{q20:.3f}, {q80:.3f}]")
     if sink is not None:
-        sink.write([dict(env, kernel="optim_rows", provider=provider, dtype=harness.dtype_label(dtype),
-                         batch=B, in_features=M, out_features=N, k=k, metric=metric,
-                         **harness.timing_fields(timing))
-                    for (metric, provider), timing in timings.items()])
+        sink.write(
+            [
+                dict(
+                    env,
+                    kernel="optim_rows",
+                    provider=provider,
+                    dtype=harness.dtype_label(dtype),
+                    batch=B,
+                    in_features=M,
+                    out_features=N,
+                    k=k,
+                    metric=metric,
+                    **harness.timing_fields(timing),
+                )
+                for (metric, provider), timing in timings.items()
+            ]
+        )
     step = results[("optimizer_step", "torch.optim.Adam")] / results[("optimizer_step", "RowAdam")]
-    full = (results[("full_step", "nn.Linear+Adam")]
-            / results[("full_step", "MeLinear(sparse)+RowAdam")])
+    full = (
+        results[("full_step", "nn.Linear+Adam")]
+        / results[("full_step", "MeLinear(sparse)+RowAdam")]
+    )
     bound = results[("full_step", "nn.Linear+Adam")] / results[("full_step", "forward_only")]
-    print(f"  speedup: optimizer step {step:.1f}x, full step {full:.2f}x "
-          f"(bound dense full step / forward = {bound:.2f}x)")
+    print(
+        f"  speedup: optimizer step {step:.1f}x, full step {full:.2f}x "
+        f"(bound dense full step / forward = {bound:.2f}x)"
+    )
     return step, full
 
 
@@ -103,8 +130,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", help="append long-format results to this CSV file")
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
-    parser.add_argument("--k", type=float, nargs="+", default=[0.05],
-                        help="kept ratios to sweep (default 0.05)")
+    parser.add_argument(
+        "--k", type=float, nargs="+", default=[0.05], help="kept ratios to sweep (default 0.05)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:

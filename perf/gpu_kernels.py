@@ -13,6 +13,7 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    8. ``host``: host time of 50 backward calls without a sync; 9. ``check``: bf16 results of the
    kernels against the PyTorch ops on the same tensors.
 """
+
 import argparse
 import contextlib
 import csv
@@ -32,8 +33,26 @@ import triton_mebp as mebp  # noqa: E402
 from triton_mebp import backend, torch_ops  # noqa: E402
 from triton_mebp.bench import harness  # noqa: E402
 
-COLUMNS = ["section", "name", "version", "tuned", "B", "M", "N", "k", "dtype", "median_ms",
-           "q20_ms", "q80_ms", "value", "config", "device", "triton", "torch", "commit"]
+COLUMNS = [
+    "section",
+    "name",
+    "version",
+    "tuned",
+    "B",
+    "M",
+    "N",
+    "k",
+    "dtype",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "value",
+    "config",
+    "device",
+    "triton",
+    "torch",
+    "commit",
+]
 
 
 @contextlib.contextmanager
@@ -53,13 +72,27 @@ def env(**values):
 def configs():
     from triton_mebp.kernels import gathered, selection
     from triton_mebp.kernels._tuning import config_label
-    kernels = [selection.column_scores, selection.unified_select_row, selection.gather_columns,
-               selection.scores_bias_partial, selection.scores_bias_finish, selection.unified_top,
-               selection.gather_padded, gathered.gathered_rows_matmul,
-               gathered.transposed_matmul_rows, selection.per_example_top,
-               selection.per_example_select_rows, gathered.per_example_dx, gathered.segment_rows]
-    return ";".join(f"{t.fn.__name__.strip('_')}[{config_label(t.last_config)}]"
-                    for t in kernels if t.last_config is not None)
+
+    kernels = [
+        selection.column_scores,
+        selection.unified_select_row,
+        selection.gather_columns,
+        selection.scores_bias_partial,
+        selection.scores_bias_finish,
+        selection.unified_top,
+        selection.gather_padded,
+        gathered.gathered_rows_matmul,
+        gathered.transposed_matmul_rows,
+        selection.per_example_top,
+        selection.per_example_select_rows,
+        gathered.per_example_dx,
+        gathered.segment_rows,
+    ]
+    return ";".join(
+        f"{t.fn.__name__.strip('_')}[{config_label(t.last_config)}]"
+        for t in kernels
+        if t.last_config is not None
+    )
 
 
 def main(argv=None):
@@ -82,9 +115,16 @@ def main(argv=None):
     x = torch.randn(B, M, device=device, dtype=dtype)
     w = torch.randn(N, M, device=device, dtype=dtype)
     ops = backend.triton_ops()
-    common = dict(B=B, M=M, N=N, dtype=harness.dtype_label(dtype), device=harness.device_name(device),
-                  triton=harness.triton_version(), torch=torch.__version__,
-                  commit=harness.git_commit(ROOT))
+    common = dict(
+        B=B,
+        M=M,
+        N=N,
+        dtype=harness.dtype_label(dtype),
+        device=harness.device_name(device),
+        triton=harness.triton_version(),
+        torch=torch.__version__,
+        commit=harness.git_commit(ROOT),
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     handle = open(args.out, "w", newline="")
     writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -93,14 +133,27 @@ def main(argv=None):
 
     def row(section, name, fn=None, value="", version="", tuned="", k="", config=False):
         t = harness.measure(fn, device, **timing) if fn is not None else None
-        writer.writerow(dict(common, section=section, name=name, version=version, tuned=tuned, k=k,
-                             median_ms=f"{t.median_ms:.4f}" if t else "",
-                             q20_ms=f"{t.q20_ms:.4f}" if t else "",
-                             q80_ms=f"{t.q80_ms:.4f}" if t else "", value=value,
-                             config=configs() if config else ""))
+        writer.writerow(
+            dict(
+                common,
+                section=section,
+                name=name,
+                version=version,
+                tuned=tuned,
+                k=k,
+                median_ms=f"{t.median_ms:.4f}" if t else "",
+                q20_ms=f"{t.q20_ms:.4f}" if t else "",
+                q80_ms=f"{t.q80_ms:.4f}" if t else "",
+                value=value,
+                config=configs() if config else "",
+            )
+        )
         handle.flush()
-        print(f"[{time.perf_counter() - started:6.1f}s] {section:11s} {name:28s} {version:3s} "
-              f"{tuned:5s} k={k} {t.median_ms if t else value}", flush=True)
+        print(
+            f"[{time.perf_counter() - started:6.1f}s] {section:11s} {name:28s} {version:3s} "
+            f"{tuned:5s} k={k} {t.median_ms if t else value}",
+            flush=True,
+        )
 
     k = ks[0]
     # 1, 2: the unified path's operations, v1 and v2, untuned then tuned.
@@ -110,20 +163,36 @@ def main(argv=None):
                 idx, dy_c, _ = ops.unified_select_and_bias(dy, k)
                 dense_out = torch.zeros_like(w)
                 for name, fn in (
-                        ("select+db", lambda: ops.unified_select_and_bias(dy, k)),
-                        ("dx", lambda: ops.gathered_input_grad(dy_c, w, idx)),
-                        ("dW rows", lambda: ops.gathered_weight_grad(dy_c, x, idx)),
-                        ("dW into dense", lambda: ops.gathered_weight_grad(dy_c, x, idx, out=dense_out))):
+                    ("select+db", lambda: ops.unified_select_and_bias(dy, k)),
+                    ("dx", lambda: ops.gathered_input_grad(dy_c, w, idx)),
+                    ("dW rows", lambda: ops.gathered_weight_grad(dy_c, x, idx)),
+                    (
+                        "dW into dense",
+                        lambda: ops.gathered_weight_grad(dy_c, x, idx, out=dense_out),
+                    ),
+                ):
                     row("kernels", name, fn, version=version, tuned=tuned, k=k, config=True)
     # 3: products at k and at a multiple of 16 (v2 pads both to the same width; v1 does not).
     for version in ("v1", "v2"):
         for kk in ks:
             with env(TRITON_MEBP_KERNELS=version, TRITON_MEBP_AUTOTUNE="1"):
                 idx, dy_c, _ = ops.unified_select_and_bias(dy, kk)
-                row("k", "dx", lambda: ops.gathered_input_grad(dy_c, w, idx), version=version,
-                    tuned="1", k=kk)
-                row("k", "dW rows", lambda: ops.gathered_weight_grad(dy_c, x, idx),
-                    version=version, tuned="1", k=kk)
+                row(
+                    "k",
+                    "dx",
+                    lambda: ops.gathered_input_grad(dy_c, w, idx),
+                    version=version,
+                    tuned="1",
+                    k=kk,
+                )
+                row(
+                    "k",
+                    "dW rows",
+                    lambda: ops.gathered_weight_grad(dy_c, x, idx),
+                    version=version,
+                    tuned="1",
+                    k=kk,
+                )
     # 4: cuBLAS on the same gathered operands.
     idx, dy_c, _ = ops.unified_select_and_bias(dy, k)
     dense_c, w_rows = dy_c.contiguous(), w.index_select(0, idx)
@@ -135,14 +204,23 @@ def main(argv=None):
     row("dense", "dW = dy.T @ x", lambda: dy.t() @ x)
     row("dense", "db = dy.sum(0)", lambda: dy.sum(0))
     copy = harness.measure(lambda: dy.clone(), device, **timing)
-    row("dense", "copy dy (GB/s)", value=f"{2 * dy.numel() * dy.element_size() / copy.median_ms / 1e6:.1f}")
+    row(
+        "dense",
+        "copy dy (GB/s)",
+        value=f"{2 * dy.numel() * dy.element_size() / copy.median_ms / 1e6:.1f}",
+    )
     # 6: per-example kernels.
     with env(TRITON_MEBP_AUTOTUNE="1"):
         values, pidx = ops.per_example_select(dy, k)
         row("per_example", "select", lambda: ops.per_example_select(dy, k), version="v2", k=k)
         row("per_example", "dx", lambda: ops.per_example_input_grad(values, pidx, w), k=k)
-        row("per_example", "dW (dense)",
-            lambda: ops.per_example_weight_grad(values, pidx, x, N, dense=True), k=k, config=True)
+        row(
+            "per_example",
+            "dW (dense)",
+            lambda: ops.per_example_weight_grad(values, pidx, x, N, dense=True),
+            k=k,
+            config=True,
+        )
     # 7: the layer backward against dense.
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     bg = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
@@ -151,8 +229,13 @@ def main(argv=None):
         for grad in ("sparse", "dense"):
             layers[f"{mode}/{grad}"] = mebp.mebp_linear(xg, wg, bg, k=k, mode=mode, grad=grad)
     for name, y in layers.items():
-        row("layer", name, lambda y=y: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True),
-            version="v2", k=k)
+        row(
+            "layer",
+            name,
+            lambda y=y: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True),
+            version="v2",
+            k=k,
+        )
     # 8: host time of 50 backward calls, no sync between them.
     y = layers["unified/sparse"]
     if device.type == "cuda":
@@ -173,9 +256,10 @@ def main(argv=None):
     row("check", "same selection as torch", value=str(same), k=k)
     if same:
         for name, mine, ref in (
-                ("dx", ops.gathered_input_grad(dy_c, w, idx), dy_c_t.float() @ w[idx_t].float()),
-                ("dW rows", ops.gathered_weight_grad(dy_c, x, idx), dy_c_t.float().t() @ x.float()),
-                ("db", db, dy.float().sum(0))):
+            ("dx", ops.gathered_input_grad(dy_c, w, idx), dy_c_t.float() @ w[idx_t].float()),
+            ("dW rows", ops.gathered_weight_grad(dy_c, x, idx), dy_c_t.float().t() @ x.float()),
+            ("db", db, dy.float().sum(0)),
+        ):
             error = ((mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
             row("check", f"{name}: max rel. error", value=f"{error:.2e}", k=k)
     handle.close()

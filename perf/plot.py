@@ -1,4 +1,5 @@
 """Speedup, breakdown and roofline charts from the sweep CSV (see triton_mebp.bench.plot)."""
+
 import sys
 
 from triton_mebp.bench.plot import main

@@ -19,6 +19,7 @@ x dtype x k x target, written to ``perf/results/static-report-triton<version>.cs
     python perf/static_report.py --calls unified --dtypes bf16 --ks 410 --targets 90 \\
         --first-config --json -                        # a few rows as JSON on stdout (tests)
 """
+
 import argparse
 import contextlib
 import csv
@@ -42,14 +43,56 @@ DTYPES = ("bf16", "fp16", "fp32")
 TARGETS = (90, 80)
 SMS = 132  # H100 SXM; programs per SM are reported against it
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
-                "int32": "i32", "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8",
-                "bool": "i1"}
-COLUMNS = ["triton", "call", "kernel", "dtype", "k", "target", "config", "num_warps", "num_stages",
-           "programs", "programs_per_sm", "ok", "registers", "spill_stores", "spill_loads", "stack",
-           "smem", "wgmma", "mma_sync", "ld16", "ld8", "ld4", "ld2", "ld1", "st16", "st8", "st4",
-           "st2", "st1", "cp_async16", "cp_async_small", "tma", "atomics", "atomic_order", "shared_atomics",
-           "error"]
+TRITON_TYPES = {
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float32": "fp32",
+    "float64": "fp64",
+    "int32": "i32",
+    "int64": "i64",
+    "int16": "i16",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "i1",
+}
+COLUMNS = [
+    "triton",
+    "call",
+    "kernel",
+    "dtype",
+    "k",
+    "target",
+    "config",
+    "num_warps",
+    "num_stages",
+    "programs",
+    "programs_per_sm",
+    "ok",
+    "registers",
+    "spill_stores",
+    "spill_loads",
+    "stack",
+    "smem",
+    "wgmma",
+    "mma_sync",
+    "ld16",
+    "ld8",
+    "ld4",
+    "ld2",
+    "ld1",
+    "st16",
+    "st8",
+    "st4",
+    "st2",
+    "st1",
+    "cp_async16",
+    "cp_async_small",
+    "tma",
+    "atomics",
+    "atomic_order",
+    "shared_atomics",
+    "error",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,12 +103,14 @@ COLUMNS = ["triton", "call", "kernel", "dtype", "k", "target", "config", "num_wa
 def recording():
     """Within: every ``TunedKernel`` launch is appended to the yielded list instead of running."""
     from triton_mebp.kernels._tuning import TunedKernel
+
     launches = []
     original = TunedKernel.__getitem__
 
     def record(self, grid):
         def launch(*args, **kwargs):
             launches.append((self, grid, args, kwargs))
+
         return launch
 
     TunedKernel.__getitem__ = record
@@ -78,6 +123,7 @@ def recording():
 def _tuned_kernel_names():
     """``id(TunedKernel) -> "module:attr"`` over the kernel modules."""
     from triton_mebp.kernels._tuning import TunedKernel
+
     names = {}
     package = Path(importlib.import_module("triton_mebp.kernels").__file__).parent
     for path in sorted(package.glob("*.py")):
@@ -97,6 +143,7 @@ def _calls(dtype_name, k):
     import triton
 
     from triton_mebp.kernels import fused_mlp, gathered, optim_rows, selection
+
     dtype = getattr(torch, TORCH_DTYPES[dtype_name])
     meta = dict(device="meta")
 
@@ -111,6 +158,7 @@ def _calls(dtype_name, k):
                 gathered.gathered_input_grad(dy_c, w, idx)
                 gathered.gathered_weight_grad(dy_c, x, idx, out=t(N, M))
                 gathered.gathered_weight_grad(dy_c, x, idx)
+
         return run
 
     def per_example_v1():
@@ -127,18 +175,52 @@ def _calls(dtype_name, k):
         pairs, seg, rows = t(B * k, dt=torch.int64), t(N + 1, dt=torch.int64), t(N, dt=torch.int64)
         for scatter in (True, False):
             gathered.segment_rows[lambda meta: (N, triton.cdiv(M, meta["BLOCK_M"]))](
-                seg, pairs, t(B * k), rows, x, t(N, M), M, x.stride(0), x.stride(1), M, 1,
-                SCATTER=scatter)
+                seg,
+                pairs,
+                t(B * k),
+                rows,
+                x,
+                t(N, M),
+                M,
+                x.stride(0),
+                x.stride(1),
+                M,
+                1,
+                SCATTER=scatter,
+            )
 
     def row_updates():
         p, g, idx = t(N, M), t(k, M), t(k, dt=torch.int64)
         step = t(N, dt=torch.float32)
-        optim_rows.row_sgd_step(p, idx, g, step, t(N, M), lr=0.1, momentum=0.9, dampening=0.0,
-                                weight_decay=0.0, nesterov=False)
-        optim_rows.row_adagrad_step(p, idx, g, step, t(N, M), lr=0.1, lr_decay=0.0,
-                                    weight_decay=0.0, eps=1e-10)
-        optim_rows.row_adam_step(p, idx, g, step, t(N, M), t(N, M), lr=1e-3, beta1=0.9,
-                                 beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)
+        optim_rows.row_sgd_step(
+            p,
+            idx,
+            g,
+            step,
+            t(N, M),
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.0,
+            weight_decay=0.0,
+            nesterov=False,
+        )
+        optim_rows.row_adagrad_step(
+            p, idx, g, step, t(N, M), lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10
+        )
+        optim_rows.row_adam_step(
+            p,
+            idx,
+            g,
+            step,
+            t(N, M),
+            t(N, M),
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            decoupled=True,
+        )
 
     def inference():
         x = t(65536, 784)
@@ -149,8 +231,13 @@ def _calls(dtype_name, k):
             rest_w, rest_b = t(2, width, width), t(2, width)
             fused_mlp.fused_mlp(x, t(width, 784), t(width), rest_w, rest_b, 10)
 
-    calls = {"unified": unified("v2"), "unified-v1": unified("v1"), "per_example": per_example,
-             "per_example-v1": per_example_v1, "row_update": row_updates}
+    calls = {
+        "unified": unified("v2"),
+        "unified-v1": unified("v1"),
+        "per_example": per_example,
+        "per_example-v1": per_example_v1,
+        "row_update": row_updates,
+    }
     if k == KS[0]:
         calls["inference"] = inference
     if dtype_name != "fp16":
@@ -182,6 +269,7 @@ def _aligned(tensor) -> bool:
 def specialise(fn, args, kwargs):
     """``(signature, constexprs, attrs)`` of a launch, as Triton's runtime specialises it."""
     import torch
+
     bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}
@@ -203,7 +291,7 @@ def specialise(fn, args, kwargs):
                 signature[name] = "constexpr"
                 constexprs[name] = 1
                 continue
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             divisible = value % 16 == 0
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -247,16 +335,34 @@ def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=Fal
                     for index in indices:
                         config = tuned.configs[index]
                         for target in targets:
-                            key = (call, kernel, dtype_name, k, repr(signature), repr(constexprs),
-                                   repr(attrs), index, target)
+                            key = (
+                                call,
+                                kernel,
+                                dtype_name,
+                                k,
+                                repr(signature),
+                                repr(constexprs),
+                                repr(attrs),
+                                index,
+                                target,
+                            )
                             if key in seen:
                                 continue
                             seen.add(key)
-                            jobs.append(dict(
-                                call=call, kernel=kernel, dtype=dtype_name, k=k, target=target,
-                                config_index=index, signature=signature, constexprs=constexprs,
-                                attrs=[[list(p), v] for p, v in attrs.items()],
-                                programs=_programs(grid, {**kwargs, **config.kwargs})))
+                            jobs.append(
+                                dict(
+                                    call=call,
+                                    kernel=kernel,
+                                    dtype=dtype_name,
+                                    k=k,
+                                    target=target,
+                                    config_index=index,
+                                    signature=signature,
+                                    constexprs=constexprs,
+                                    attrs=[[list(p), v] for p, v in attrs.items()],
+                                    programs=_programs(grid, {**kwargs, **config.kwargs}),
+                                )
+                            )
     return jobs
 
 
@@ -266,6 +372,7 @@ def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=Fal
 
 def _ptxas(target):
     from triton.backends.nvidia.compiler import get_ptxas
+
     return get_ptxas(target).path
 
 
@@ -274,10 +381,14 @@ def _gpu_name(target):
 
 
 PTXAS_USAGE = re.compile(r"Used (\d+) registers")
-PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_SPILLS = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 MEMORY_OP = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
-CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
+CP_ASYNC = re.compile(
+    r"\bcp\.async\.(?:ca|cg)\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
 ATOMIC = re.compile(r"\b(atom|red)\b((?:\.[\w:]+)*)")
 ORDERS = ("relaxed", "acquire", "release", "acq_rel", "sc")
 
@@ -286,11 +397,13 @@ def read_ptxas(log: str) -> dict:
     regs = PTXAS_USAGE.search(log)
     spills = PTXAS_SPILLS.search(log)
     smem = PTXAS_SMEM.search(log)
-    return dict(registers=int(regs.group(1)) if regs else None,
-                stack=int(spills.group(1)) if spills else None,
-                spill_stores=int(spills.group(2)) if spills else None,
-                spill_loads=int(spills.group(3)) if spills else None,
-                smem=int(smem.group(1)) if smem else 0)
+    return dict(
+        registers=int(regs.group(1)) if regs else None,
+        stack=int(spills.group(1)) if spills else None,
+        spill_stores=int(spills.group(2)) if spills else None,
+        spill_loads=int(spills.group(3)) if spills else None,
+        smem=int(smem.group(1)) if smem else 0,
+    )
 
 
 def _access_bytes(suffixes):
@@ -322,13 +435,17 @@ def read_ptx(ptx: str) -> dict:
             continue
         atomics += 1
         orders.add(next((o for o in ORDERS if o in parts), "default"))
-    return dict(counts,
-                wgmma=len(re.findall(r"\bwgmma\.mma_async", code)),
-                mma_sync=len(re.findall(r"\bmma\.sync", code)),
-                cp_async16=sum(s == 16 for s in sizes), cp_async_small=sum(s < 16 for s in sizes),
-                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", code)),
-                atomics=atomics, atomic_order="/".join(sorted(orders)),
-                shared_atomics=shared_atomics)
+    return dict(
+        counts,
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", code)),
+        mma_sync=len(re.findall(r"\bmma\.sync", code)),
+        cp_async16=sum(s == 16 for s in sizes),
+        cp_async_small=sum(s < 16 for s in sizes),
+        tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", code)),
+        atomics=atomics,
+        atomic_order="/".join(sorted(orders)),
+        shared_atomics=shared_atomics,
+    )
 
 
 def _config_label(config):
@@ -340,6 +457,7 @@ def compile_job(job) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     module_name, attr = job["kernel"].split(":")
     tuned = getattr(importlib.import_module(module_name), attr)
     config = tuned.configs[job["config_index"]]
@@ -347,22 +465,43 @@ def compile_job(job) -> dict:
     signature = dict(job["signature"])
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {tuple(path): value for path, value in job["attrs"]}
-    row = dict(triton=triton.__version__, call=job["call"], kernel=attr, dtype=job["dtype"],
-               k=job["k"], target=f"sm_{job['target']}", config=_config_label(config),
-               num_warps=config.num_warps, num_stages=config.num_stages,
-               programs=job["programs"], programs_per_sm=round(job["programs"] / SMS, 2))
+    row = dict(
+        triton=triton.__version__,
+        call=job["call"],
+        kernel=attr,
+        dtype=job["dtype"],
+        k=job["k"],
+        target=f"sm_{job['target']}",
+        config=_config_label(config),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        programs=job["programs"],
+        programs_per_sm=round(job["programs"] / SMS, 2),
+    )
     try:
         source = ASTSource(tuned.fn, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", job["target"], 32),
-                                  options={"num_warps": config.num_warps,
-                                           "num_stages": config.num_stages})
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", job["target"], 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder, "kernel.ptx")
             path.write_text(ptx)
-            done = subprocess.run([_ptxas(job["target"]), "-v", f"--gpu-name={_gpu_name(job['target'])}",
-                                   str(path), "-o", str(Path(folder, "kernel.cubin"))],
-                                  capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                [
+                    _ptxas(job["target"]),
+                    "-v",
+                    f"--gpu-name={_gpu_name(job['target'])}",
+                    str(path),
+                    "-o",
+                    str(Path(folder, "kernel.cubin")),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         if done.returncode != 0:
             raise RuntimeError(f"ptxas: {done.stderr[-1000:]}")
         usage = read_ptxas(done.stderr + done.stdout)
@@ -375,8 +514,14 @@ def compile_job(job) -> dict:
 
 
 def _compile_key(job):
-    return (job["kernel"], repr(job["signature"]), repr(job["constexprs"]), repr(job["attrs"]),
-            job["config_index"], job["target"])
+    return (
+        job["kernel"],
+        repr(job["signature"]),
+        repr(job["constexprs"]),
+        repr(job["attrs"]),
+        job["config_index"],
+        job["target"],
+    )
 
 
 def run_jobs(jobs, workers):
@@ -393,27 +538,47 @@ def run_jobs(jobs, workers):
         for job, compiled in zip(todo, done):
             for same in groups[_compile_key(job)]:
                 row = dict(compiled)
-                row.update(call=same["call"], dtype=same["dtype"], k=same["k"],
-                           programs=same["programs"],
-                           programs_per_sm=round(same["programs"] / SMS, 2))
+                row.update(
+                    call=same["call"],
+                    dtype=same["dtype"],
+                    k=same["k"],
+                    programs=same["programs"],
+                    programs_per_sm=round(same["programs"] / SMS, 2),
+                )
                 yield row
     finally:
         if pool:
             pool.shutdown()
 
 
-SUMMARY_FIELDS = ("registers", "spill_stores", "smem", "ld16", "ld4", "ld2", "st16", "st2", "cp_async16",
-                  "wgmma", "programs_per_sm")
+SUMMARY_FIELDS = (
+    "registers",
+    "spill_stores",
+    "smem",
+    "ld16",
+    "ld4",
+    "ld2",
+    "st16",
+    "st2",
+    "cp_async16",
+    "wgmma",
+    "programs_per_sm",
+)
 
 
 def summary(paths, dtype="bf16", k="410", target="sm_90") -> str:
     """Markdown table of the unified path, v1 against v2, each kernel's first config, from CSVs."""
-    lines = ["| triton | path | kernel | config | " + " | ".join(SUMMARY_FIELDS) + " |",
-             "|---" * (4 + len(SUMMARY_FIELDS)) + "|"]
+    lines = [
+        "| triton | path | kernel | config | " + " | ".join(SUMMARY_FIELDS) + " |",
+        "|---" * (4 + len(SUMMARY_FIELDS)) + "|",
+    ]
     for path in paths:
         with open(path, newline="") as handle:
-            rows = [r for r in csv.DictReader(handle)
-                    if r["dtype"] == dtype and r["k"] == k and r["target"] == target]
+            rows = [
+                r
+                for r in csv.DictReader(handle)
+                if r["dtype"] == dtype and r["k"] == k and r["target"] == target
+            ]
         for call in ("unified-v1", "unified"):
             seen = set()
             for row in rows:
@@ -421,28 +586,46 @@ def summary(paths, dtype="bf16", k="410", target="sm_90") -> str:
                     continue
                 seen.add(row["kernel"])  # the first row of a kernel is its first config
                 label = "v1" if call.endswith("v1") else "v2"
-                lines.append(f"| {row['triton']} | {label} | {row['kernel']} | {row['config']} | "
-                             + " | ".join(row[f] for f in SUMMARY_FIELDS) + " |")
+                lines.append(
+                    f"| {row['triton']} | {label} | {row['kernel']} | {row['config']} | "
+                    + " | ".join(row[f] for f in SUMMARY_FIELDS)
+                    + " |"
+                )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", nargs="*",
-                        help="unified unified-v1 per_example per_example-v1 row_update inference")
+    parser.add_argument(
+        "--calls",
+        nargs="*",
+        help="unified unified-v1 per_example per_example-v1 row_update inference",
+    )
     parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     parser.add_argument("--ks", nargs="*", type=int, default=list(KS))
     parser.add_argument("--targets", nargs="*", type=int, default=list(TARGETS))
-    parser.add_argument("--first-config", action="store_true",
-                        help="only the config each launch takes without tuning (the pruner's first)")
+    parser.add_argument(
+        "--first-config",
+        action="store_true",
+        help="only the config each launch takes without tuning (the pruner's first)",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--out", help="CSV path (default perf/results/static-report-triton<ver>.csv)")
-    parser.add_argument("--merge", action="store_true",
-                        help="replace only the rows of the calls computed now in the CSV")
+    parser.add_argument(
+        "--out", help="CSV path (default perf/results/static-report-triton<ver>.csv)"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the rows of the calls computed now in the CSV",
+    )
     parser.add_argument("--json", help="write the rows as JSON to this path ('-': stdout) instead")
-    parser.add_argument("--summary", nargs="*", metavar="CSV",
-                        help="print the unified path's v1/v2 table (bf16, k=410, sm_90) of CSVs")
+    parser.add_argument(
+        "--summary",
+        nargs="*",
+        metavar="CSV",
+        help="print the unified path's v1/v2 table (bf16, k=410, sm_90) of CSVs",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
@@ -450,6 +633,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     import triton
+
     jobs = jobs_for(args.calls, args.dtypes, args.ks, args.targets, args.first_config, args.kernels)
     rows = run_jobs(jobs, args.jobs)
     if args.json:
@@ -459,15 +643,20 @@ def main(argv=None):
         else:
             Path(args.json).write_text(text)
         return 0
-    out = Path(args.out or ROOT / "perf" / "results" / f"static-report-triton{triton.__version__}.csv")
+    out = Path(
+        args.out or ROOT / "perf" / "results" / f"static-report-triton{triton.__version__}.csv"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if args.merge and out.exists():
         # Keep the rows outside what is recomputed now (other calls, dtypes, k or targets).
         redone = {(j["call"], j["dtype"], str(j["k"]), f"sm_{j['target']}") for j in jobs}
         with out.open(newline="") as handle:
-            kept = [r for r in csv.DictReader(handle)
-                    if (r["call"], r["dtype"], r["k"], r["target"]) not in redone]
+            kept = [
+                r
+                for r in csv.DictReader(handle)
+                if (r["call"], r["dtype"], r["k"], r["target"]) not in redone
+            ]
     written = failed = 0
     with out.open("w", newline="") as handle:  # row by row: a cut-short run keeps what it did
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")

@@ -1,4 +1,5 @@
 """Perf sweep: dense vs meProp timings into perf/results/ (see triton_mebp.bench.sweep)."""
+
 import sys
 
 from triton_mebp.bench.sweep import main

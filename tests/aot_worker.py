@@ -6,6 +6,7 @@ autotune configs (indices into ``kernel.configs``; all of them if absent) of eac
 in ``TARGETS`` and prints one JSON list of results. It runs without
 ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` with something that cannot compile).
 """
+
 import importlib
 import json
 import os
@@ -28,17 +29,31 @@ def _compile(job):
     constexprs = {**spec.get("constexprs", {}), **config.kwargs}
     signature = dict(spec["signature"])
     signature.update({name: "constexpr" for name in constexprs})
-    result = {"kernel": spec["kernel"], "label": spec.get("label", ""), "config": str(config.kwargs),
-              "num_warps": config.num_warps, "num_stages": config.num_stages, "target": capability}
+    result = {
+        "kernel": spec["kernel"],
+        "label": spec.get("label", ""),
+        "config": str(config.kwargs),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        "target": capability,
+    }
     try:
         source = ASTSource(kernel.fn, signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": config.num_warps,
-                                           "num_stages": config.num_stages})
-        result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
-                      mma="mma" in compiled.asm["ptx"], cubin=len(compiled.asm["cubin"]) > 0,
-                      mma_instructions=sorted(set(re.findall(
-                          r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", compiled.asm["ptx"]))))
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        result.update(
+            ok=True,
+            shared=compiled.metadata.shared,
+            wgmma="wgmma" in compiled.asm["ptx"],
+            mma="mma" in compiled.asm["ptx"],
+            cubin=len(compiled.asm["cubin"]) > 0,
+            mma_instructions=sorted(
+                set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", compiled.asm["ptx"]))
+            ),
+        )
     except Exception as error:  # reported to the test, which fails on it
         result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
     return result

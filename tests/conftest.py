@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; that must be chosen
 before any kernel module is imported, hence the environment is set here, at collection.
 """
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """Independent references for the tests: masked-dense meProp in float64, and test data whose
 top-k is unambiguous (scores separated by construction, so every correct selection agrees)."""
+
 import torch
 
 
@@ -15,7 +16,11 @@ def separated_grad(B, N, mode, dtype=torch.float32, device="cpu"):
         base = base / base.abs().sum(0, keepdim=True)
         dy = base * levels[torch.randperm(N)]
     else:
-        magnitudes = torch.stack([levels[torch.randperm(N)] for _ in range(B)]) if B else levels[:0].expand(0, N)
+        magnitudes = (
+            torch.stack([levels[torch.randperm(N)] for _ in range(B)])
+            if B
+            else levels[:0].expand(0, N)
+        )
         signs = torch.where(torch.rand(B, N) < 0.5, -1.0, 1.0).to(torch.float64)
         dy = magnitudes * signs
     return dy.to(dtype).to(device)

@@ -3,6 +3,7 @@
 bf16, the main GPU training dtype, compiles every config; fp32 and fp16 compile the first config
 (their own code paths) and, for the matrix products, every config the pruner keeps for them.
 """
+
 import pytest
 import torch
 
@@ -19,69 +20,221 @@ def _specs():
     specs = []
     for dt in STREAM_DTYPES:
         specs += [
-            dict(kernel=f"{SEL}:column_scores", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "scores_ptr": "*fp32", "B": "i32", "N": "i32",
-                            "stride_b": "i32", "stride_n": "i32"}),
-            dict(kernel=f"{SEL}:gather_columns", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}", "B": "i32",
-                            "K": "i32", "stride_b": "i32", "stride_n": "i32"}),
-            dict(kernel=f"{SEL}:per_example_select_rows", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "val_ptr": f"*{dt}", "idx_ptr": "*i64",
-                            "hits_ptr": "*i64", "N": "i32", "k": "i32", "stride_b": "i32",
-                            "stride_n": "i32"},
-                 constexprs={"COUNT_HITS": True}),
-            dict(kernel=f"{GAT}:per_example_dx", label=dt,
-                 signature={"v_ptr": f"*{dt}", "i_ptr": "*i64", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
-                            "M": "i32", "K": "i32", "stride_wn": "i32", "stride_wm": "i32",
-                            "stride_xb": "i32", "stride_xm": "i32"}),
-            dict(kernel=f"{GAT}:segment_rows", label=dt,
-                 signature={"seg_ptr": "*i64", "example_ptr": "*i64", "value_ptr": f"*{dt}",
-                            "row_ptr": "*i64", "x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32",
-                            "stride_xb": "i32", "stride_xm": "i32", "stride_on": "i32",
-                            "stride_om": "i32"},
-                 constexprs={"SCATTER": dt == "bf16"}),
+            dict(
+                kernel=f"{SEL}:column_scores",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "scores_ptr": "*fp32",
+                    "B": "i32",
+                    "N": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                },
+            ),
+            dict(
+                kernel=f"{SEL}:gather_columns",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "out_ptr": f"*{dt}",
+                    "B": "i32",
+                    "K": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                },
+            ),
+            dict(
+                kernel=f"{SEL}:per_example_select_rows",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "val_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "hits_ptr": "*i64",
+                    "N": "i32",
+                    "k": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                },
+                constexprs={"COUNT_HITS": True},
+            ),
+            dict(
+                kernel=f"{GAT}:per_example_dx",
+                label=dt,
+                signature={
+                    "v_ptr": f"*{dt}",
+                    "i_ptr": "*i64",
+                    "w_ptr": f"*{dt}",
+                    "dx_ptr": f"*{dt}",
+                    "M": "i32",
+                    "K": "i32",
+                    "stride_wn": "i32",
+                    "stride_wm": "i32",
+                    "stride_xb": "i32",
+                    "stride_xm": "i32",
+                },
+            ),
+            dict(
+                kernel=f"{GAT}:segment_rows",
+                label=dt,
+                signature={
+                    "seg_ptr": "*i64",
+                    "example_ptr": "*i64",
+                    "value_ptr": f"*{dt}",
+                    "row_ptr": "*i64",
+                    "x_ptr": f"*{dt}",
+                    "out_ptr": f"*{dt}",
+                    "M": "i32",
+                    "stride_xb": "i32",
+                    "stride_xm": "i32",
+                    "stride_on": "i32",
+                    "stride_om": "i32",
+                },
+                constexprs={"SCATTER": dt == "bf16"},
+            ),
         ]
     for dt, passes in (("fp32", 4), ("fp16", 3), ("bf16", 2)):
-        specs.append(dict(kernel=f"{SEL}:per_example_top", label=dt,
-                          signature={"dy_ptr": f"*{dt}", "val_ptr": f"*{dt}", "idx_ptr": "*i64",
-                                     "hits_ptr": "*i64", "N": "i32", "k": "i32", "stride_b": "i32",
-                                     "stride_n": "i32"},
-                          constexprs={"COUNT_HITS": True, "PASSES": passes}))
+        specs.append(
+            dict(
+                kernel=f"{SEL}:per_example_top",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "val_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "hits_ptr": "*i64",
+                    "N": "i32",
+                    "k": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                },
+                constexprs={"COUNT_HITS": True, "PASSES": passes},
+            )
+        )
     for dt in STREAM_DTYPES:
         specs += [
-            dict(kernel=f"{SEL}:scores_bias_partial", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "part_ptr": "*fp32", "B": "i32", "N": "i32",
-                            "stride_b": "i32", "stride_n": "i32", "ROWS_PER_CHUNK": "i32"}),
-            dict(kernel=f"{SEL}:scores_bias_finish", label=dt,
-                 signature={"part_ptr": "*fp32", "scores_ptr": "*fp32", "db_ptr": f"*{dt}",
-                            "N": "i32", "CHUNKS": "i32"}),
-            dict(kernel=f"{SEL}:gather_padded", label=dt,
-                 signature={"dy_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}", "B": "i32",
-                            "K": "i32", "K_PAD": "i32", "stride_b": "i32", "stride_n": "i32"}),
+            dict(
+                kernel=f"{SEL}:scores_bias_partial",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "part_ptr": "*fp32",
+                    "B": "i32",
+                    "N": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                    "ROWS_PER_CHUNK": "i32",
+                },
+            ),
+            dict(
+                kernel=f"{SEL}:scores_bias_finish",
+                label=dt,
+                signature={
+                    "part_ptr": "*fp32",
+                    "scores_ptr": "*fp32",
+                    "db_ptr": f"*{dt}",
+                    "N": "i32",
+                    "CHUNKS": "i32",
+                },
+            ),
+            dict(
+                kernel=f"{SEL}:gather_padded",
+                label=dt,
+                signature={
+                    "dy_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "out_ptr": f"*{dt}",
+                    "B": "i32",
+                    "K": "i32",
+                    "K_PAD": "i32",
+                    "stride_b": "i32",
+                    "stride_n": "i32",
+                },
+            ),
         ]
     for count in (True, False):
-        specs.append(dict(kernel=f"{SEL}:unified_select_row", label=f"hits={count}",
-                          signature={"scores_ptr": "*fp32", "idx_ptr": "*i64", "hits_ptr": "*i64",
-                                     "N": "i32", "k": "i32", "hit_increment": "i32"},
-                          constexprs={"COUNT_HITS": count}))
-        specs.append(dict(kernel=f"{SEL}:unified_top", label=f"hits={count}",
-                          signature={"scores_ptr": "*fp32", "idx_ptr": "*i64", "hits_ptr": "*i64",
-                                     "N": "i32", "k": "i32", "hit_increment": "i32"},
-                          constexprs={"COUNT_HITS": count}))
+        specs.append(
+            dict(
+                kernel=f"{SEL}:unified_select_row",
+                label=f"hits={count}",
+                signature={
+                    "scores_ptr": "*fp32",
+                    "idx_ptr": "*i64",
+                    "hits_ptr": "*i64",
+                    "N": "i32",
+                    "k": "i32",
+                    "hit_increment": "i32",
+                },
+                constexprs={"COUNT_HITS": count},
+            )
+        )
+        specs.append(
+            dict(
+                kernel=f"{SEL}:unified_top",
+                label=f"hits={count}",
+                signature={
+                    "scores_ptr": "*fp32",
+                    "idx_ptr": "*i64",
+                    "hits_ptr": "*i64",
+                    "N": "i32",
+                    "k": "i32",
+                    "hit_increment": "i32",
+                },
+                constexprs={"COUNT_HITS": count},
+            )
+        )
     for dt in DOT_DTYPES:
         precision = "tf32" if dt == "fp32" else "ieee"
         common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
         specs += [
-            dict(kernel=f"{GAT}:gathered_rows_matmul", label=f"dot-{dt}",
-                 signature={"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "idx_ptr": "*i64", "c_ptr": f"*{dt}",
-                            **common, **{s: "i32" for s in ("stride_ab", "stride_ak", "stride_wn",
-                                                            "stride_wm", "stride_cb", "stride_cm")}},
-                 constexprs={"INPUT_PRECISION": precision}),
-            dict(kernel=f"{GAT}:transposed_matmul_rows", label=f"dot-{dt}",
-                 signature={"a_ptr": f"*{dt}", "x_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}",
-                            **common, **{s: "i32" for s in ("stride_ab", "stride_ak", "stride_xb",
-                                                            "stride_xm", "stride_on", "stride_om")}},
-                 constexprs={"INPUT_PRECISION": precision, "SCATTER": dt != "fp16"}),
+            dict(
+                kernel=f"{GAT}:gathered_rows_matmul",
+                label=f"dot-{dt}",
+                signature={
+                    "a_ptr": f"*{dt}",
+                    "w_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "c_ptr": f"*{dt}",
+                    **common,
+                    **{
+                        s: "i32"
+                        for s in (
+                            "stride_ab",
+                            "stride_ak",
+                            "stride_wn",
+                            "stride_wm",
+                            "stride_cb",
+                            "stride_cm",
+                        )
+                    },
+                },
+                constexprs={"INPUT_PRECISION": precision},
+            ),
+            dict(
+                kernel=f"{GAT}:transposed_matmul_rows",
+                label=f"dot-{dt}",
+                signature={
+                    "a_ptr": f"*{dt}",
+                    "x_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "out_ptr": f"*{dt}",
+                    **common,
+                    **{
+                        s: "i32"
+                        for s in (
+                            "stride_ab",
+                            "stride_ak",
+                            "stride_xb",
+                            "stride_xm",
+                            "stride_on",
+                            "stride_om",
+                        )
+                    },
+                },
+                constexprs={"INPUT_PRECISION": precision, "SCATTER": dt != "fp16"},
+            ),
         ]
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for spec in specs:
@@ -89,9 +242,16 @@ def _specs():
         name = spec["kernel"].split(":")[1]
         if name in ("gathered_rows_matmul", "transposed_matmul_rows"):
             kernel = getattr(gathered, name)
-            large = {"a_ptr": torch.empty(0, dtype=torch_dtypes[dt]), "B": 4096, "M": 8192, "K": 4096}
+            large = {
+                "a_ptr": torch.empty(0, dtype=torch_dtypes[dt]),
+                "B": 4096,
+                "M": 8192,
+                "K": 4096,
+            }
             spec["configs"] = config_indices(kernel, large)
-        elif (dt != "bf16" and not spec["label"].startswith("hits")) or spec["label"] == "hits=False":
+        elif (dt != "bf16" and not spec["label"].startswith("hits")) or spec[
+            "label"
+        ] == "hits=False":
             spec["configs"] = [0]
     return specs
 
@@ -110,6 +270,8 @@ def test_every_config_compiles_for_hopper_and_ampere(results):
 def test_half_precision_products_use_tensor_cores(results):
     for kernel in ("gathered_rows_matmul", "transposed_matmul_rows"):
         for dt in ("fp16", "bf16"):
-            mine = [r for r in results if r["kernel"].endswith(kernel) and r["label"] == f"dot-{dt}"]
+            mine = [
+                r for r in results if r["kernel"].endswith(kernel) and r["label"] == f"dot-{dt}"
+            ]
             assert any(r["wgmma"] for r in mine if r["target"] == 90), (kernel, dt)
             assert all(r["mma"] for r in mine if r["target"] == 80), (kernel, dt)

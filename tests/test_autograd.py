@@ -1,4 +1,5 @@
 """mebp_linear's backward against masked-dense meProp in float64, on both backends."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,15 @@ def test_sparse_weight_gradient_holds_only_selected_rows(any_backend, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_sparse_bias_gradient(any_backend, mode):
     B, M, N, k = 5, 8, 30, 4
-    x, w, b = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE), torch.randn(N, device=DEVICE)
+    x, w, b = (
+        torch.randn(B, M, device=DEVICE),
+        torch.randn(N, M, device=DEVICE),
+        torch.randn(N, device=DEVICE),
+    )
     dy = separated_grad(B, N, mode, device=DEVICE)
     _, _, db = run_backward(x, w, b, dy, k=k, mode=mode, sparse_bias=True)
     from reference import selection_mask
+
     kept = torch.where(selection_mask(dy, k, mode), dy.double(), 0.0)
     assert_close(db, kept.sum(0))
 
@@ -77,15 +83,22 @@ def test_full_k_is_exact_dense_backprop_gradcheck():
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     for mode in MODES:
         assert torch.autograd.gradcheck(lambda *t: mebp.mebp_linear(*t, k=6, mode=mode), (x, w, b))
-        assert torch.autograd.gradcheck(lambda *t: mebp.mebp_linear(*t, k=1.0, mode=mode), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda *t: mebp.mebp_linear(*t, k=1.0, mode=mode), (x, w, b)
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_k_one_below_full_goes_through_the_backend(any_backend, mode, monkeypatch):
     """k = N takes the dense shortcut; k = N - 1 is the smallest cut that reaches the backend."""
     from triton_mebp import backend
+
     B, M, N = 5, 9, 12
-    x, w, b = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE), torch.randn(N, device=DEVICE)
+    x, w, b = (
+        torch.randn(B, M, device=DEVICE),
+        torch.randn(N, M, device=DEVICE),
+        torch.randn(N, device=DEVICE),
+    )
     dy = separated_grad(B, N, mode, device=DEVICE)
     ops = backend.ops_for(dy)
     name = "unified_select_and_bias" if mode == "unified" else "per_example_select"
@@ -100,7 +113,11 @@ def test_k_one_below_full_goes_through_the_backend(any_backend, mode, monkeypatc
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_equal_dense_autograd_when_k_is_full(any_backend, mode):
-    x, w, b = torch.randn(7, 9, device=DEVICE), torch.randn(11, 9, device=DEVICE), torch.randn(11, device=DEVICE)
+    x, w, b = (
+        torch.randn(7, 9, device=DEVICE),
+        torch.randn(11, 9, device=DEVICE),
+        torch.randn(11, device=DEVICE),
+    )
     dy = torch.randn(7, 11, device=DEVICE)
     got = run_backward(x, w, b, dy, k=11, mode=mode)
     xs, ws, bs = (t.detach().requires_grad_() for t in (x, w, b))
@@ -139,7 +156,11 @@ def test_empty_batch(any_backend, mode, grad):
 
 
 def test_inputs_are_not_modified(any_backend):
-    x, w, b = torch.randn(5, 6, device=DEVICE), torch.randn(9, 6, device=DEVICE), torch.randn(9, device=DEVICE)
+    x, w, b = (
+        torch.randn(5, 6, device=DEVICE),
+        torch.randn(9, 6, device=DEVICE),
+        torch.randn(9, device=DEVICE),
+    )
     dy = torch.randn(5, 9, device=DEVICE)
     copies = [t.clone() for t in (x, w, b, dy)]
     for mode in MODES:
@@ -158,6 +179,7 @@ def test_hit_counters(any_backend, mode):
     for _ in range(2):
         mebp.mebp_linear(x, w, k=k, mode=mode, hits=hits, refs=refs).backward(dy)
     from reference import selection_mask
+
     assert torch.equal(hits.cpu(), 2 * selection_mask(dy, k, mode).sum(0).cpu())
     assert refs.item() == 2 * B
 
@@ -183,8 +205,8 @@ def test_bad_mode_and_grad():
 
 
 MISMATCHES = [
-    (torch.randn(2, 4), torch.randn(5, 3)),                         # shape
-    (torch.randn(2, 3, dtype=torch.float64), torch.randn(5, 3)),    # dtype
+    (torch.randn(2, 4), torch.randn(5, 3)),  # shape
+    (torch.randn(2, 3, dtype=torch.float64), torch.randn(5, 3)),  # dtype
 ] + ([(torch.randn(2, 3), torch.randn(5, 3, device="cuda"))] if HAS_CUDA else [])  # device
 
 
@@ -228,15 +250,15 @@ def test_dense_gradient_memory_is_reused_only_when_nothing_holds_it():
     expected = w.grad.clone()
     kept = w.grad
     w.grad = None
-    step()                                   # the first gradient is still held: new memory
+    step()  # the first gradient is still held: new memory
     assert kept.data_ptr() != w.grad.data_ptr() and torch.equal(kept, expected)
     view = w.grad.view(-1)
     w.grad = None
-    step()                                   # held through a view: new memory again
+    step()  # held through a view: new memory again
     assert torch.equal(view.view(30, 8), expected) and torch.equal(w.grad, expected)
     address = w.grad.data_ptr()
     w.grad = None
-    step()                                   # dropped: its memory comes back, zeroed and refilled
+    step()  # dropped: its memory comes back, zeroed and refilled
     assert w.grad.data_ptr() == address and torch.equal(w.grad, expected)
-    step()                                   # accumulation into .grad still adds
+    step()  # accumulation into .grad still adds
     assert torch.allclose(w.grad, 2 * expected)

@@ -1,4 +1,5 @@
 """Backend choice: the switch, the environment variable and their errors."""
+
 import pytest
 import torch
 
@@ -49,16 +50,27 @@ def test_both_backends_implement_the_whole_contract():
     import inspect
 
     contract = backend.Backend
-    assert {"unified_select", "per_example_select", "gathered_input_grad", "gathered_weight_grad",
-            "per_example_input_grad", "per_example_weight_grad", "row_sgd_step",
-            "row_adagrad_step", "row_adam_step", "linear_act", "fused_mlp"} <= set(backend.OPERATIONS)
+    assert {
+        "unified_select",
+        "per_example_select",
+        "gathered_input_grad",
+        "gathered_weight_grad",
+        "per_example_input_grad",
+        "per_example_weight_grad",
+        "row_sgd_step",
+        "row_adagrad_step",
+        "row_adam_step",
+        "linear_act",
+        "fused_mlp",
+    } <= set(backend.OPERATIONS)
     for ops in (torch_ops, backend.triton_ops()):
         for name in backend.OPERATIONS:
             expected = inspect.signature(getattr(contract, name))
             expected = expected.replace(parameters=list(expected.parameters.values())[1:])
             actual = inspect.signature(getattr(ops, name))
-            assert [(p.name, p.kind, p.default) for p in actual.parameters.values()] == \
-                [(p.name, p.kind, p.default) for p in expected.parameters.values()], (ops.name, name)
+            assert [(p.name, p.kind, p.default) for p in actual.parameters.values()] == [
+                (p.name, p.kind, p.default) for p in expected.parameters.values()
+            ], (ops.name, name)
     assert torch_ops.name == "torch" and backend.triton_ops().name == "triton"
 
 

@@ -1,4 +1,5 @@
 """The command line: a miniature demo, train on digits and on MNIST IDX files, errors, pass-through."""
+
 import argparse
 import csv
 import json
@@ -16,8 +17,9 @@ from triton_mebp.app.train import demo_configs
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("text,expected", [("25", 25), ("0.05", 0.05), ("5%", 0.05), ("1.0", 1.0),
-                                           ("100%", 1.0)])
+@pytest.mark.parametrize(
+    "text,expected", [("25", 25), ("0.05", 0.05), ("5%", 0.05), ("1.0", 1.0), ("100%", 1.0)]
+)
 def test_parse_k(text, expected):
     value = cli.parse_k(text)
     assert value == pytest.approx(expected) and type(value) is type(expected)
@@ -44,10 +46,28 @@ def check_png(path):
 
 def test_miniature_demo(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--epochs", "1", "--hidden", "32", "--batch-size", "40", "--seeds", "0",
-                   "--device", "cpu",
-                   "--benchmark-width", "64", "--benchmark-batch", "8", "--out", str(out),
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "demo",
+            "--epochs",
+            "1",
+            "--hidden",
+            "32",
+            "--batch-size",
+            "40",
+            "--seeds",
+            "0",
+            "--device",
+            "cpu",
+            "--benchmark-width",
+            "64",
+            "--benchmark-batch",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     main, sweep = demo_configs(epochs=1, hidden=32, batch_size=40)
@@ -87,26 +107,74 @@ def test_miniature_demo(tmp_path, capsys):
 def test_train_mnist_from_idx_files(tmp_path, capsys):
     make_mnist(tmp_path, n_train=40, n_test=10, side=5, gz=True)
     out = tmp_path / "out"
-    rc = cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--mode", "dense",
-                   "unified", "--k", "3", "0.5", "--hidden", "16", "--epochs", "2", "--batch-size",
-                   "8", "--optimizer", "sgd", "--sparse-grad", "--device", "cpu", "--out", str(out),
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--mode",
+            "dense",
+            "unified",
+            "--k",
+            "3",
+            "0.5",
+            "--hidden",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--optimizer",
+            "sgd",
+            "--sparse-grad",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "mnist: 40 training and 10 test examples, 25 features" in printed
     payload = json.loads((out / "results.json").read_text())
     labels = [s["label"] for s in payload["table"]]
-    assert labels == ["dense, sgd + row-sparse", "meProp unified k=3, sgd + row-sparse",
-                      "meProp unified k=8, sgd + row-sparse"]
+    assert labels == [
+        "dense, sgd + row-sparse",
+        "meProp unified k=3, sgd + row-sparse",
+        "meProp unified k=8, sgd + row-sparse",
+    ]
     check_png(out / "loss_curves.png")
     assert not (out / "hidden_width.png").exists()  # no meSimp run
 
 
 def test_train_simplify_on_digits(tmp_path, capsys):
     out = tmp_path / "simp"
-    rc = cli.main(["train", "--mode", "unified", "--k", "4", "--hidden", "32", "--epochs", "2",
-                   "--batch-size", "32", "--simplify", "--threshold", "0.2", "--device", "cpu",
-                   "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--mode",
+            "unified",
+            "--k",
+            "4",
+            "--hidden",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--simplify",
+            "--threshold",
+            "0.2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     payload = json.loads((out / "results.json").read_text())
     (summary,) = payload["table"]
@@ -124,12 +192,15 @@ def test_missing_mnist_says_what_and_where(tmp_path, capsys):
     assert rc == 2 and "--data-dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["train", "--k", "zero"], "k must be"),
-    (["train", "--mode", "sparse"], "invalid choice"),
-    (["train", "--optimizer", "rmsprop"], "invalid choice"),
-    (["train", "--epochs", "0"], "positive int"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--k", "zero"], "k must be"),
+        (["train", "--mode", "sparse"], "invalid choice"),
+        (["train", "--optimizer", "rmsprop"], "invalid choice"),
+        (["train", "--epochs", "0"], "positive int"),
+    ],
+)
 def test_bad_options_are_rejected(argv, needle, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -160,11 +231,36 @@ def test_pos_task_is_handed_its_options(monkeypatch, tmp_path, capsys):
     def run_pos_task(train_path, dev_path, test_path=None, **options):
         seen.update(train=train_path, dev=dev_path, test=test_path, **options)
         return {"models": {"meprop": {"dev_accuracy": 50.0, "epochs": []}}, "backward_speedup": 2.0}
+
     fake.run_pos_task = run_pos_task
     monkeypatch.setitem(sys.modules, "triton_mebp.app.pos", fake)
-    rc = cli.main(["train", "--task", "pos", "--train", "a.txt", "--dev", "b.txt", "--mode",
-                   "per_example", "--k", "5", "--optimizer", "adam", "--epochs", "2", "--seeds", "1",
-                   "2", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--task",
+            "pos",
+            "--train",
+            "a.txt",
+            "--dev",
+            "b.txt",
+            "--mode",
+            "per_example",
+            "--k",
+            "5",
+            "--optimizer",
+            "adam",
+            "--epochs",
+            "2",
+            "--seeds",
+            "1",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert seen["train"] == "a.txt" and seen["dev"] == "b.txt" and seen["test"] is None
     assert seen["mode"] == "per_example" and seen["k"] == 5 and seen["optimizer"] == "adam"

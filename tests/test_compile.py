@@ -4,6 +4,7 @@ Compiling is slow on the CPU (Inductor takes seconds per graph), so the tests ar
 the ``aot_eager`` backend (Dynamo's capture with ``fullgraph=True`` and AOTAutograd's traced
 backward, without code generation), one runs Inductor.
 """
+
 import copy
 
 import pytest
@@ -30,8 +31,9 @@ def make_mlp(mode="unified", grad="dense", widths=(8, 16, 12, 3), k=4, device=DE
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
-    return mebp.convert(nn.Sequential(*layers).to(device), k=k, mode=mode, grad=grad,
-                        count_hits=True)
+    return mebp.convert(
+        nn.Sequential(*layers).to(device), k=k, mode=mode, grad=grad, count_hits=True
+    )
 
 
 def dense_grads(model):
@@ -85,6 +87,7 @@ def op_samples():
     hits = torch.zeros(N, dtype=torch.int64)
     rows = torch.randn(k, M)
     from triton_mebp.kernels import fused_mlp
+
     w2 = torch.randn(4, N)
     packed = fused_mlp.pack_layers([w2], [torch.randn(4)], fused_mlp.fused_width([N, 4]))
     return [
@@ -100,18 +103,51 @@ def op_samples():
         (OPS.per_example_input_grad.default, (values, per_idx, w)),
         (OPS.per_example_weight_grad.default, (values, per_idx, x, N)),
         (OPS.per_example_weight_grad_dense.default, (values, per_idx, x, N)),
-        (OPS.row_sgd_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
-         dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False)),
-        (OPS.row_adagrad_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
-         dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10)),
-        (OPS.row_adam_step.default, (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M),
-                                     torch.zeros(N, M)),
-         dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)),
-        (OPS.linear.default, (x.clone().requires_grad_(), w.clone().requires_grad_(),
-                              torch.randn(N, requires_grad=True), k, "unified", "dense", False, None,
-                              None, None)),
-        (OPS.linear.default, (x, w.clone().requires_grad_(), None, k, "per_example", "dense", True,
-                              None, None, None)),
+        (
+            OPS.row_sgd_step.default,
+            (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
+            dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
+        ),
+        (
+            OPS.row_adagrad_step.default,
+            (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),
+            dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10),
+        ),
+        (
+            OPS.row_adam_step.default,
+            (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M), torch.zeros(N, M)),
+            dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True),
+        ),
+        (
+            OPS.linear.default,
+            (
+                x.clone().requires_grad_(),
+                w.clone().requires_grad_(),
+                torch.randn(N, requires_grad=True),
+                k,
+                "unified",
+                "dense",
+                False,
+                None,
+                None,
+                None,
+            ),
+        ),
+        (
+            OPS.linear.default,
+            (
+                x,
+                w.clone().requires_grad_(),
+                None,
+                k,
+                "per_example",
+                "dense",
+                True,
+                None,
+                None,
+                None,
+            ),
+        ),
         (OPS.linear_act.default, (x, w, torch.randn(N), "relu")),
         (OPS.fused_mlp.default, (x, w, torch.randn(N), *packed, 4, "tanh", "identity")),
     ]
@@ -135,8 +171,9 @@ def test_opcheck_every_operator(backend_name):
             checked.add(op._schema.name)
     finally:
         mebp.set_backend(before)
-    defined = {name for name in torch._C._dispatch_get_all_op_names()
-               if name.startswith("triton_mebp::")}
+    defined = {
+        name for name in torch._C._dispatch_get_all_op_names() if name.startswith("triton_mebp::")
+    }
     assert checked == defined
     assert {f"triton_mebp::{name}" for name in backend.OPERATIONS} <= defined  # the whole contract
 

@@ -1,4 +1,5 @@
 """Dataset loaders: the MNIST IDX reader (on small IDX files written here) and the digits split."""
+
 import gzip
 import math
 import struct
@@ -107,7 +108,9 @@ def test_count_mismatch_and_swapped_files(tmp_path):
 
 def test_labels_out_of_range(tmp_path):
     make_mnist(tmp_path)
-    write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.array([1, 2, 12, 3, 4], dtype=np.uint8)))
+    write(
+        tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.array([1, 2, 12, 3, 4], dtype=np.uint8))
+    )
     with pytest.raises(ValueError, match="0..9"):
         data.load_mnist(tmp_path)
 
@@ -129,6 +132,7 @@ def test_read_idx_big_endian_types(tmp_path, type_code):
 
 def test_digits_split_is_fixed_and_covers_the_dataset():
     from sklearn.datasets import load_digits
+
     first, second = data.load_digits(), data.load_digits()
     assert torch.equal(first.x_test, second.x_test) and torch.equal(first.y_train, second.y_train)
     x, y = load_digits(return_X_y=True)
@@ -151,11 +155,18 @@ def test_load_dataset_rejects_unknown_name():
 
 def test_standardized_uses_training_statistics_only():
     from triton_mebp.app.data import Dataset
+
     x_train = torch.tensor([[0.0, 1.0, 5.0], [2.0, 1.0, 7.0], [4.0, 1.0, 9.0]])
     x_test = torch.tensor([[2.0, 3.0, 100.0]])
-    data = Dataset("toy", x_train, torch.zeros(3, dtype=torch.int64), x_test,
-                   torch.zeros(1, dtype=torch.int64), 2).standardized()
+    data = Dataset(
+        "toy",
+        x_train,
+        torch.zeros(3, dtype=torch.int64),
+        x_test,
+        torch.zeros(1, dtype=torch.int64),
+        2,
+    ).standardized()
     torch.testing.assert_close(data.x_train[:, 0], torch.tensor([-1.0, 0.0, 1.0]))
-    torch.testing.assert_close(data.x_train[:, 1], torch.zeros(3))        # constant: only shifted
+    torch.testing.assert_close(data.x_train[:, 1], torch.zeros(3))  # constant: only shifted
     torch.testing.assert_close(data.x_test, torch.tensor([[0.0, 2.0, 46.5]]))
-    assert torch.equal(x_train[:, 0], torch.tensor([0.0, 2.0, 4.0]))      # the input is untouched
+    assert torch.equal(x_train[:, 0], torch.tensor([0.0, 2.0, 4.0]))  # the input is untouched

@@ -1,6 +1,7 @@
 """meProp and meSimp under DistributedDataParallel: gloo on loopback, 2 and 3 CPU processes
 started by the tests themselves. Each run of ranks is compared with one process training on the
 concatenated batches (the reference the distributed path must equal)."""
+
 import os
 import tempfile
 import time
@@ -19,9 +20,14 @@ BATCH = 4  # examples per rank and step
 STEPS = 3
 K = 4
 # (mode, grad, optimizer) of the equivalence runs
-CONFIGS = [("unified", "dense", "sgd"), ("unified", "sparse", "sgd"),
-           ("unified", "dense", "rowadam"), ("unified", "sparse", "rowadam"),
-           ("per_example", "dense", "sgd"), ("per_example", "sparse", "rowadam")]
+CONFIGS = [
+    ("unified", "dense", "sgd"),
+    ("unified", "sparse", "sgd"),
+    ("unified", "dense", "rowadam"),
+    ("unified", "sparse", "rowadam"),
+    ("per_example", "dense", "sgd"),
+    ("per_example", "sparse", "rowadam"),
+]
 
 
 def _mlp(widths=(8, 32, 16, 3), seed=0):
@@ -42,8 +48,9 @@ def _model(mode, grad, seed=0):
 def _twice(seed=0):
     torch.manual_seed(seed)
     hidden = mebp.MeLinear(32, 32, k=K)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(),
-                         nn.Linear(32, 3))
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(), nn.Linear(32, 3)
+    )
 
 
 def _optimizer(name, params):
@@ -54,8 +61,10 @@ def _optimizer(name, params):
 
 def _batch(step, rank, n_in=8, classes=3):
     generator = torch.Generator().manual_seed(1000 * step + rank)
-    return (torch.randn(BATCH, n_in, generator=generator),
-            torch.randint(0, classes, (BATCH,), generator=generator))
+    return (
+        torch.randn(BATCH, n_in, generator=generator),
+        torch.randint(0, classes, (BATCH,), generator=generator),
+    )
 
 
 def _concatenated(step, world, **kwargs):
@@ -84,16 +93,21 @@ def _equivalence(rank, world):
         ddp = mebp.DistributedDataParallel(model)
         optimizer = _optimizer(opt_name, ddp.parameters())
         _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS)])
-        results[(mode, grad, opt_name)] = dict(params=_params(model),
-                                               stats=ddp.comm_stats.as_dict())
+        results[(mode, grad, opt_name)] = dict(
+            params=_params(model), stats=ddp.comm_stats.as_dict()
+        )
         ddp.release()
     # After release() the model is a plain model again: torch's DDP would reduce every weight.
     try:
         ddp(_batch(0, rank)[0])
     except RuntimeError as error:
-        results["released"] = dict(error=str(error), ignore_list=hasattr(
-            model, "_ddp_params_and_buffers_to_ignore"), marked=any(
-            hasattr(t, "_ddp_ignored") for t in list(model.parameters()) + list(model.buffers())))
+        results["released"] = dict(
+            error=str(error),
+            ignore_list=hasattr(model, "_ddp_params_and_buffers_to_ignore"),
+            marked=any(
+                hasattr(t, "_ddp_ignored") for t in list(model.parameters()) + list(model.buffers())
+            ),
+        )
     # One MeLinear called twice in the forward: each call reduces its own share of the gradient.
     model = _twice(seed=rank)
     ddp = mebp.DistributedDataParallel(model)
@@ -132,9 +146,13 @@ def _simplify(rank, world, checkpoint):
     _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS, STEPS + 2)])
     if rank == 0:
         mebp.save_simplified(model, checkpoint)
-    return dict(report=report, params=_params(model),
-                row_steps=[optimizer.state[p]["row_step"].clone() for p in (model[0].weight,
-                                                                           model[2].weight)])
+    return dict(
+        report=report,
+        params=_params(model),
+        row_steps=[
+            optimizer.state[p]["row_step"].clone() for p in (model[0].weight, model[2].weight)
+        ],
+    )
 
 
 def _resume(rank, world, checkpoint):
@@ -181,6 +199,7 @@ def _failure(rank, world, how):
             result["error"] = str(error)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
         model = _model("unified", "dense")
         parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel()})
         try:
@@ -193,8 +212,9 @@ def _failure(rank, world, how):
         # Rank 1 fails after the meProp layers' backward, before the first (dense) layer's:
         # rank 0 then waits in DDP's own all-reduce of the dense gradients.
         torch.manual_seed(0)
-        ddp = mebp.DistributedDataParallel(nn.Sequential(nn.Linear(8, 8), _Fail(rank == 1),
-                                                         *_model("unified", "dense")), timeout=3)
+        ddp = mebp.DistributedDataParallel(
+            nn.Sequential(nn.Linear(8, 8), _Fail(rank == 1), *_model("unified", "dense")), timeout=3
+        )
     start = time.perf_counter()
     try:
         out = ddp(x)
@@ -208,8 +228,12 @@ def _failure(rank, world, how):
     return result
 
 
-SCENARIOS = {"equivalence": _equivalence, "simplify": _simplify, "resume": _resume,
-             "failure": _failure}
+SCENARIOS = {
+    "equivalence": _equivalence,
+    "simplify": _simplify,
+    "resume": _resume,
+    "failure": _failure,
+}
 
 
 def _worker(rank, world, init_file, out_dir, scenario, args):
@@ -224,9 +248,13 @@ def _worker(rank, world, init_file, out_dir, scenario, args):
 def _launch(world, scenario, *args, timeout=60):
     """Runs ``scenario`` on ``world`` processes; each rank's result (None if it wrote none)."""
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, scenario,
-                                                    args),
-                                     nprocs=world, join=False, start_method="fork")
+        context = mp.start_processes(
+            _worker,
+            args=(world, os.path.join(tmp, "init"), tmp, scenario, args),
+            nprocs=world,
+            join=False,
+            start_method="fork",
+        )
         deadline = time.monotonic() + timeout
         try:
             while not context.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -287,8 +315,11 @@ def test_torch_ddp_with_dense_gradients_keeps_ranks_identical(equivalence_runs):
 def test_a_layer_called_twice(equivalence_runs):
     world, results = equivalence_runs
     model = _twice(seed=0)
-    _train(model, _optimizer("sgd", model.parameters()),
-           [_concatenated(step, world) for step in range(STEPS)])
+    _train(
+        model,
+        _optimizer("sgd", model.parameters()),
+        [_concatenated(step, world) for step in range(STEPS)],
+    )
     for other in results[1:]:
         for a, b in zip(results[0]["twice"]["params"], other["twice"]["params"]):
             assert torch.equal(a, b)
@@ -363,8 +394,9 @@ def test_mesimp_prunes_in_step_and_checkpoints_load_on_any_world_size():
     for r in three[1:]:
         for a, b in zip(three[0]["params"], r["params"]):
             assert torch.equal(a, b)
-    assert [tuple(p.shape) for p in three[0]["params"]] == [tuple(p.shape) for p in
-                                                          results[0]["params"]]
+    assert [tuple(p.shape) for p in three[0]["params"]] == [
+        tuple(p.shape) for p in results[0]["params"]
+    ]
 
 
 def test_ranks_that_disagree_on_k_and_tensor_parallel_layers_fail_clearly():
@@ -421,7 +453,9 @@ def test_layers_with_collectives_stay_out_of_compiled_graphs():
     x = torch.randn(5, 8)
     compiled(x).sum().backward()
     assert spy.calls == 1
-    expected = torch.autograd.grad(F.relu(F.linear(x, layer.weight, layer.bias))
-                                   @ compiled._orig_mod[2].weight.t(), layer.weight,
-                                   torch.ones(5, 3))[0]
+    expected = torch.autograd.grad(
+        F.relu(F.linear(x, layer.weight, layer.bias)) @ compiled._orig_mod[2].weight.t(),
+        layer.weight,
+        torch.ones(5, 3),
+    )[0]
     torch.testing.assert_close(layer.weight.grad, expected)

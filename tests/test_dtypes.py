@@ -1,5 +1,6 @@
 """Dtypes: every kernel launcher computes a dtype correctly or refuses it before launching;
 float64 takes the PyTorch ops whatever the backend; bfloat16 runs in the interpreter too."""
+
 import pytest
 import torch
 
@@ -31,18 +32,58 @@ def _launches(dtype):
         ("unified_select_and_bias", lambda: selection.unified_select_and_bias(dy, 2), []),
         ("per_example_select", lambda: selection.per_example_select(dy, 2), []),
         ("gathered_input_grad", lambda: gathered.gathered_input_grad(dy_c, w, idx), []),
-        ("gathered_weight_grad", lambda: gathered.gathered_weight_grad(dy_c, x, idx, out=out), [out]),
+        (
+            "gathered_weight_grad",
+            lambda: gathered.gathered_weight_grad(dy_c, x, idx, out=out),
+            [out],
+        ),
         ("per_example_input_grad", lambda: gathered.per_example_input_grad(values, pidx, w), []),
-        ("per_example_weight_grad", lambda: gathered.per_example_weight_grad(values, pidx, x, 6), []),
-        ("row_sgd_step", lambda: optim_rows.row_sgd_step(
-            param, idx, grad, row_step, state, lr=0.1, momentum=0.9, dampening=0.0,
-            weight_decay=0.0, nesterov=False), [param, state]),
-        ("row_adagrad_step", lambda: optim_rows.row_adagrad_step(
-            param, idx, grad, row_step, state, lr=0.1, lr_decay=0.0, weight_decay=0.0,
-            eps=1e-10), [param, state]),
-        ("row_adam_step", lambda: optim_rows.row_adam_step(
-            param, idx, grad, row_step, state, state2, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-            weight_decay=0.0, decoupled=False), [param, state, state2]),
+        (
+            "per_example_weight_grad",
+            lambda: gathered.per_example_weight_grad(values, pidx, x, 6),
+            [],
+        ),
+        (
+            "row_sgd_step",
+            lambda: optim_rows.row_sgd_step(
+                param,
+                idx,
+                grad,
+                row_step,
+                state,
+                lr=0.1,
+                momentum=0.9,
+                dampening=0.0,
+                weight_decay=0.0,
+                nesterov=False,
+            ),
+            [param, state],
+        ),
+        (
+            "row_adagrad_step",
+            lambda: optim_rows.row_adagrad_step(
+                param, idx, grad, row_step, state, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10
+            ),
+            [param, state],
+        ),
+        (
+            "row_adam_step",
+            lambda: optim_rows.row_adam_step(
+                param,
+                idx,
+                grad,
+                row_step,
+                state,
+                state2,
+                lr=0.1,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-8,
+                weight_decay=0.0,
+                decoupled=False,
+            ),
+            [param, state, state2],
+        ),
         ("linear_act", lambda: fused_mlp.linear_act(x, w[:, :4], None, "relu"), []),
         ("fused_mlp", lambda: fused_mlp.fused_mlp(x, w, bias, packed_w, packed_b, 5), []),
     ]
@@ -144,8 +185,10 @@ def test_bf16_sparse_gradient_and_row_sgd_on_the_kernels(triton_backend, bf16_do
 
 def test_bf16_fused_inference_kernels(bf16_dot):
     widths = (7, 16, 9, 3)
-    weights = [(torch.randn(n, m) / m ** 0.5).to(DEVICE, torch.bfloat16)
-               for m, n in zip(widths[:-1], widths[1:])]
+    weights = [
+        (torch.randn(n, m) / m**0.5).to(DEVICE, torch.bfloat16)
+        for m, n in zip(widths[:-1], widths[1:])
+    ]
     biases = [torch.randn(n).to(DEVICE, torch.bfloat16) for n in widths[1:]]
     x = torch.randn(5, 7, device=DEVICE).to(torch.bfloat16)
     h = x.double()
@@ -166,16 +209,36 @@ def test_bf16_products_compile_to_bf16_mma_with_float32_accumulation():
     strides = ("stride_ab", "stride_ak")
     common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
     specs = [
-        dict(kernel="triton_mebp.kernels.gathered:gathered_rows_matmul", configs=[3],
-             signature={"a_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i32", "c_ptr": "*bf16",
-                        **common, **{s: "i32" for s in strides + ("stride_wn", "stride_wm",
-                                                                  "stride_cb", "stride_cm")}},
-             constexprs={"INPUT_PRECISION": "ieee"}),
-        dict(kernel="triton_mebp.kernels.gathered:transposed_matmul_rows", configs=[3],
-             signature={"a_ptr": "*bf16", "x_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16",
-                        **common, **{s: "i32" for s in strides + ("stride_xb", "stride_xm",
-                                                                  "stride_on", "stride_om")}},
-             constexprs={"SCATTER": True, "INPUT_PRECISION": "ieee"}),
+        dict(
+            kernel="triton_mebp.kernels.gathered:gathered_rows_matmul",
+            configs=[3],
+            signature={
+                "a_ptr": "*bf16",
+                "w_ptr": "*bf16",
+                "idx_ptr": "*i32",
+                "c_ptr": "*bf16",
+                **common,
+                **{
+                    s: "i32" for s in strides + ("stride_wn", "stride_wm", "stride_cb", "stride_cm")
+                },
+            },
+            constexprs={"INPUT_PRECISION": "ieee"},
+        ),
+        dict(
+            kernel="triton_mebp.kernels.gathered:transposed_matmul_rows",
+            configs=[3],
+            signature={
+                "a_ptr": "*bf16",
+                "x_ptr": "*bf16",
+                "idx_ptr": "*i32",
+                "out_ptr": "*bf16",
+                **common,
+                **{
+                    s: "i32" for s in strides + ("stride_xb", "stride_xm", "stride_on", "stride_om")
+                },
+            },
+            constexprs={"SCATTER": True, "INPUT_PRECISION": "ieee"},
+        ),
     ]
     results = compile_specs(specs)
     assert len(results) == 4 and all(r["ok"] for r in results), results
@@ -189,4 +252,5 @@ def test_bf16_products_compile_to_bf16_mma_with_float32_accumulation():
 def test_bf16_row_optimizers_on_the_kernels(triton_backend, name):
     """No dot products here: the interpreter computes these bf16 kernels as they are."""
     from test_optim import _check_against_reference
+
     _check_against_reference(name, (7, 33), torch.bfloat16, steps=3)

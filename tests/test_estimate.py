@@ -1,4 +1,5 @@
 """``estimate_speedup`` / ``mebp_is_faster``: the cost model fitted to sweep data."""
+
 import csv
 import json
 import os
@@ -24,18 +25,48 @@ def mebp_ms(B, M, N, k, rate):
     return 0.08 + B * N * 4 / 1e10 * 1e3 + 4.0 * B * k * M / (0.7 * rate) * 1e3
 
 
-def write_sweep(path, device, rate, shapes=((64, 256, 512), (256, 1024, 1024), (128, 512, 2048)),
-                ks=(0.01, 0.05, 0.2), dtype="fp32", provider="mebp-torch", grad="sparse",
-                metric="backward"):
+def write_sweep(
+    path,
+    device,
+    rate,
+    shapes=((64, 256, 512), (256, 1024, 1024), (128, 512, 2048)),
+    ks=(0.01, 0.05, 0.2),
+    dtype="fp32",
+    provider="mebp-torch",
+    grad="sparse",
+    metric="backward",
+):
     rows = []
     # a full step adds the dense forward (2·B·M·N at the dense rate) to either backward
-    forward = (lambda B, M, N: 2.0 * B * M * N / rate * 1e3) if metric != "backward" else (lambda B, M, N: 0.0)
+    forward = (
+        (lambda B, M, N: 2.0 * B * M * N / rate * 1e3)
+        if metric != "backward"
+        else (lambda B, M, N: 0.0)
+    )
 
     def row(prov, mode, B, M, N, k, ms, g):
-        rows.append({c: "" for c in COLUMNS} | dict(
-            kernel="layer", provider=prov, mode=mode, grad=g, dtype=dtype, batch=B, in_features=M,
-            out_features=N, k=k, metric=metric, median_ms=ms, q20_ms=ms, q80_ms=ms,
-            device=device, commit="c0", timestamp="t"))
+        rows.append(
+            {c: "" for c in COLUMNS}
+            | dict(
+                kernel="layer",
+                provider=prov,
+                mode=mode,
+                grad=g,
+                dtype=dtype,
+                batch=B,
+                in_features=M,
+                out_features=N,
+                k=k,
+                metric=metric,
+                median_ms=ms,
+                q20_ms=ms,
+                q80_ms=ms,
+                device=device,
+                commit="c0",
+                timestamp="t",
+            )
+        )
+
     for B, M, N in shapes:
         row("dense", "", B, M, N, N, dense_ms(B, M, N, rate) + forward(B, M, N), "dense")
         for ratio in ks:
@@ -63,25 +94,31 @@ def test_fit_is_the_nonnegative_least_squares_of_relative_error():
     # sum((c / t - 1)^2), i.e. c = sum(1/t) / sum(1/t^2)
     features = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
     times = np.array([3.0, 2.0, 1.0])
-    expected = np.sum(1 / times) / np.sum(1 / times ** 2)
+    expected = np.sum(1 / times) / np.sum(1 / times**2)
     np.testing.assert_allclose(est._fit(features, times), [expected, 0.0], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("B,M,N,ratio", [(512, 4096, 4096, 0.05), (32, 2048, 512, 0.1),
-                                         (256, 1024, 1024, 0.02)])
+@pytest.mark.parametrize(
+    "B,M,N,ratio", [(512, 4096, 4096, 0.05), (32, 2048, 512, 0.1), (256, 1024, 1024, 0.02)]
+)
 def test_recovers_the_cost_behind_the_data_on_unseen_shapes(cpu_data, B, M, N, ratio):
     k = round(ratio * N)
     expected = dense_ms(B, M, N, 1e11) / mebp_ms(B, M, N, k, 1e11)
     got = est.estimate(B, M, N, ratio, "unified", "cpu", grad="sparse", data=cpu_data)
-    assert got.model == "data" and got.source.startswith(f"{cpu_data}: cpu test (2 threads) at commit c0")
+    assert got.model == "data" and got.source.startswith(
+        f"{cpu_data}: cpu test (2 threads) at commit c0"
+    )
     assert ("extrapolated" in got.source) == (B * M * N > 256 * 1024 * 1024)  # largest in the data
     assert got.speedup == pytest.approx(expected, rel=0.02)
-    assert est.estimate_speedup(B, M, N, k, "unified", "cpu", grad="sparse", data=cpu_data) == \
-        pytest.approx(got.speedup)
+    assert est.estimate_speedup(
+        B, M, N, k, "unified", "cpu", grad="sparse", data=cpu_data
+    ) == pytest.approx(got.speedup)
 
 
 def test_speedup_falls_as_k_grows(cpu_data):
-    values = [est.estimate_speedup(512, 2048, 2048, r, data=cpu_data) for r in (0.005, 0.05, 0.2, 0.5)]
+    values = [
+        est.estimate_speedup(512, 2048, 2048, r, data=cpu_data) for r in (0.005, 0.05, 0.2, 0.5)
+    ]
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
@@ -106,13 +143,18 @@ def test_gpu_rows_are_used_for_a_cuda_device(tmp_path):
     gpu = est.estimate(1024, 4096, 4096, 0.05, device="cuda", grad="sparse", data=data)
     assert "cpu test" in cpu.source and "NVIDIA Test GPU" in gpu.source
     k = round(0.05 * 4096)
-    assert gpu.speedup == pytest.approx(dense_ms(1024, 4096, 4096, 1e14) / mebp_ms(1024, 4096, 4096, k, 1e14),
-                                        rel=0.02)
+    assert gpu.speedup == pytest.approx(
+        dense_ms(1024, 4096, 4096, 1e14) / mebp_ms(1024, 4096, 4096, k, 1e14), rel=0.02
+    )
 
 
 def test_other_dtype_falls_back_to_the_measured_one(cpu_data):
-    a = est.estimate_speedup(256, 1024, 2048, 0.05, dtype=torch.float16, grad="sparse", data=cpu_data)
-    b = est.estimate_speedup(256, 1024, 2048, 0.05, dtype=torch.float32, grad="sparse", data=cpu_data)
+    a = est.estimate_speedup(
+        256, 1024, 2048, 0.05, dtype=torch.float16, grad="sparse", data=cpu_data
+    )
+    b = est.estimate_speedup(
+        256, 1024, 2048, 0.05, dtype=torch.float32, grad="sparse", data=cpu_data
+    )
     assert a == b
 
 
@@ -126,14 +168,35 @@ def test_without_data_the_nominal_model_answers(tmp_path):
     assert est.mebp_is_faster(1024, 8192, 8192, 0.01, device="cuda", data=empty)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(batch=0), "batch"), (dict(in_features=2.5), "in_features"), (dict(out_features=-1), "out_features"),
-    (dict(k=0), "k=0"), (dict(k=1.5), "ratio"), (dict(k=300), "outside"), (dict(mode="rows"), "mode"),
-    (dict(grad="coo"), "grad"), (dict(metric="forward"), "metric"), (dict(device="meta"), "device"),
-    (dict(dtype=torch.int32), "dtype")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(batch=0), "batch"),
+        (dict(in_features=2.5), "in_features"),
+        (dict(out_features=-1), "out_features"),
+        (dict(k=0), "k=0"),
+        (dict(k=1.5), "ratio"),
+        (dict(k=300), "outside"),
+        (dict(mode="rows"), "mode"),
+        (dict(grad="coo"), "grad"),
+        (dict(metric="forward"), "metric"),
+        (dict(device="meta"), "device"),
+        (dict(dtype=torch.int32), "dtype"),
+    ],
+)
 def test_bad_input_is_named(cpu_data, kwargs, match):
-    args = dict(batch=8, in_features=16, out_features=256, k=0.1, mode="unified", device="cpu",
-                data=cpu_data) | kwargs
+    args = (
+        dict(
+            batch=8,
+            in_features=16,
+            out_features=256,
+            k=0.1,
+            mode="unified",
+            device="cpu",
+            data=cpu_data,
+        )
+        | kwargs
+    )
     with pytest.raises(ValueError, match=match):
         est.estimate_speedup(**args)
 
@@ -151,10 +214,26 @@ def test_bad_margin_is_refused(cpu_data):
 def test_dense_gradient_measured_only_sparse_adds_the_zero_fill(tmp_path):
     data = write_sweep(tmp_path / "s.csv", "cpu test (2 threads)", rate=1e11)
     with open(data, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=COLUMNS).writerow({c: "" for c in COLUMNS} | dict(
-            kernel="copy", provider="torch", dtype="fp32", batch=1, in_features=8, out_features=8,
-            k=0, metric="bandwidth", median_ms=1, q20_ms=1, q80_ms=1, gbps=20.0,
-            device="cpu test (2 threads)", commit="c0", timestamp="t"))
+        csv.DictWriter(f, fieldnames=COLUMNS).writerow(
+            {c: "" for c in COLUMNS}
+            | dict(
+                kernel="copy",
+                provider="torch",
+                dtype="fp32",
+                batch=1,
+                in_features=8,
+                out_features=8,
+                k=0,
+                metric="bandwidth",
+                median_ms=1,
+                q20_ms=1,
+                q80_ms=1,
+                gbps=20.0,
+                device="cpu test (2 threads)",
+                commit="c0",
+                timestamp="t",
+            )
+        )
     sparse = est.estimate(256, 2048, 1024, 0.05, grad="sparse", data=data)
     dense = est.estimate(256, 2048, 1024, 0.05, grad="dense", data=data)
     assert dense.mebp_ms - sparse.mebp_ms == pytest.approx(1024 * 2048 * 4 / 20e9 * 1e3)
@@ -168,8 +247,14 @@ def test_full_step_estimate_includes_the_forward(tmp_path):
     expected = (dense_ms(B, M, N, 1e11) + forward) / (mebp_ms(B, M, N, k, 1e11) + forward)
     got = est.estimate_speedup(B, M, N, k, grad="sparse", metric="step-sgd", data=data)
     assert got == pytest.approx(expected, rel=0.02)
-    assert got < est.estimate_speedup(B, M, N, k, grad="sparse", data=write_sweep(
-        tmp_path / "bwd.csv", "cpu test (2 threads)", rate=1e11))
+    assert got < est.estimate_speedup(
+        B,
+        M,
+        N,
+        k,
+        grad="sparse",
+        data=write_sweep(tmp_path / "bwd.csv", "cpu test (2 threads)", rate=1e11),
+    )
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,13 +266,15 @@ def test_shipped_model_is_the_fit_of_the_committed_sweep():
     assert model["devices"], "no device in triton_mebp/data/speed_model.json"
     rows = est.read_sweep([ROOT / p for p in model["fitted_from"]])
     refit = est.fit_speed_model(rows, {d["device"]: d["commit"] for d in model["devices"]})
-    assert [(d["device"], d["commit"]) for d in refit["devices"]] == \
-        [(d["device"], d["commit"]) for d in model["devices"]]
+    assert [(d["device"], d["commit"]) for d in refit["devices"]] == [
+        (d["device"], d["commit"]) for d in model["devices"]
+    ]
     for shipped, fresh in zip(model["devices"], refit["devices"]):
         assert len(shipped["fits"]) == len(fresh["fits"])
         for a, b in zip(shipped["fits"], fresh["fits"]):
-            assert {k: a[k] for k in ("dtype", "metric", "mode", "grad")} == \
-                {k: b[k] for k in ("dtype", "metric", "mode", "grad")}
+            assert {k: a[k] for k in ("dtype", "metric", "mode", "grad")} == {
+                k: b[k] for k in ("dtype", "metric", "mode", "grad")
+            }
             np.testing.assert_allclose(a["dense"], b["dense"], rtol=1e-6, atol=1e-15)
             np.testing.assert_allclose(a["mebp"], b["mebp"], rtol=1e-6, atol=1e-15)
 
@@ -196,18 +283,25 @@ def test_shipped_model_predicts_the_committed_sweep_speedups(monkeypatch):
     monkeypatch.delenv(est.DATA_ENV, raising=False)
     model = est.shipped_model()
     (cpu,) = [d for d in model["devices"] if d["kind"] == "cpu"]
-    rows = [r for r in est.read_sweep([ROOT / p for p in model["fitted_from"]])
-            if r["device"] == cpu["device"] and r["commit"] == cpu["commit"] and r["kernel"] == "layer"]
+    rows = [
+        r
+        for r in est.read_sweep([ROOT / p for p in model["fitted_from"]])
+        if r["device"] == cpu["device"] and r["commit"] == cpu["commit"] and r["kernel"] == "layer"
+    ]
     checked = 0
     for metric in est.METRICS:
-        dense = {est._shape(r): float(r["median_ms"]) for r in rows
-                 if r["provider"] == "dense" and r["metric"] == metric}
+        dense = {
+            est._shape(r): float(r["median_ms"])
+            for r in rows
+            if r["provider"] == "dense" and r["metric"] == metric
+        }
         for r in rows:
             if r["provider"] == "dense" or r["metric"] != metric:
                 continue
             measured = dense[est._shape(r)] / float(r["median_ms"])
-            got = est.estimate(*est._shape(r), int(r["k"]), r["mode"], "cpu", grad=r["grad"],
-                               metric=metric)
+            got = est.estimate(
+                *est._shape(r), int(r["k"]), r["mode"], "cpu", grad=r["grad"], metric=metric
+            )
             assert got.model == "shipped" and cpu["commit"] in got.source
             assert 1 / SHIPPED_FACTOR <= got.speedup / measured <= SHIPPED_FACTOR, (r, got)
             checked += 1
@@ -217,26 +311,42 @@ def test_shipped_model_predicts_the_committed_sweep_speedups(monkeypatch):
 def test_an_installed_package_answers_from_the_shipped_model(tmp_path):
     # A copy of the package without the checkout around it (no perf/, no .git): as installed.
     site = tmp_path / "site"
-    shutil.copytree(ROOT / "triton_mebp", site / "triton_mebp",
-                    ignore=shutil.ignore_patterns("__pycache__", "app", "bench"))
-    shutil.copytree(ROOT / "kernels", site / "triton_mebp" / "kernels",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "triton_mebp",
+        site / "triton_mebp",
+        ignore=shutil.ignore_patterns("__pycache__", "app", "bench"),
+    )
+    shutil.copytree(
+        ROOT / "kernels",
+        site / "triton_mebp" / "kernels",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     env = {k: v for k, v in os.environ.items() if k not in (est.DATA_ENV, "PYTHONPATH")}
-    script = ("import triton_mebp as m; from triton_mebp.estimate import estimate; "
-              "e = estimate(512, 4096, 4096, 0.05, 'unified', 'cpu', grad='sparse'); "
-              "print(m.__file__); print(e.model); print(e.source); print(e.speedup)")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env | {"PYTHONPATH": str(site)},
-                            capture_output=True, text=True, timeout=300)
+    script = (
+        "import triton_mebp as m; from triton_mebp.estimate import estimate; "
+        "e = estimate(512, 4096, 4096, 0.05, 'unified', 'cpu', grad='sparse'); "
+        "print(m.__file__); print(e.model); print(e.source); print(e.speedup)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     where, model, source, speedup = result.stdout.strip().splitlines()[-4:]
     assert Path(where).parent == site / "triton_mebp"
     assert model == "shipped" and source.startswith("data/speed_model.json: cpu")
-    assert float(speedup) == pytest.approx(est.estimate(512, 4096, 4096, 0.05, "unified", "cpu",
-                                                        grad="sparse").speedup)
+    assert float(speedup) == pytest.approx(
+        est.estimate(512, 4096, 4096, 0.05, "unified", "cpu", grad="sparse").speedup
+    )
 
 
 def test_sweep_fit_writes_the_model_of_one_commit(tmp_path):
     from triton_mebp.bench import sweep
+
     data = write_sweep(tmp_path / "sweep-cpu.csv", "cpu test (2 threads)", rate=1e11)
     with open(data) as f:
         first = f.read()
@@ -244,7 +354,7 @@ def test_sweep_fit_writes_the_model_of_one_commit(tmp_path):
     with open(data) as f:
         text = f.read()
     with open(data, "w") as f:  # ...at a later commit
-        f.write(first + text[len(first):].replace(",c0,t", ",c1,u"))
+        f.write(first + text[len(first) :].replace(",c0,t", ",c1,u"))
     out = tmp_path / "model.json"
     for commit, rate in (("c0", 1e11), (None, 1e9)):  # default: the device's latest commit
         args = ["--fit", "--out", str(data), "--model-out", str(out)]
@@ -256,5 +366,9 @@ def test_sweep_fit_writes_the_model_of_one_commit(tmp_path):
         B, M, N, k = 256, 1024, 1024, 51
         dense = est._dense_features(B, M, N) @ fit["dense"]
         mebp = est._mebp_features(B, M, N, k) @ fit["mebp"]
-        assert dense / mebp == pytest.approx(dense_ms(B, M, N, rate) / mebp_ms(B, M, N, k, rate), rel=0.02)
-    assert sweep.main(["--fit", "--out", str(data), "--commit", "nope", "--model-out", str(out)]) == 2
+        assert dense / mebp == pytest.approx(
+            dense_ms(B, M, N, rate) / mebp_ms(B, M, N, k, rate), rel=0.02
+        )
+    assert (
+        sweep.main(["--fit", "--out", str(data), "--commit", "nope", "--model-out", str(out)]) == 2
+    )

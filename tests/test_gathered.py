@@ -1,4 +1,5 @@
 """Row-gathered products, against float64 references."""
+
 import pytest
 import torch
 
@@ -40,11 +41,17 @@ def test_unified_products(ops, B, M, N, dtype):
 @pytest.mark.parametrize("B,M,N", SHAPES)
 def test_per_example_products(ops, B, M, N, dtype):
     k = max(1, N // 4)
-    idx = torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)]).to(torch.int64).to(DEVICE)
+    idx = (
+        torch.stack([torch.randperm(N)[:k].sort().values for _ in range(B)])
+        .to(torch.int64)
+        .to(DEVICE)
+    )
     values = torch.randn(B, k, device=DEVICE).to(dtype)
     x = torch.randn(B, M, device=DEVICE).to(dtype)
     w = torch.randn(N, M, device=DEVICE).to(dtype)
-    sparse = torch.zeros(B, N, dtype=torch.float64, device=DEVICE).scatter_(1, idx.long(), values.double())
+    sparse = torch.zeros(B, N, dtype=torch.float64, device=DEVICE).scatter_(
+        1, idx.long(), values.double()
+    )
 
     assert_close(ops.per_example_input_grad(values, idx, w), sparse @ w.double(), dtype)
     full = sparse.t() @ x.double()
@@ -61,9 +68,9 @@ def test_per_example_products(ops, B, M, N, dtype):
 def test_products_accept_strided_operands(ops):
     N, M, B, k = 40, 24, 9, 7
     idx = distinct_indices(N, k, torch.int64)
-    w = torch.randn(M, N, device=DEVICE).t()             # transposed weight
-    x = torch.randn(B, 2 * M, device=DEVICE)[:, ::2]     # sliced input
-    dy_c = torch.randn(k, B, device=DEVICE).t()          # transposed gradient
+    w = torch.randn(M, N, device=DEVICE).t()  # transposed weight
+    x = torch.randn(B, 2 * M, device=DEVICE)[:, ::2]  # sliced input
+    dy_c = torch.randn(k, B, device=DEVICE).t()  # transposed gradient
     rows = idx.long()
     assert_close(ops.gathered_input_grad(dy_c, w, idx), dy_c.double() @ w.double()[rows])
     assert_close(ops.gathered_weight_grad(dy_c, x, idx), dy_c.double().t() @ x.double())
@@ -85,8 +92,10 @@ def test_empty_batch_products(ops):
     w = torch.randn(10, 6, device=DEVICE)
     empty = torch.zeros(0, 3, device=DEVICE)
     assert ops.gathered_input_grad(empty, w, idx).shape == (0, 6)
-    assert torch.equal(ops.gathered_weight_grad(empty, torch.zeros(0, 6, device=DEVICE), idx),
-                       torch.zeros(3, 6, device=DEVICE))
+    assert torch.equal(
+        ops.gathered_weight_grad(empty, torch.zeros(0, 6, device=DEVICE), idx),
+        torch.zeros(3, 6, device=DEVICE),
+    )
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

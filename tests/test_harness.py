@@ -1,4 +1,5 @@
 """The benchmark harness: its timer, the CSV schema and writer, the older layouts it reads."""
+
 import csv
 import time
 
@@ -19,10 +20,15 @@ def read(path):
 
 def test_measure_times_known_durations_side_by_side():
     timings = harness.measure_side_by_side(
-        {"short": lambda: time.sleep(0.002), "long": lambda: time.sleep(0.008)}, CPU,
-        min_run_time=0.1, rounds=2)
+        {"short": lambda: time.sleep(0.002), "long": lambda: time.sleep(0.008)},
+        CPU,
+        min_run_time=0.1,
+        rounds=2,
+    )
     short, long = timings["short"], timings["long"]
-    assert 1.9 <= short.median_ms <= 200 and 7.9 <= long.median_ms <= 400  # a loaded machine oversleeps
+    assert (
+        1.9 <= short.median_ms <= 200 and 7.9 <= long.median_ms <= 400
+    )  # a loaded machine oversleeps
     assert short.q20_ms <= short.median_ms <= short.q80_ms
     assert long.median_ms > short.median_ms
     single = harness.measure(lambda: time.sleep(0.004), CPU, min_run_time=0.05)
@@ -50,8 +56,12 @@ def test_written_rows_carry_the_environment_and_the_schema(tmp_path, monkeypatch
 
 def test_results_of_their_own_columns_get_the_environment_too(tmp_path):
     out = tmp_path / "acc.csv"
-    harness.write_rows([dict(variant="dense", value="98.2")], out, dict(device="d", commit="c"),
-                       columns=["variant", "value"])
+    harness.write_rows(
+        [dict(variant="dense", value="98.2")],
+        out,
+        dict(device="d", commit="c"),
+        columns=["variant", "value"],
+    )
     fields, rows = read(out)
     assert fields == ["variant", "value", *harness.ENVIRONMENT]
     assert rows[0]["device"] == "d" and rows[0]["commit"] == "c" and rows[0]["timestamp"]
@@ -60,8 +70,9 @@ def test_results_of_their_own_columns_get_the_environment_too(tmp_path):
 def test_sink_upgrades_an_older_sweep_file_and_appends(tmp_path):
     old_columns = [c for c in harness.COLUMNS if c not in ("shape", "triton_mebp")]
     out = tmp_path / "sweep-cpu.csv"
-    old = {c: "" for c in old_columns} | dict(kernel="layer", provider="dense", batch="8",
-                                             median_ms="2.5", commit="old", device="cpu x")
+    old = {c: "" for c in old_columns} | dict(
+        kernel="layer", provider="dense", batch="8", median_ms="2.5", commit="old", device="cpu x"
+    )
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=old_columns)
         writer.writeheader()
@@ -77,14 +88,18 @@ def test_sink_upgrades_an_older_sweep_file_and_appends(tmp_path):
 
 def test_older_lstm_rows_read_in_the_schema(tmp_path):
     out = tmp_path / "lstm-cpu.csv"
-    out.write_text("kernel,provider,metric,dtype,seq,batch,input,hidden,layers,k,median_ms,q20_ms,"
-                   "q80_ms,device,torch,timestamp,commit\n"
-                   "lstm,mebp-unified,backward,float32,30,32,100,500,1,100,17.1,17.0,17.5,"
-                   "cpu (2 threads),2.13.0+cpu,2026-11-26T02:56:33+00:00,9234b727a848\n")
+    out.write_text(
+        "kernel,provider,metric,dtype,seq,batch,input,hidden,layers,k,median_ms,q20_ms,"
+        "q80_ms,device,torch,timestamp,commit\n"
+        "lstm,mebp-unified,backward,float32,30,32,100,500,1,100,17.1,17.0,17.5,"
+        "cpu (2 threads),2.13.0+cpu,2026-11-26T02:56:33+00:00,9234b727a848\n"
+    )
     (row,) = harness.read_rows(out)
     assert (row["in_features"], row["out_features"], row["k"]) == ("100", "2000", "100")
     assert row["shape"] == "seq=30,hidden=500,layers=1" and row["dtype"] == "fp32"
-    assert row["mode"] == "unified" and row["median_ms"] == "17.1" and row["commit"] == "9234b727a848"
+    assert (
+        row["mode"] == "unified" and row["median_ms"] == "17.1" and row["commit"] == "9234b727a848"
+    )
 
 
 def test_a_csv_of_another_kind_is_named(tmp_path):

@@ -18,8 +18,14 @@ from triton_mebp.kernels import fused_mlp as fm
 def ops(request):
     return torch_ops if request.param == "torch" else backend.triton_ops()
 
-REFERENCE_ACTIVATIONS = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh,
-                         "sigmoid": torch.sigmoid, "gelu": F.gelu}
+
+REFERENCE_ACTIVATIONS = {
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+}
 
 
 def reference_mlp(x, weights, biases, hidden, output):
@@ -31,8 +37,10 @@ def reference_mlp(x, weights, biases, hidden, output):
 
 
 def random_layers(widths, dtype, bias=True):
-    weights = [(torch.randn(n_out, n_in) / n_in ** 0.5).to(DEVICE, dtype)
-               for n_in, n_out in zip(widths[:-1], widths[1:])]
+    weights = [
+        (torch.randn(n_out, n_in) / n_in**0.5).to(DEVICE, dtype)
+        for n_in, n_out in zip(widths[:-1], widths[1:])
+    ]
     biases = [torch.randn(n_out).to(DEVICE, dtype) if bias else None for n_out in widths[1:]]
     return weights, biases
 
@@ -50,7 +58,7 @@ def test_linear_act_matches_float64_reference(ops, shape, dtype):
 
 
 def test_linear_act_strided_inputs():
-    x_t = torch.randn(40, 9, device=DEVICE).t()          # 9 x 40, column-major
+    x_t = torch.randn(40, 9, device=DEVICE).t()  # 9 x 40, column-major
     weight = torch.randn(30, 80, device=DEVICE)[:, ::2]  # 30 x 40, stride 2 along K
     bias = torch.randn(60, device=DEVICE)[::2]
     y = fm.linear_act(x_t, weight, bias, "tanh")
@@ -88,7 +96,9 @@ def test_fused_mlp_wide_fp16_and_limits():
     weights, biases = random_layers(widths, torch.float16)
     width = fm.fused_width(widths[1:])
     assert width == 256 and fm.fused_mlp_fits(list(widths[1:]), torch.float16)
-    assert not fm.fused_mlp_fits(list(widths[1:]), torch.float32)  # a 256 x 256 fp32 tile is too big
+    assert not fm.fused_mlp_fits(
+        list(widths[1:]), torch.float32
+    )  # a 256 x 256 fp32 tile is too big
     assert not fm.fused_mlp_fits([300, 10], torch.float16)
     packed_w, packed_b = fm.pack_layers(weights[1:], biases[1:], width)
     x = torch.randn(5, 24, device=DEVICE, dtype=torch.float16)[:, :24]
@@ -120,8 +130,9 @@ def test_cpu_model_stays_plain_pytorch():
     assert not any(p.requires_grad for p in result.parameters())
     x = torch.randn(4, 12, device=DEVICE)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    expected = reference_mlp(x, [m.weight for m in linears], [m.bias for m in linears], "relu",
-                             "identity")
+    expected = reference_mlp(
+        x, [m.weight for m in linears], [m.bias for m in linears], "relu", "identity"
+    )
     with torch.no_grad():
         assert_close(result(x), expected)
 
@@ -145,8 +156,18 @@ def test_optimize_for_inference_uses_kernels(triton_backend):
 
 
 def test_mixed_and_wide_chains(triton_backend):
-    layers = [nn.Linear(6, 300), nn.ReLU(), nn.Linear(300, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU(),
-              nn.Linear(8, 5), nn.LayerNorm(5), nn.Linear(5, 4), nn.Sigmoid()]
+    layers = [
+        nn.Linear(6, 300),
+        nn.ReLU(),
+        nn.Linear(300, 16),
+        nn.Tanh(),
+        nn.Linear(16, 8),
+        nn.ReLU(),
+        nn.Linear(8, 5),
+        nn.LayerNorm(5),
+        nn.Linear(5, 4),
+        nn.Sigmoid(),
+    ]
     model = nn.Sequential(*layers).to(DEVICE)
     result = optimize_for_inference(model)
     kinds = [type(m).__name__ for m in result]
@@ -161,8 +182,9 @@ def test_mixed_and_wide_chains(triton_backend):
 class Wrapper(nn.Module):
     def __init__(self):
         super().__init__()
-        self.outer = nn.Sequential(nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 8)), nn.ReLU(),
-                                   nn.Linear(8, 4))
+        self.outer = nn.Sequential(
+            nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 8)), nn.ReLU(), nn.Linear(8, 4)
+        )
 
     def forward(self, x):
         return self.outer(x) * 2
@@ -171,7 +193,9 @@ class Wrapper(nn.Module):
 def test_nested_sequentials_are_fused(triton_backend):
     model = Wrapper().to(DEVICE)
     result = optimize_for_inference(model)
-    assert isinstance(result.outer[0][0], FusedMLP) and result.outer[0][0].hidden_activation == "gelu"
+    assert (
+        isinstance(result.outer[0][0], FusedMLP) and result.outer[0][0].hidden_activation == "gelu"
+    )
     assert isinstance(result.outer[2], FusedLinear)
     assert isinstance(model.outer[0][0], nn.Linear)  # the input model is not modified
     x = torch.randn(3, 5, device=DEVICE)
@@ -193,32 +217,88 @@ def _signature(names, dtype):
 
 
 def test_aot_compile_inference_kernels():
-    linear_args = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "B", "N", "K", "B_BUCKET", "stride_xb",
-                   "stride_xk", "stride_wn", "stride_wk", "stride_bn", "stride_yb", "stride_yn"]
-    fused_args = ["x_ptr", "w_first_ptr", "b_first_ptr", "w_rest_ptr", "b_rest_ptr", "y_ptr", "B", "K",
-                  "H_FIRST", "N_OUT", "stride_xb", "stride_xk", "stride_wn", "stride_wk", "stride_bn", "stride_yb",
-                  "stride_yn"]
+    linear_args = [
+        "x_ptr",
+        "w_ptr",
+        "b_ptr",
+        "y_ptr",
+        "B",
+        "N",
+        "K",
+        "B_BUCKET",
+        "stride_xb",
+        "stride_xk",
+        "stride_wn",
+        "stride_wk",
+        "stride_bn",
+        "stride_yb",
+        "stride_yn",
+    ]
+    fused_args = [
+        "x_ptr",
+        "w_first_ptr",
+        "b_first_ptr",
+        "w_rest_ptr",
+        "b_rest_ptr",
+        "y_ptr",
+        "B",
+        "K",
+        "H_FIRST",
+        "N_OUT",
+        "stride_xb",
+        "stride_xk",
+        "stride_wn",
+        "stride_wk",
+        "stride_bn",
+        "stride_yb",
+        "stride_yn",
+    ]
     module = "triton_mebp.kernels.fused_mlp"
     specs = [
-        {"kernel": f"{module}:linear_act_kernel", "label": "bf16 gelu bias",
-         "signature": _signature(linear_args, "bf16"),
-         "constexprs": {"HAS_BIAS": True, "ACTIVATION": "gelu", "INPUT_PRECISION": "ieee"}},
-        {"kernel": f"{module}:linear_act_kernel", "label": "fp32 relu",
-         "signature": _signature(linear_args, "fp32"),
-         "constexprs": {"HAS_BIAS": False, "ACTIVATION": "relu", "INPUT_PRECISION": "tf32"}},
-        {"kernel": f"{module}:fused_mlp_kernel", "label": "bf16 width 64",
-         "signature": _signature(fused_args, "bf16"),
-         "constexprs": {"NUM_REST": 2, "WIDTH": 64, "HIDDEN_ACTIVATION": "tanh",
-                        "OUTPUT_ACTIVATION": "sigmoid", "INPUT_PRECISION": "ieee"}},
-        {"kernel": f"{module}:fused_mlp_wide_kernel", "label": "fp16 width 256",
-         "signature": _signature(fused_args, "fp16"),
-         "constexprs": {"NUM_REST": 2, "WIDTH": 256, "HIDDEN_ACTIVATION": "relu",
-                        "OUTPUT_ACTIVATION": "identity", "INPUT_PRECISION": "ieee"}},
+        {
+            "kernel": f"{module}:linear_act_kernel",
+            "label": "bf16 gelu bias",
+            "signature": _signature(linear_args, "bf16"),
+            "constexprs": {"HAS_BIAS": True, "ACTIVATION": "gelu", "INPUT_PRECISION": "ieee"},
+        },
+        {
+            "kernel": f"{module}:linear_act_kernel",
+            "label": "fp32 relu",
+            "signature": _signature(linear_args, "fp32"),
+            "constexprs": {"HAS_BIAS": False, "ACTIVATION": "relu", "INPUT_PRECISION": "tf32"},
+        },
+        {
+            "kernel": f"{module}:fused_mlp_kernel",
+            "label": "bf16 width 64",
+            "signature": _signature(fused_args, "bf16"),
+            "constexprs": {
+                "NUM_REST": 2,
+                "WIDTH": 64,
+                "HIDDEN_ACTIVATION": "tanh",
+                "OUTPUT_ACTIVATION": "sigmoid",
+                "INPUT_PRECISION": "ieee",
+            },
+        },
+        {
+            "kernel": f"{module}:fused_mlp_wide_kernel",
+            "label": "fp16 width 256",
+            "signature": _signature(fused_args, "fp16"),
+            "constexprs": {
+                "NUM_REST": 2,
+                "WIDTH": 256,
+                "HIDDEN_ACTIVATION": "relu",
+                "OUTPUT_ACTIVATION": "identity",
+                "INPUT_PRECISION": "ieee",
+            },
+        },
     ]
     results = compile_specs(specs)
     check_results(results)
-    expected = 2 * (2 * len(fm.linear_act_kernel.configs) + len(fm.fused_mlp_kernel.configs)
-                    + len(fm.fused_mlp_wide_kernel.configs))
+    expected = 2 * (
+        2 * len(fm.linear_act_kernel.configs)
+        + len(fm.fused_mlp_kernel.configs)
+        + len(fm.fused_mlp_wide_kernel.configs)
+    )
     assert len(results) == expected
     # tensor-core dots on both targets
     assert all(r["mma"] for r in results)

@@ -1,11 +1,12 @@
 """The library never imports the application or the benchmark wing."""
+
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-BLOCKED_IMPORT = r'''
+BLOCKED_IMPORT = r"""
 import importlib.abc, sys
 
 class Blocker(importlib.abc.MetaPathFinder):
@@ -27,12 +28,17 @@ mebp.optimize_for_inference(model)(torch.randn(2, 8))
 mebp.estimate_speedup(batch=64, in_features=256, out_features=256, k=12)
 mebp.MeLSTM(4, 6, k=3)(torch.randn(3, 2, 4))
 print("library-only import ok")
-'''
+"""
 
 
 def test_library_works_with_app_and_bench_unimportable():
-    done = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_IMPORT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "library-only import ok" in done.stdout
 
@@ -46,4 +52,5 @@ def test_no_library_module_names_the_wings():
         text = path.read_text()
         for wing in ("app", "bench"):
             assert f"triton_mebp.{wing}" not in text and f"from .{wing}" not in text, (
-                f"{path.name} imports the {wing} wing")
+                f"{path.name} imports the {wing} wing"
+            )

@@ -1,4 +1,5 @@
 """The character-level language-model task (``mebp train --task lm``) at a tiny size."""
+
 import csv
 import math
 
@@ -26,19 +27,29 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY = dict(width=16, layers=2, heads=2, context=8, batch_size=4, steps=6, eval_every=3,
-            eval_tokens=64, lr=1e-2)
+TINY = dict(
+    width=16,
+    layers=2,
+    heads=2,
+    context=8,
+    batch_size=4,
+    steps=6,
+    eval_every=3,
+    eval_tokens=64,
+    lr=1e-2,
+)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
 def test_pydoc_corpus_has_a_fixed_split():
     from pydoc_data.topics import topics
+
     corpus = load_pydoc_topics()
     text = "\n\n".join(topics[name] for name in sorted(topics))
     assert len(corpus.train) + len(corpus.validation) == len(text)
     assert len(corpus.train) == round(0.9 * len(text))
     decoded = "".join(corpus.chars[i] for i in corpus.validation[:200].tolist())
-    assert decoded == text[len(corpus.train):len(corpus.train) + 200]
+    assert decoded == text[len(corpus.train) : len(corpus.train) + 200]
     with pytest.raises(ValueError, match="too short"):
         corpus_from_text("ab")
 
@@ -50,7 +61,7 @@ def test_validation_loss_is_mean_cross_entropy_of_the_windows():
     expected = []
     with torch.no_grad():
         for start in range(0, 4 * 8, 8):
-            window = ids[start:start + 9]
+            window = ids[start : start + 9]
             logits = model(window[:-1].unsqueeze(0))[0]
             expected.append(torch.nn.functional.cross_entropy(logits, window[1:], reduction="none"))
     expected = torch.cat(expected).mean().item()
@@ -61,11 +72,21 @@ def test_validation_loss_is_mean_cross_entropy_of_the_windows():
 def test_lm_trains_dense_meprop_and_mesimp(arch):
     corpus = corpus_from_text(TEXT)
     second = "*.mlp.2" if arch == "gpt" else "*.linear2"
-    configs = [LMConfig(mode="dense", arch=arch, **TINY),
-               LMConfig(mode="unified", k=0.25, arch=arch, exclude=(second,), **TINY),
-               LMConfig(mode="unified", k=0.25, attention_k=1.0, sparse_grad=True, arch=arch, **TINY),
-               LMConfig(mode="unified", k=0.25, sparse_grad=True, simplify=True, threshold=0.5,
-                        prune_every=2, arch=arch, **TINY)]
+    configs = [
+        LMConfig(mode="dense", arch=arch, **TINY),
+        LMConfig(mode="unified", k=0.25, arch=arch, exclude=(second,), **TINY),
+        LMConfig(mode="unified", k=0.25, attention_k=1.0, sparse_grad=True, arch=arch, **TINY),
+        LMConfig(
+            mode="unified",
+            k=0.25,
+            sparse_grad=True,
+            simplify=True,
+            threshold=0.5,
+            prune_every=2,
+            arch=arch,
+            **TINY,
+        ),
+    ]
     summaries = run_lm_experiment(configs, corpus, seeds=[0], progress=False)
     dense, mebp, mlp_only, mesimp = summaries
     for s in summaries:
@@ -81,8 +102,10 @@ def test_lm_trains_dense_meprop_and_mesimp(arch):
     assert any(name.endswith(attention) for name in mebp["converted"])
     assert any(name.endswith(mlp) for name in mebp["converted"])
     assert "lm_head" in mebp["dense"]
-    assert "excluded by the pattern" in mebp["dense"][
-        "blocks.1.mlp.2" if arch == "gpt" else "blocks.layers.1.linear2"]
+    assert (
+        "excluded by the pattern"
+        in mebp["dense"]["blocks.1.mlp.2" if arch == "gpt" else "blocks.layers.1.linear2"]
+    )
     qkv = next(k for name, k in mlp_only["converted"].items() if name.endswith(attention))
     assert qkv == 48  # attention_k=1.0: every output kept
     assert mesimp["initial_widths"] == [64, 64]
@@ -109,18 +132,48 @@ def test_lm_config_errors():
 
 def test_cli_lm_end_to_end(tmp_path, capsys):
     out = tmp_path / "lm"
-    argv = ["train", "--task", "lm", "--mode", "dense", "unified", "--k", "25%", "--steps", "4",
-            "--eval-every", "2", "--eval-tokens", "64", "--width", "16", "--heads", "2",
-            "--context", "8", "--batch-size", "4", "--threads", "1", "--out", str(out),
-            "--no-progress"]
+    argv = [
+        "train",
+        "--task",
+        "lm",
+        "--mode",
+        "dense",
+        "unified",
+        "--k",
+        "25%",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "64",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--context",
+        "8",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "val bits/char" in printed and "meProp unified k=25%, AdamW" in printed
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["mode"] for r in rows] == ["dense", "unified"]
-    for name in ("results.json", "table.md", "bpc_vs_k.png", "validation_curves.png",
-                 "step_times.png"):
+    for name in (
+        "results.json",
+        "table.md",
+        "bpc_vs_k.png",
+        "validation_curves.png",
+        "step_times.png",
+    ):
         assert (out / name).stat().st_size > 0
     assert cli.main(["train", "--task", "lm", "--optimizer", "adagrad", "--out", ""]) == 2
     assert "adamw" in capsys.readouterr().err

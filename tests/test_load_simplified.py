@@ -1,4 +1,5 @@
 """load_simplified over broken checkpoints: a clear error and the model untouched, every time."""
+
 import copy
 import io
 
@@ -15,8 +16,9 @@ WIDTHS = (7, 16, 12, 3)
 
 def make_model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(),
-                          nn.Linear(12, 3))
+    model = nn.Sequential(
+        nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
     return mebp.convert(model, k=4, inplace=True)
 
 
@@ -38,10 +40,20 @@ CHECKPOINT, CHECKPOINT_BYTES = pruned_checkpoint()
 
 
 def snapshot(model):
-    return ([id(p) for p in model.parameters()],
-            {k: v.clone() for k, v in model.state_dict().items()},
-            [(m.out_features, m.in_features, getattr(m, "k", None), tuple(getattr(m, "hits", torch.zeros(0)).shape))
-             for m in model.modules() if isinstance(m, nn.Linear)])
+    return (
+        [id(p) for p in model.parameters()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [
+            (
+                m.out_features,
+                m.in_features,
+                getattr(m, "k", None),
+                tuple(getattr(m, "hits", torch.zeros(0)).shape),
+            )
+            for m in model.modules()
+            if isinstance(m, nn.Linear)
+        ],
+    )
 
 
 def assert_unchanged(model, before):
@@ -70,18 +82,36 @@ def to_bytes(checkpoint):
 def test_the_unmutated_checkpoint_loads():
     model = make_model()
     load_simplified(model, io.BytesIO(CHECKPOINT_BYTES))
-    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == \
-        [shape[0] for shape in CHECKPOINT["linear_shapes"].values()]
+    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [
+        shape[0] for shape in CHECKPOINT["linear_shapes"].values()
+    ]
 
 
 # Mutations of the checkpoint dict; each leaves a checkpoint that does not fit.
 
 LAYERS = ["0", "2", "4"]
-BAD_WIDTHS = [lambda w: float(w), lambda w: str(w), lambda w: True, lambda w: -w, lambda w: 0,
-              lambda w: w + 1, lambda w: 10 ** 6, lambda w: None, lambda w: [w]]
-BAD_TENSORS = [lambda t: t.tolist(), lambda t: 1.5, lambda t: t[:-1], lambda t: t.unsqueeze(0),
-               lambda t: t.to(torch.int64), lambda t: t.to(torch.complex64), lambda t: t.to_sparse(),
-               lambda t: None, lambda t: torch.zeros(0)]
+BAD_WIDTHS = [
+    lambda w: float(w),
+    lambda w: str(w),
+    lambda w: True,
+    lambda w: -w,
+    lambda w: 0,
+    lambda w: w + 1,
+    lambda w: 10**6,
+    lambda w: None,
+    lambda w: [w],
+]
+BAD_TENSORS = [
+    lambda t: t.tolist(),
+    lambda t: 1.5,
+    lambda t: t[:-1],
+    lambda t: t.unsqueeze(0),
+    lambda t: t.to(torch.int64),
+    lambda t: t.to(torch.complex64),
+    lambda t: t.to_sparse(),
+    lambda t: None,
+    lambda t: torch.zeros(0),
+]
 
 
 def mutations():
@@ -99,6 +129,7 @@ def mutations():
             shapes = copy.deepcopy(c["linear_shapes"])
             shapes[layer][position] = bad(shapes[layer][position])
             return {**c, "linear_shapes": shapes}
+
         return mutate
 
     def shapes(edit):
@@ -110,17 +141,31 @@ def mutations():
     def state(edit):
         return lambda c: {**c, "state_dict": edit(dict(c["state_dict"]))}
 
-    found = [top(None), top([1, 2]), top(torch.zeros(3)), top("triton_mebp.simplified/1"),
-             drop("format"), drop("linear_shapes"), drop("state_dict"),
-             put("format", "triton_mebp.simplified/0"), put("linear_shapes", None),
-             put("linear_shapes", [[16, 7]]), put("state_dict", None), put("state_dict", [1]),
-             shapes(lambda s: {k: v for k, v in s.items() if k != "2"}),
-             shapes(lambda s: {**s, "9": [3, 3]}), shapes(lambda s: {**s, 0: [16, 7]}),
-             shapes(lambda s: {**s, "2": [12, 16, 1]}), shapes(lambda s: {**s, "2": (9,)}),
-             state(lambda s: {k: v for k, v in s.items() if k != "2.bias"}),
-             state(lambda s: {**s, "extra": torch.zeros(1)}), state(lambda s: {**s, 3: torch.zeros(1)})]
-    found += [width(layer, position, bad) for layer in LAYERS for position in (0, 1)
-              for bad in BAD_WIDTHS]
+    found = [
+        top(None),
+        top([1, 2]),
+        top(torch.zeros(3)),
+        top("triton_mebp.simplified/1"),
+        drop("format"),
+        drop("linear_shapes"),
+        drop("state_dict"),
+        put("format", "triton_mebp.simplified/0"),
+        put("linear_shapes", None),
+        put("linear_shapes", [[16, 7]]),
+        put("state_dict", None),
+        put("state_dict", [1]),
+        shapes(lambda s: {k: v for k, v in s.items() if k != "2"}),
+        shapes(lambda s: {**s, "9": [3, 3]}),
+        shapes(lambda s: {**s, 0: [16, 7]}),
+        shapes(lambda s: {**s, "2": [12, 16, 1]}),
+        shapes(lambda s: {**s, "2": (9,)}),
+        state(lambda s: {k: v for k, v in s.items() if k != "2.bias"}),
+        state(lambda s: {**s, "extra": torch.zeros(1)}),
+        state(lambda s: {**s, 3: torch.zeros(1)}),
+    ]
+    found += [
+        width(layer, position, bad) for layer in LAYERS for position in (0, 1) for bad in BAD_WIDTHS
+    ]
     found += [entry(key, bad) for key in ("0.weight", "2.bias", "4.weight") for bad in BAD_TENSORS]
     return found
 
@@ -134,8 +179,10 @@ def test_each_mutation_is_refused_and_the_model_untouched(index):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.integers(0, len(MUTATIONS) - 1), min_size=1, max_size=3, unique=True),
-       st.one_of(st.none(), st.integers(0, len(CHECKPOINT_BYTES) - 1)))
+@given(
+    st.lists(st.integers(0, len(MUTATIONS) - 1), min_size=1, max_size=3, unique=True),
+    st.one_of(st.none(), st.integers(0, len(CHECKPOINT_BYTES) - 1)),
+)
 def test_fuzz_mutations_and_truncations(indices, cut):
     checkpoint = copy.copy(CHECKPOINT)
     for index in indices:

@@ -1,4 +1,5 @@
 """MeLinear, convert(), row-sparse gradients with torch's sparse optimizers."""
+
 import copy
 
 import pytest
@@ -75,7 +76,13 @@ def test_convert_keeps_output_layer_and_input_model():
     before = copy.deepcopy(model.state_dict())
     converted = mebp.convert(model, k=3)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
-    assert [type(m) for m in converted] == [mebp.MeLinear, nn.ReLU, mebp.MeLinear, nn.ReLU, nn.Linear]
+    assert [type(m) for m in converted] == [
+        mebp.MeLinear,
+        nn.ReLU,
+        mebp.MeLinear,
+        nn.ReLU,
+        nn.Linear,
+    ]
     assert converted[0].weight is not model[0].weight
     x = torch.randn(4, 12, device=DEVICE)
     assert torch.equal(converted(x), model(x))
@@ -180,6 +187,7 @@ def test_convert_swaps_lstms_sharing_parameters():
 
 def test_auto_falls_back_to_dense_backward_where_the_cost_model_says_so(monkeypatch, tmp_path):
     import triton_mebp.estimate as estimate
+
     decisions = {}
 
     def fake_is_faster(batch, in_features, out_features, k, mode, device, *, dtype, grad):
@@ -188,13 +196,13 @@ def test_auto_falls_back_to_dense_backward_where_the_cost_model_says_so(monkeypa
 
     monkeypatch.setattr(estimate, "mebp_is_faster", fake_is_faster)
     layer = mebp.MeLinear(5, 20, k=3, auto=True, count_hits=True)
-    layer(torch.randn(4, 5)).sum().backward()      # predicted slower: every row gets a gradient
+    layer(torch.randn(4, 5)).sum().backward()  # predicted slower: every row gets a gradient
     assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 20
     layer.weight.grad = None
-    layer(torch.randn(8, 5)).sum().backward()      # predicted faster: meProp
+    layer(torch.randn(8, 5)).sum().backward()  # predicted faster: meProp
     assert (layer.weight.grad.abs().sum(1) > 0).sum().item() == 3
     layer(torch.randn(8, 5)).sum().backward()
-    assert sorted(decisions) == [4, 8]             # one decision per batch size
+    assert sorted(decisions) == [4, 8]  # one decision per batch size
 
 
 def test_auto_decides_with_the_real_cost_model():
@@ -203,8 +211,8 @@ def test_auto_decides_with_the_real_cost_model():
     tiny = mebp.MeLinear(16, 16, k=2, auto=True)
     tiny(torch.randn(3, 16)).sum().backward()
     assert list(tiny._auto_decisions.values()) == [False]
-    assert (tiny.weight.grad.abs().sum(1) > 0).all()             # dense backward: every row
+    assert (tiny.weight.grad.abs().sum(1) > 0).all()  # dense backward: every row
     wide = mebp.MeLinear(2048, 2048, k=0.01, auto=True)
     wide(torch.randn(256, 2048)).sum().backward()
     assert list(wide._auto_decisions.values()) == [True]
-    assert int((wide.weight.grad.abs().sum(1) > 0).sum()) == 20   # meProp: k rows
+    assert int((wide.weight.grad.abs().sum(1) > 0).sum()) == 20  # meProp: k rows

@@ -3,6 +3,7 @@
 wait for the device and forbid CUDA-graph capture). Checked on the CPU: those calls raise when
 made from a file of ``triton_mebp`` or ``kernels/`` (the interpreter and PyTorch may make them
 internally, on the library's behalf)."""
+
 import sys
 from pathlib import Path
 
@@ -14,8 +15,18 @@ from conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = tuple(str(p) for p in (ROOT / "triton_mebp", ROOT / "kernels"))
-METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "unique_consecutive", "__bool__",
-           "__int__", "__float__")
+METHODS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "unique",
+    "unique_consecutive",
+    "__bool__",
+    "__int__",
+    "__float__",
+)
 FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "argwhere", "masked_select", "bincount")
 
 
@@ -29,6 +40,7 @@ def _guard(name, original):
         if caller.startswith(LIBRARY):
             raise HostSync(f"{name} called from {caller}:{sys._getframe(1).f_lineno}")
         return original(*args, **kwargs)
+
     return guarded
 
 
@@ -36,19 +48,24 @@ def _guard(name, original):
 def no_host_sync(monkeypatch):
     # The PyTorch ops may read values on the host only for CPU tensors: take the device path.
     from triton_mebp import torch_ops
+
     monkeypatch.setattr(torch_ops, "host_reads_are_free", lambda tensor: False)
     for name in METHODS:
-        monkeypatch.setattr(torch.Tensor, name, _guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
+        monkeypatch.setattr(
+            torch.Tensor, name, _guard(f"Tensor.{name}", getattr(torch.Tensor, name))
+        )
     for name in FUNCTIONS:
         monkeypatch.setattr(torch, name, _guard(f"torch.{name}", getattr(torch, name)))
 
 
 def test_the_guard_catches_a_sync_in_library_code(no_host_sync):
     from triton_mebp import optim
-    grad = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.ones(2, 3), (4, 3),
-                                   check_invariants=False)
+
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 1]]), torch.ones(2, 3), (4, 3), check_invariants=False
+    )
     with pytest.raises(HostSync):
-        optim._row_sparse_parts(torch.zeros(4, 3), grad)   # checks the index range on the CPU
+        optim._row_sparse_parts(torch.zeros(4, 3), grad)  # checks the index range on the CPU
 
 
 @pytest.mark.parametrize("grad", ["dense", "sparse"])
@@ -71,7 +88,7 @@ def test_row_sparse_gradients_stay_coalesced_through_accumulation(any_backend, m
     x = torch.randn(5, 12, device=DEVICE)
     layer(x).square().sum().backward()
     first = layer.weight.grad
-    assert first.is_coalesced()       # the optimizers' coalesce() is then free (no sort, no sync)
+    assert first.is_coalesced()  # the optimizers' coalesce() is then free (no sort, no sync)
     rows = first._indices()[0]
     assert torch.equal(rows, rows.unique())
     # A second backward sums into the gradient: it must stay right, flagged or not.
@@ -85,9 +102,10 @@ def test_row_sparse_gradients_stay_coalesced_through_accumulation(any_backend, m
 
 def test_torch_ops_device_top_k_equals_the_cpu_path():
     from triton_mebp import torch_ops
+
     scores = torch.rand(6, 50)
-    scores[1, 10:20] = 0.5                    # ties straddling the threshold
-    scores[2] = 1.0                           # all equal
+    scores[1, 10:20] = 0.5  # ties straddling the threshold
+    scores[2] = 1.0  # all equal
     scores[3, 7] = float("nan")
     scores[4, 3] = float("inf")
     for k in (1, 5, 12, 49, 50):

@@ -1,4 +1,5 @@
 """Row-sparse optimizers (triton_mebp.optim) against a float64 per-row reference and torch.optim."""
+
 import copy
 import io
 import math
@@ -16,12 +17,21 @@ from triton_mebp.simplify import Simplifier
 # name -> (class, hyper-parameters, matching torch.optim class)
 OPTIMIZERS = {
     "sgd": (RowSGD, dict(lr=0.1), torch.optim.SGD),
-    "sgd_momentum": (RowSGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
-                     torch.optim.SGD),
-    "sgd_nesterov": (RowSGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-                     torch.optim.SGD),
-    "adagrad": (RowAdagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.01,
-                                 initial_accumulator_value=0.1), torch.optim.Adagrad),
+    "sgd_momentum": (
+        RowSGD,
+        dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+        torch.optim.SGD,
+    ),
+    "sgd_nesterov": (
+        RowSGD,
+        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        torch.optim.SGD,
+    ),
+    "adagrad": (
+        RowAdagrad,
+        dict(lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1),
+        torch.optim.Adagrad,
+    ),
     "adam": (RowAdam, dict(lr=0.01, weight_decay=0.01), torch.optim.Adam),
     "adamw": (RowAdamW, dict(lr=0.01, weight_decay=0.1), torch.optim.AdamW),
 }
@@ -75,16 +85,17 @@ class RowReference:
                     g += wd * p
                 self.a[r] = beta1 * self.a[r] + (1 - beta1) * g
                 self.b[r] = beta2 * self.b[r] + (1 - beta2) * g * g
-                denom = self.b[r].sqrt() / math.sqrt(1 - beta2 ** t) + hp.get("eps", 1e-8)
-                self.p[r] = p - lr / (1 - beta1 ** t) * self.a[r] / denom
+                denom = self.b[r].sqrt() / math.sqrt(1 - beta2**t) + hp.get("eps", 1e-8)
+                self.p[r] = p - lr / (1 - beta1**t) * self.a[r] / denom
 
 
 def random_row_grad(shape, dtype, generator, duplicates=True, rows=None):
     """An uncoalesced row-sparse gradient (some rows repeated) and its per-row float64 sums."""
     n = shape[0]
     if rows is None:
-        rows = torch.randperm(n, generator=generator)[:int(torch.randint(1, n + 1, (1,),
-                                                                         generator=generator))]
+        rows = torch.randperm(n, generator=generator)[
+            : int(torch.randint(1, n + 1, (1,), generator=generator))
+        ]
     if duplicates:
         rows = torch.cat([rows, rows[:2]])
     values = torch.randn((rows.numel(),) + tuple(shape[1:]), generator=generator).to(dtype)
@@ -96,8 +107,9 @@ def random_row_grad(shape, dtype, generator, duplicates=True, rows=None):
 
 
 def row_sparse(indices, values, shape, check_invariants=True, device=DEVICE):
-    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=check_invariants,
-                                   device=device)
+    return torch.sparse_coo_tensor(
+        indices, values, shape, check_invariants=check_invariants, device=device
+    )
 
 
 def make_param(shape, dtype, strided=False, device=DEVICE):
@@ -230,8 +242,9 @@ def test_adam_late_row_takes_a_normal_sized_step(any_backend):
         optimizer.step()
     param.grad = row_sparse(torch.tensor([[2]]), torch.randn(1, 64) * 1e-2, (3, 64))
     optimizer.step()
-    torch.testing.assert_close(param.detach()[2].abs().cpu(), torch.full((64,), lr), atol=1e-7,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        param.detach()[2].abs().cpu(), torch.full((64,), lr), atol=1e-7, rtol=1e-4
+    )
     assert torch.equal(param.detach()[1].cpu(), torch.zeros(64))
 
 
@@ -239,8 +252,7 @@ def test_empty_row_sparse_gradient_changes_nothing(any_backend):
     param = nn.Parameter(torch.randn(4, 3, device=DEVICE))
     before = param.detach().clone()
     optimizer = RowAdam([param])
-    param.grad = row_sparse(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3),
-                                         (4, 3))
+    param.grad = row_sparse(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (4, 3))
     optimizer.step()
     assert torch.equal(param.detach(), before)
     assert optimizer.state[param]["row_step"].tolist() == [0, 0, 0, 0]
@@ -316,19 +328,22 @@ def test_lr_scheduler_and_zero_grad(any_backend):
         grad, sums = random_row_grad((5, 3), torch.float32, gen)
         param.grad = grad.to(DEVICE)
         optimizer.step()
-        reference.step(sums, lr=OPTIMIZERS["adam"][1]["lr"] * 0.5 ** step)
+        reference.step(sums, lr=OPTIMIZERS["adam"][1]["lr"] * 0.5**step)
         scheduler.step()
         optimizer.zero_grad()
         assert param.grad is None
-    assert scheduler.get_last_lr() == [OPTIMIZERS["adam"][1]["lr"] * 0.5 ** 4]
+    assert scheduler.get_last_lr() == [OPTIMIZERS["adam"][1]["lr"] * 0.5**4]
     assert_close(param.detach().cpu(), reference.p, torch.float32)
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd_momentum", "adagrad"])
 def test_state_survives_simplification(name):
     cls, hp, _ = OPTIMIZERS[name]
-    model = mebp.convert(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                                       nn.Linear(12, 3)), k=3, grad="sparse")
+    model = mebp.convert(
+        nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)),
+        k=3,
+        grad="sparse",
+    )
     optimizer = cls(model.parameters(), **hp)
     simplifier = Simplifier(model, threshold=0.3, optimizer=optimizer)
     for _ in range(3):
@@ -371,8 +386,9 @@ def test_bad_input_errors():
     param.grad = row_sparse(torch.tensor([[0], [1]]), torch.randn(1), (4, 3), device="cpu")
     with pytest.raises(ValueError, match="one sparse dimension"):
         optimizer.step()
-    param.grad = row_sparse(torch.tensor([[4]]), torch.randn(1, 3), (4, 3), check_invariants=False,
-                            device="cpu")
+    param.grad = row_sparse(
+        torch.tensor([[4]]), torch.randn(1, 3), (4, 3), check_invariants=False, device="cpu"
+    )
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         optimizer.step()
     param.grad = torch.randn(4, 3).to_sparse(1)
@@ -381,11 +397,13 @@ def test_bad_input_errors():
     param.grad = torch.randn(5, 3).to_sparse(1)
     with pytest.raises(ValueError, match="'exp_avg' has shape"):
         optimizer.step()
-    for cls, kwargs, match in ((RowAdam, dict(lr=-1.0), "lr"),
-                               (RowAdam, dict(betas=(0.9, 1.0)), "betas"),
-                               (RowSGD, dict(momentum=-0.1), "momentum"),
-                               (RowSGD, dict(nesterov=True), "nesterov"),
-                               (RowAdagrad, dict(eps=-1.0), "eps")):
+    for cls, kwargs, match in (
+        (RowAdam, dict(lr=-1.0), "lr"),
+        (RowAdam, dict(betas=(0.9, 1.0)), "betas"),
+        (RowSGD, dict(momentum=-0.1), "momentum"),
+        (RowSGD, dict(nesterov=True), "nesterov"),
+        (RowAdagrad, dict(eps=-1.0), "eps"),
+    ):
         with pytest.raises(ValueError, match=match):
             cls([nn.Parameter(torch.randn(2))], **kwargs)
 
@@ -393,6 +411,7 @@ def test_bad_input_errors():
 def test_autotuning_copies_every_tensor_updated_in_place():
     """Tuning trials run the kernel many times: they must run on copies of what it updates."""
     from triton_mebp.kernels import optim_rows
+
     for kernel in (optim_rows.row_sgd, optim_rows.row_adagrad, optim_rows.row_adam):
         written = {n for n in kernel.fn.arg_names if n.endswith("_ptr")} - {"idx_ptr", "g_ptr"}
         assert set(kernel.in_place) == written, kernel.fn.__name__
@@ -400,34 +419,58 @@ def test_autotuning_copies_every_tensor_updated_in_place():
 
 def _signature(dtype, names):
     kinds = {"p_ptr": f"*{dtype}", "idx_ptr": "*i64", "g_ptr": f"*{dtype}", "step_ptr": "*fp32"}
-    return {n: kinds.get(n, f"*{dtype}" if n.endswith("_ptr") else
-                         "i32" if n in ("K", "M") or n.startswith("stride") else "fp32")
-            for n in names}
+    return {
+        n: kinds.get(
+            n,
+            f"*{dtype}"
+            if n.endswith("_ptr")
+            else "i32"
+            if n in ("K", "M") or n.startswith("stride")
+            else "fp32",
+        )
+        for n in names
+    }
 
 
 def test_kernels_compile_ahead_of_time():
     from triton_mebp.kernels import optim_rows
+
     specs = []
     for dtype, attr, constexprs in (
-            ("bf16", "row_sgd", {"MOMENTUM": True, "NESTEROV": True}),
-            ("fp32", "row_sgd", {"MOMENTUM": False, "NESTEROV": False}),
-            ("bf16", "row_adagrad", {}), ("fp32", "row_adagrad", {}),
-            ("bf16", "row_adam", {"DECOUPLED": True}), ("fp32", "row_adam", {"DECOUPLED": False})):
+        ("bf16", "row_sgd", {"MOMENTUM": True, "NESTEROV": True}),
+        ("fp32", "row_sgd", {"MOMENTUM": False, "NESTEROV": False}),
+        ("bf16", "row_adagrad", {}),
+        ("fp32", "row_adagrad", {}),
+        ("bf16", "row_adam", {"DECOUPLED": True}),
+        ("fp32", "row_adam", {"DECOUPLED": False}),
+    ):
         kernel = getattr(optim_rows, attr)
-        names = [n for n in kernel.fn.arg_names
-                 if n not in constexprs and n not in ("BLOCK_K", "BLOCK_M")]
-        specs.append({"kernel": f"triton_mebp.kernels.optim_rows:{attr}", "label": dtype,
-                      "signature": _signature(dtype, names), "constexprs": constexprs})
+        names = [
+            n
+            for n in kernel.fn.arg_names
+            if n not in constexprs and n not in ("BLOCK_K", "BLOCK_M")
+        ]
+        specs.append(
+            {
+                "kernel": f"triton_mebp.kernels.optim_rows:{attr}",
+                "label": dtype,
+                "signature": _signature(dtype, names),
+                "constexprs": constexprs,
+            }
+        )
     results = compile_specs(specs)
     check_results(results)
-    assert len(results) == sum(len(getattr(optim_rows, s["kernel"].split(":")[1]).configs)
-                               for s in specs) * 2
+    assert (
+        len(results)
+        == sum(len(getattr(optim_rows, s["kernel"].split(":")[1]).configs) for s in specs) * 2
+    )
 
 
 def test_in_place_kernels_tune_on_copies_and_update_once(monkeypatch):
     """With tuning on, the tuner sees copies of the in-place tensors; the real ones are updated
     once, by the chosen config, and a second launch reuses the choice without tuning."""
     from triton_mebp.kernels import _tuning, optim_rows
+
     kernel = optim_rows.row_sgd
     seen = []
 
@@ -438,6 +481,7 @@ def test_in_place_kernels_tune_on_copies_and_update_once(monkeypatch):
             def run(*args, **kwargs):
                 seen.append(args[0].data_ptr())
                 args[0].add_(100.0)  # a trial that scribbles over what it was given
+
             return run
 
     monkeypatch.setattr(_tuning, "tuning_enabled", lambda: True)
@@ -448,13 +492,33 @@ def test_in_place_kernels_tune_on_copies_and_update_once(monkeypatch):
     idx = torch.tensor([1, 4], device=DEVICE)
     grad = torch.randn(2, 5, device=DEVICE)
     step = torch.zeros(6, device=DEVICE)
-    optim_rows.row_sgd_step(param, idx, grad, step, None, lr=0.5, momentum=0.0, dampening=0.0,
-                            weight_decay=0.0, nesterov=False)
+    optim_rows.row_sgd_step(
+        param,
+        idx,
+        grad,
+        step,
+        None,
+        lr=0.5,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+    )
     assert len(seen) == 1 and seen[0] != param.data_ptr()
     expected = before.clone()
     expected[idx] -= 0.5 * grad
     torch.testing.assert_close(param, expected)
     assert kernel.last_config is FakeTuner.best_config
-    optim_rows.row_sgd_step(param, idx, grad, step, None, lr=0.5, momentum=0.0, dampening=0.0,
-                            weight_decay=0.0, nesterov=False)
-    assert len(seen) == 1   # the key's config is remembered
+    optim_rows.row_sgd_step(
+        param,
+        idx,
+        grad,
+        step,
+        None,
+        lr=0.5,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+    )
+    assert len(seen) == 1  # the key's config is remembered

@@ -1,4 +1,5 @@
 """The part-of-speech tagging task: CoNLL-U reading, vocabulary, tagger training with MeLSTM."""
+
 import csv
 import json
 import random
@@ -9,8 +10,12 @@ import torch
 from triton_mebp.app.pos import UNSEEN_TAG, Tagger, Vocabulary, read_conllu, run_pos_task
 from triton_mebp.rnn import MeLSTM
 
-LEXICON = {"DET": ["the", "a", "this"], "NOUN": ["cat", "dog", "bird", "tree", "house"],
-           "VERB": ["sees", "likes", "finds"], "ADJ": ["big", "red", "old"]}
+LEXICON = {
+    "DET": ["the", "a", "this"],
+    "NOUN": ["cat", "dog", "bird", "tree", "house"],
+    "VERB": ["sees", "likes", "finds"],
+    "ADJ": ["big", "red", "old"],
+}
 
 
 def _line(i, form, upos):
@@ -44,25 +49,32 @@ def write_corpus(path, n_sentences, seed, extras=True):
 
 def test_read_conllu_skips_comments_multiword_tokens_and_empty_nodes(tmp_path):
     path = tmp_path / "a.conllu"
-    path.write_text("# text = The cats\n"
-                    "1\tThe\tthe\tDET\t_\t_\t2\tdet\t_\t_\n"
-                    "2-3\tcats'\t_\t_\t_\t_\t_\t_\t_\t_\n"
-                    "2\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_\n"
-                    "3\t'\t'\tPART\t_\t_\t2\tcase\t_\t_\n"
-                    "3.1\tare\tbe\tAUX\t_\t_\t_\t_\t_\t_\n"
-                    "\n\n"
-                    "1\tRun\trun\tVERB\t_\t_\t0\troot\t_\t_",  # last sentence without a blank line
-                    encoding="utf-8")
-    assert read_conllu(path) == [(["The", "cats", "'"], ["DET", "NOUN", "PART"]),
-                                 (["Run"], ["VERB"])]
+    path.write_text(
+        "# text = The cats\n"
+        "1\tThe\tthe\tDET\t_\t_\t2\tdet\t_\t_\n"
+        "2-3\tcats'\t_\t_\t_\t_\t_\t_\t_\t_\n"
+        "2\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_\n"
+        "3\t'\t'\tPART\t_\t_\t2\tcase\t_\t_\n"
+        "3.1\tare\tbe\tAUX\t_\t_\t_\t_\t_\t_\n"
+        "\n\n"
+        "1\tRun\trun\tVERB\t_\t_\t0\troot\t_\t_",  # last sentence without a blank line
+        encoding="utf-8",
+    )
+    assert read_conllu(path) == [
+        (["The", "cats", "'"], ["DET", "NOUN", "PART"]),
+        (["Run"], ["VERB"]),
+    ]
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("2\tcats\tcat\tNOUN\t_\t_\t0", "expected 10 tab-separated fields, got 7"),
-    ("x\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_", "bad token id 'x'"),
-    ("2-x\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_", "bad token id '2-x'"),
-    ("2\tcats\tcat\t_\t_\t_\t0\troot\t_\t_", "lacks a form or a UPOS tag"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("2\tcats\tcat\tNOUN\t_\t_\t0", "expected 10 tab-separated fields, got 7"),
+        ("x\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_", "bad token id 'x'"),
+        ("2-x\tcats\tcat\tNOUN\t_\t_\t0\troot\t_\t_", "bad token id '2-x'"),
+        ("2\tcats\tcat\t_\t_\t_\t0\troot\t_\t_", "lacks a form or a UPOS tag"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, bad_line, message):
     path = tmp_path / "bad.conllu"
     path.write_text("# c\n1\tThe\tthe\tDET\t_\t_\t2\tdet\t_\t_\n" + bad_line + "\n\n")
@@ -82,7 +94,7 @@ def test_vocabulary_comes_from_training_sentences_only():
     vocab = Vocabulary.from_sentences(train, min_count=1)
     assert vocab.words[:2] == ["<pad>", "<unk>"] and set(vocab.words[2:]) == {"the", "cat", "dog"}
     assert vocab.tags == ["DET", "NOUN"]
-    (words, tags), = vocab.encode([(["the", "zebra"], ["DET", "X"])])
+    ((words, tags),) = vocab.encode([(["the", "zebra"], ["DET", "X"])])
     assert words == [vocab.word_index["the"], 1]
     assert tags == [0, UNSEEN_TAG]
     assert Vocabulary.from_sentences(train).words == ["<pad>", "<unk>", "the"]  # min_count 2
@@ -100,12 +112,26 @@ def test_run_pos_task_trains_and_compares_with_nn_lstm(tmp_path):
     train = write_corpus(tmp_path / "train.conllu", 48, seed=0)
     dev = write_corpus(tmp_path / "dev.conllu", 16, seed=1)
     test = write_corpus(tmp_path / "test.conllu", 16, seed=2, extras=False)
-    result = run_pos_task(train, dev, test, mode="unified", k=0.25, hidden=16, embedding_dim=8,
-                          epochs=4, batch_size=8, optimizer="adam", lr=0.02, seeds=(0, 1),
-                          out=tmp_path / "out", progress=False)
+    result = run_pos_task(
+        train,
+        dev,
+        test,
+        mode="unified",
+        k=0.25,
+        hidden=16,
+        embedding_dim=8,
+        epochs=4,
+        batch_size=8,
+        optimizer="adam",
+        lr=0.02,
+        seeds=(0, 1),
+        out=tmp_path / "out",
+        progress=False,
+    )
     assert result["data"]["tags"] == 4 and result["config"]["k_count"] == 16
     assert result["data"]["train_tokens"] == sum(
-        1 for line in train.read_text().splitlines() if line and line.split("\t")[0].isdigit())
+        1 for line in train.read_text().splitlines() if line and line.split("\t")[0].isdigit()
+    )
     for name in ("mebp", "dense"):
         model = result["models"][name]
         assert [r["seed"] for r in model["runs"]] == [0, 1]
@@ -117,12 +143,17 @@ def test_run_pos_task_trains_and_compares_with_nn_lstm(tmp_path):
             dev = [e["dev_accuracy"] for e in run["epochs"]]
             best = run["epochs"][dev.index(max(dev))]
             assert (run["best_epoch"], run["dev_accuracy"], run["test_accuracy"]) == (
-                best["epoch"], best["dev_accuracy"], best["test_accuracy"])
+                best["epoch"],
+                best["dev_accuracy"],
+                best["test_accuracy"],
+            )
             assert run["last_test_accuracy"] == run["epochs"][-1]["test_accuracy"]
     assert "MeLSTM" in result["models"]["mebp"]["lstm"]
     assert result["models"]["dense"]["lstm"].startswith("LSTM(")
     assert result["backward_speedup"] == pytest.approx(
-        result["models"]["dense"]["backward_s_per_epoch"] / result["models"]["mebp"]["backward_s_per_epoch"])
+        result["models"]["dense"]["backward_s_per_epoch"]
+        / result["models"]["mebp"]["backward_s_per_epoch"]
+    )
     saved = json.loads((tmp_path / "out" / "pos_results.json").read_text())
     assert saved["models"]["mebp"]["dev_accuracy"] == result["models"]["mebp"]["dev_accuracy"]
     with open(tmp_path / "out" / "pos_epochs.csv") as f:
@@ -133,8 +164,17 @@ def test_run_pos_task_trains_and_compares_with_nn_lstm(tmp_path):
 def test_dense_mode_trains_the_baseline_alone(tmp_path):
     train = write_corpus(tmp_path / "train.conllu", 8, seed=0)
     dev = write_corpus(tmp_path / "dev.conllu", 4, seed=1)
-    result = run_pos_task(train, dev, mode="dense", hidden=8, embedding_dim=4, epochs=1,
-                          batch_size=4, optimizer="sgd", progress=False)
+    result = run_pos_task(
+        train,
+        dev,
+        mode="dense",
+        hidden=8,
+        embedding_dim=4,
+        epochs=1,
+        batch_size=4,
+        optimizer="sgd",
+        progress=False,
+    )
     assert list(result["models"]) == ["dense"] and result["backward_speedup"] is None
     assert result["models"]["dense"]["test_accuracy"] is None
     assert result["config"]["lr"] == 0.1

@@ -1,4 +1,5 @@
 """Property tests over shapes, k and modes: meProp equals masked-dense back propagation."""
+
 import contextlib
 
 import torch

@@ -1,5 +1,6 @@
 """Inputs that used to crash deep inside autograd or pass silently: each gets the right answer or
 a clear error at the call."""
+
 import copy
 import warnings
 
@@ -50,9 +51,16 @@ def test_bias_of_shape_one_by_out(any_backend, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_input_features(any_backend, mode, grad):
     B, N, k = 4, 6, 2
-    x, w, b = torch.randn(B, 0, device=DEVICE), torch.randn(N, 0, device=DEVICE), torch.randn(N, device=DEVICE)
+    x, w, b = (
+        torch.randn(B, 0, device=DEVICE),
+        torch.randn(N, 0, device=DEVICE),
+        torch.randn(N, device=DEVICE),
+    )
     dy = separated_grad(B, N, mode, device=DEVICE)
-    hits, refs = torch.zeros(N, dtype=torch.int64, device=DEVICE), torch.zeros((), dtype=torch.int64, device=DEVICE)
+    hits, refs = (
+        torch.zeros(N, dtype=torch.int64, device=DEVICE),
+        torch.zeros((), dtype=torch.int64, device=DEVICE),
+    )
     dx, dw, db = grads(x, w, b, dy, k=k, mode=mode, grad=grad, hits=hits, refs=refs)
     assert dx.shape == (B, 0) and dw.shape == (N, 0)
     assert_close(db, dy.double().sum(0))
@@ -168,8 +176,8 @@ def _expected_lowest(scores, k):
 def test_ties_go_to_the_lowest_positions_on_both_backends(any_backend, mode):
     N, k = 12, 4
     dy = torch.zeros(5, N, device=DEVICE)
-    dy[0, [2, 7]] = 1.0                      # fewer nonzeros than k: zeros tie at the threshold
-    dy[1] = 0.5                              # all equal
+    dy[0, [2, 7]] = 1.0  # fewer nonzeros than k: zeros tie at the threshold
+    dy[1] = 0.5  # all equal
     dy[2, [9, 3, 10, 1, 6]] = torch.tensor([-2.0, 2.0, 2.0, 1.0, 2.0], device=DEVICE)
     dy[3, [11, 5]] = torch.tensor([3.0, -3.0], device=DEVICE)
     dy[4] = torch.arange(N, 0, -1, device=DEVICE).float() % 3

@@ -1,4 +1,5 @@
 """MeLSTM: a drop-in nn.LSTM whose BPTT keeps the top-k gate gradients of each step."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ LENGTHS = [7, 3, 5, 1]
 
 def _topk_mask_hook(k, mode):
     """Zeroes all but the top-k of a gate gradient (per step), chosen here independently."""
+
     def hook(grad):
         if mode == "unified":
             keep = torch.zeros(grad.shape[1], dtype=torch.bool, device=grad.device)
@@ -21,6 +23,7 @@ def _topk_mask_hook(k, mode):
         keep = torch.zeros_like(grad, dtype=torch.bool)
         keep.scatter_(1, torch.topk(grad.abs(), k, dim=1).indices, True)
         return grad * keep
+
     return hook
 
 
@@ -43,7 +46,7 @@ def reference_lstm(lstm, x, lengths, h0, c0, k, mode):
             bias = getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx)
             h, c = h0[layer * directions + direction], c0[layer * directions + direction]
             out = [None] * steps
-            for t in (reversed(range(steps)) if direction else range(steps)):
+            for t in reversed(range(steps)) if direction else range(steps):
                 products = layer_input[t] @ w_ih.t() + h @ w_hh.t()
                 products.register_hook(hook)
                 i, f, g, o = (products + bias).chunk(4, 1)
@@ -76,15 +79,18 @@ def _loss_weights(steps_batch_shape, dtype, layers=2, directions=2):
     g = torch.Generator().manual_seed(7)
     shape_out = (*steps_batch_shape, directions * HIDDEN)
     shape_state = (layers * directions, B, HIDDEN)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-            for s in (shape_out, shape_state, shape_state)]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+        for s in (shape_out, shape_state, shape_state)
+    ]
 
 
 def _run_me(me, x, h0, c0, kind, batch_first):
     """MeLSTM output padded (in the input's layout), from full, lengths= or packed input."""
     if kind == "packed":
-        packed = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=batch_first,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            x, torch.tensor(LENGTHS), batch_first=batch_first, enforce_sorted=False
+        )
         out, (h, c) = me(packed, (h0, c0))
         out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=T)
         return out, h, c
@@ -96,7 +102,11 @@ def _run_me(me, x, h0, c0, kind, batch_first):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_full_k_matches_nn_lstm(kind, batch_first):
     ref = nn.LSTM(INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True).double().to(DEVICE)
-    me = MeLSTM(INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True, k=1.0).double().to(DEVICE)
+    me = (
+        MeLSTM(INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True, k=1.0)
+        .double()
+        .to(DEVICE)
+    )
     me.load_state_dict(ref.state_dict())
     x, h0, c0 = _inputs(batch_first)
     for t in (x, h0, c0):
@@ -121,8 +131,11 @@ def test_full_k_matches_nn_lstm(kind, batch_first):
 @pytest.mark.parametrize("mode", ["unified", "per_example"])
 def test_sparse_grads_match_masked_reference(mode, batch_first, kind):
     k = 5
-    me = MeLSTM(INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True, k=k,
-                mode=mode).double().to(DEVICE)
+    me = (
+        MeLSTM(INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True, k=k, mode=mode)
+        .double()
+        .to(DEVICE)
+    )
     x, h0, c0 = _inputs(batch_first)
     for t in (x, h0, c0):
         t.requires_grad_(True)
@@ -174,8 +187,9 @@ def test_triton_backend_matches_masked_reference(mode, triton_backend):
     ref.load_state_dict(me.state_dict())
     x64 = x.detach().double().requires_grad_(True)
     ref_out, ref_h, ref_c = reference_lstm(ref, x64, LENGTHS, h0.double(), c0.double(), k, mode)
-    expected = _grads(ref_out, ref_h, ref_c, [x64, *ref.parameters()],
-                      [w.double() for w in weights])
+    expected = _grads(
+        ref_out, ref_h, ref_c, [x64, *ref.parameters()], [w.double() for w in weights]
+    )
     assert_close(out, ref_out, torch.float32)
     for a, e in zip(actual, expected):
         assert_close(a, e, torch.float32)
@@ -192,7 +206,7 @@ def test_padded_steps_get_zero_gradient_and_output():
         assert torch.any(x.grad[b, :length] != 0)
     # Final states at each sequence's own last step: the same as running it alone.
     for b, length in enumerate(LENGTHS):
-        _, (h_b, c_b) = me(x[b:b + 1, :length].detach())
+        _, (h_b, c_b) = me(x[b : b + 1, :length].detach())
         assert_close(h[:, b], h_b[:, 0])
         assert_close(c[:, b], c_b[:, 0])
 
@@ -252,8 +266,23 @@ def test_bad_input_is_reported():
     with pytest.raises(TypeError, match="nn.LSTM"):
         MeLSTM.from_lstm(nn.GRU(INPUT, HIDDEN))
     with pytest.raises(ValueError, match="mode"):
-        mebp_lstm_layer(torch.randn(T, B, INPUT), torch.zeros(B, HIDDEN), torch.zeros(B, HIDDEN),
-                        me.weight_ih_l0, me.weight_hh_l0, k=2, mode="dense")
+        mebp_lstm_layer(
+            torch.randn(T, B, INPUT),
+            torch.zeros(B, HIDDEN),
+            torch.zeros(B, HIDDEN),
+            me.weight_ih_l0,
+            me.weight_hh_l0,
+            k=2,
+            mode="dense",
+        )
     with pytest.raises(ValueError, match="b_ih and b_hh"):
-        mebp_lstm_layer(torch.randn(T, B, INPUT), torch.zeros(B, HIDDEN), torch.zeros(B, HIDDEN),
-                        me.weight_ih_l0, me.weight_hh_l0, me.bias_ih_l0, None, k=2)
+        mebp_lstm_layer(
+            torch.randn(T, B, INPUT),
+            torch.zeros(B, HIDDEN),
+            torch.zeros(B, HIDDEN),
+            me.weight_ih_l0,
+            me.weight_hh_l0,
+            me.bias_ih_l0,
+            None,
+            k=2,
+        )

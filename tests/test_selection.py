@@ -1,4 +1,5 @@
 """Top-k selection: Triton kernels (interpreted without a GPU) and the PyTorch path."""
+
 import pytest
 import torch
 
@@ -6,8 +7,16 @@ from conftest import DEVICE, KERNEL_DTYPES, assert_close
 from reference import is_valid_topk
 from triton_mebp import backend, torch_ops
 
-CASES = [(1, 1, 1), (1, 7, 1), (1, 7, 7), (7, 33, 5), (33, 257, 1), (4, 257, 257), (3, 1000, 31),
-         (2, 5000, 2500)]
+CASES = [
+    (1, 1, 1),
+    (1, 7, 1),
+    (1, 7, 7),
+    (7, 33, 5),
+    (33, 257, 1),
+    (4, 257, 257),
+    (3, 1000, 31),
+    (2, 5000, 2500),
+]
 
 
 def kernel_ops():
@@ -60,7 +69,7 @@ def test_kernel_generations_agree(kernel_version, B, N, k):
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 130])
 def test_v2_pads_the_compacted_rows_with_zeros(monkeypatch, k):
     monkeypatch.setenv("TRITON_MEBP_KERNELS", "v2")
-    dy = torch.randn(5, 200, device=DEVICE) + 10.0   # no zeros anywhere
+    dy = torch.randn(5, 200, device=DEVICE) + 10.0  # no zeros anywhere
     idx, dy_c = kernel_ops().unified_select(dy, k)
     padded = dy_c._base
     width = -(-k // 64) * 64

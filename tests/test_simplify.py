@@ -1,5 +1,6 @@
 """meSimp: hit statistics, consumer discovery, physical compaction, optimizer state, schedule,
 compact checkpoints."""
+
 import copy
 
 import pytest
@@ -44,7 +45,11 @@ def train_steps(model, steps=3, batch=6, optimizer=None, seed=1):
 
 def expected_keep(layer, threshold):
     """Kept neurons by the rule of the method, computed here independently of the simplifier."""
-    return [j for j in range(layer.out_features) if layer.hits[j].item() >= threshold * layer.refs.item()]
+    return [
+        j
+        for j in range(layer.out_features)
+        if layer.hits[j].item() >= threshold * layer.refs.item()
+    ]
 
 
 def masked_forward(model, masks, x):
@@ -80,13 +85,16 @@ def test_prune_is_exact(widths, bias, mode, any_backend):
     params_before = [id(p) for p in model.parameters()]
     report = simp.prune()
     assert isinstance(report, PruneReport)
-    assert report == {str(2 * i): (widths[i + 1], len(keeps[id(model[2 * i])]))
-                      for i in range(len(widths) - 2)}
+    assert report == {
+        str(2 * i): (widths[i + 1], len(keeps[id(model[2 * i])])) for i in range(len(widths) - 2)
+    }
     assert any(new < old for old, new in report.values())  # the test prunes something
     assert [id(p) for p in model.parameters()] == params_before
     for layer in hidden:
         assert layer.weight.shape == (len(keeps[id(layer)]), layer.in_features)
-        assert layer.hits.shape == (layer.out_features,) and layer.hits.sum() == 0 and layer.refs == 0
+        assert (
+            layer.hits.shape == (layer.out_features,) and layer.hits.sum() == 0 and layer.refs == 0
+        )
     x = torch.randn(5, widths[0], device=DEVICE)
     model.eval(), reference.eval()
     with torch.no_grad():
@@ -142,13 +150,16 @@ def _sliced_state_matches(old_state, new_state, cuts):
             assert new == old
 
 
-@pytest.mark.parametrize("make_optimizer,grad", [
-    (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "dense"),
-    (lambda p: torch.optim.Adam(p, lr=1e-3), "dense"),
-    (lambda p: torch.optim.AdamW(p, lr=1e-3), "dense"),
-    (lambda p: torch.optim.Adagrad(p, lr=0.01), "sparse"),
-    (lambda p: torch.optim.SparseAdam(p, lr=1e-3), "sparse"),
-])
+@pytest.mark.parametrize(
+    "make_optimizer,grad",
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "dense"),
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "dense"),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3), "dense"),
+        (lambda p: torch.optim.Adagrad(p, lr=0.01), "sparse"),
+        (lambda p: torch.optim.SparseAdam(p, lr=1e-3), "sparse"),
+    ],
+)
 def test_optimizer_state_is_sliced(make_optimizer, grad):
     bias = grad == "dense"
     model = make_mlp((6, 16, 12, 3), bias=bias, grad=grad, skip_output=grad == "dense")
@@ -158,8 +169,11 @@ def test_optimizer_state_is_sliced(make_optimizer, grad):
     first, second, out = model[0], model[2], model[4]
     keep1, keep2 = expected_keep(first, 0.3), expected_keep(second, 0.3)
     old_states = {id(p): copy.deepcopy(optimizer.state[p]) for p in model.parameters()}
-    cuts = {id(first.weight): {0: keep1}, id(second.weight): {0: keep2, 1: keep1},
-            id(out.weight): {1: keep2}}
+    cuts = {
+        id(first.weight): {0: keep1},
+        id(second.weight): {0: keep2, 1: keep1},
+        id(out.weight): {1: keep2},
+    }
     if bias:
         cuts.update({id(first.bias): {0: keep1}, id(second.bias): {0: keep2}, id(out.bias): {}})
     simp.prune()
@@ -167,7 +181,9 @@ def test_optimizer_state_is_sliced(make_optimizer, grad):
     assert len(keep1) < 16 or len(keep2) < 12, "the data should make this prune remove neurons"
     for p in model.parameters():
         _sliced_state_matches(old_states[id(p)], optimizer.state[p], cuts[id(p)])
-    train_steps(model, steps=1, optimizer=optimizer)  # the optimizer keeps training the pruned model
+    train_steps(
+        model, steps=1, optimizer=optimizer
+    )  # the optimizer keeps training the pruned model
 
 
 def test_per_row_state_and_failed_prune_is_atomic():
@@ -290,8 +306,8 @@ class Residual(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.inp(x))
-        h = h + F.gelu(self.hidden(h))           # residual add: not element-wise
-        b = self.branch(h).tanh() * 2.0          # method + scalar multiply: element-wise
+        h = h + F.gelu(self.hidden(h))  # residual add: not element-wise
+        b = self.branch(h).tanh() * 2.0  # method + scalar multiply: element-wise
         return self.out(self.head(F.dropout(b, 0.0, self.training)) + h)
 
 
@@ -347,7 +363,9 @@ def test_output_layer_and_shared_layers_are_left_alone():
     simp = Simplifier(model)
     assert simp.layers == ["0"] and "model's output" in simp.skipped["2"]
     shared = mebp.MeLinear(8, 8, k=2)
-    tied = nn.Sequential(mebp.MeLinear(4, 8, k=2), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(8, 2))
+    tied = nn.Sequential(
+        mebp.MeLinear(4, 8, k=2), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(8, 2)
+    )
     simp = Simplifier(tied)
     assert simp.layers == []
     assert "several places" in simp.skipped["0"]
@@ -367,11 +385,26 @@ def test_schedule_prunes_in_alternate_cycles_and_resets_state():
     schedule = SimplifySchedule(Recorder(), steps_per_epoch=4, cycle_epochs=1, prunes_per_epoch=2)
     for _ in range(16):
         schedule.step()
-    assert events == [("reset", 4), ("prune", 6), ("prune", 8), ("reset", 8), ("reset", 12),
-                      ("prune", 14), ("prune", 16), ("reset", 16)]
+    assert events == [
+        ("reset", 4),
+        ("prune", 6),
+        ("prune", 8),
+        ("reset", 8),
+        ("reset", 12),
+        ("prune", 14),
+        ("prune", 16),
+        ("reset", 16),
+    ]
     events.clear()
-    schedule = SimplifySchedule(Recorder(), steps_per_epoch=3, cycle_epochs=2, prunes_per_epoch=8,
-                                prune_first_cycle=True, reset_optimizer=False, last_pruning_cycle=0)
+    schedule = SimplifySchedule(
+        Recorder(),
+        steps_per_epoch=3,
+        cycle_epochs=2,
+        prunes_per_epoch=8,
+        prune_first_cycle=True,
+        reset_optimizer=False,
+        last_pruning_cycle=0,
+    )
     for _ in range(24):
         schedule.step()
     assert events == [("prune", s) for s in range(1, 7)]
@@ -405,23 +438,27 @@ def test_save_and_load_simplified(tmp_path):
     fresh = make_mlp((7, 16, 20, 3))
     loaded = load_simplified(fresh, path)
     assert loaded is fresh
-    assert [m.out_features for m in fresh if isinstance(m, nn.Linear)] == \
-        [m.out_features for m in model if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in fresh if isinstance(m, nn.Linear)] == [
+        m.out_features for m in model if isinstance(m, nn.Linear)
+    ]
     assert fresh[0].hits.shape == (fresh[0].out_features,)
     # the ratio k=0.25 means the count the Simplifier kept (of the full width, capped)
-    assert [fresh[i].k for i in (0, 2)] == [model[i].k for i in (0, 2)] == [
-        min(4, model[0].out_features), min(5, model[2].out_features)]
+    assert (
+        [fresh[i].k for i in (0, 2)]
+        == [model[i].k for i in (0, 2)]
+        == [min(4, model[0].out_features), min(5, model[2].out_features)]
+    )
     x = torch.randn(4, 7, device=DEVICE)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     train_steps(fresh, steps=1)
     # a checkpoint of a different architecture names the layer that does not fit
     with pytest.raises(ValueError, match="layer '4'"):
-        load_simplified(make_mlp((7, 16, 20, 5)), path)   # output width differs
+        load_simplified(make_mlp((7, 16, 20, 5)), path)  # output width differs
     with pytest.raises(ValueError, match="layer '0'"):
-        load_simplified(make_mlp((9, 16, 20, 3)), path)   # input width differs
+        load_simplified(make_mlp((9, 16, 20, 3)), path)  # input width differs
     with pytest.raises(ValueError, match="layer '4'"):
-        load_simplified(make_mlp((7, 16, 20)), path)      # one layer fewer
+        load_simplified(make_mlp((7, 16, 20)), path)  # one layer fewer
     with pytest.raises(ValueError, match="layer '2'"):
         load_simplified(make_mlp((7, 16, model[2].out_features - 1, 3)), path)  # hidden too narrow
     other = make_mlp((7, 16, 20, 3), bias=False)

@@ -1,6 +1,7 @@
 """The Simplifier prunes only what it can prove: after prune(), either a layer was skipped with a
 reason, or the model's output equals the unpruned model's with the removed neurons forced to zero.
 """
+
 import copy
 
 import pytest
@@ -75,8 +76,11 @@ class ResidualSequential(nn.Sequential):
 
 def test_sequential_subclass_with_its_own_forward_is_traced_not_chained():
     torch.manual_seed(0)
-    model = mebp.convert(ResidualSequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                                            nn.Linear(8, 3)), k=2, inplace=True)
+    model = mebp.convert(
+        ResidualSequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
+        k=2,
+        inplace=True,
+    )
     simp, report = check_prune(model, 6, expect_pruned=[])
     assert "add" in simp.skipped["0"] and "add" in simp.skipped["2"]
 
@@ -87,8 +91,9 @@ def test_sequential_subclass_with_its_own_forward_is_traced_not_chained():
 class UntraceableParent(nn.Module):
     def __init__(self):
         super().__init__()
-        self.seq = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                                 nn.Linear(8, 3))
+        self.seq = nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        )
 
     def forward(self, x):
         if x.sum() > 1e9:  # data-dependent control flow
@@ -122,8 +127,14 @@ class ShiftedBranch(nn.Module):
 @pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Softplus, nn.LogSigmoid, nn.ELU, nn.GELU])
 def test_activation_with_nonzero_value_at_zero_is_folded_into_the_bias(activation):
     torch.manual_seed(0)
-    model = mlp(nn.Linear(6, 10), activation(), nn.Dropout(0.0), nn.Linear(10, 8), activation(),
-                nn.Linear(8, 3))
+    model = mlp(
+        nn.Linear(6, 10),
+        activation(),
+        nn.Dropout(0.0),
+        nn.Linear(10, 8),
+        activation(),
+        nn.Linear(8, 3),
+    )
     simp, report = check_prune(model, 6, expect_pruned=["0", "3"])
     assert any(new < old for old, new in report.values())
 
@@ -174,7 +185,7 @@ def test_linear_subclass_consumer_is_not_pruned():
     simp, _ = check_prune(model, 6, expect_pruned=[])
     assert "LoraLinear" in simp.skipped["0"]
     model.train()
-    model(torch.randn(2, 6)).sum().backward()   # the next forward and backward still work
+    model(torch.randn(2, 6)).sum().backward()  # the next forward and backward still work
 
 
 def test_modules_with_forward_hooks_are_not_followed():
@@ -236,8 +247,9 @@ class Wrapper(nn.Module):
 def small_models(draw):
     width, modules = 5, []
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["linear", "act", "residual", "norm", "own", "inherited",
-                                     "nested"]))
+        kind = draw(
+            st.sampled_from(["linear", "act", "residual", "norm", "own", "inherited", "nested"])
+        )
         new = draw(st.integers(2, 7))
         activation = draw(st.sampled_from(ACTIVATIONS))
         if kind == "linear":
@@ -250,8 +262,11 @@ def small_models(draw):
         elif kind == "norm":
             modules.append(nn.LayerNorm(width))
         else:
-            cls = {"own": OwnForwardSequential, "inherited": InheritedSequential,
-                   "nested": nn.Sequential}[kind]
+            cls = {
+                "own": OwnForwardSequential,
+                "inherited": InheritedSequential,
+                "nested": nn.Sequential,
+            }[kind]
             modules.append(cls(nn.Linear(width, new), activation(), nn.Linear(new, new)))
             width = new
     modules.append(nn.Linear(width, 3))
@@ -261,7 +276,7 @@ def small_models(draw):
         body = OwnForwardSequential(*modules)
     elif root == "wrapper":
         body = Wrapper(body)
-    return body, draw(st.integers(0, 2 ** 16))
+    return body, draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,10 +298,11 @@ def test_prune_is_exact_or_skipped_on_random_models(model_and_seed, mode):
     reference = masked_copy(model, simp)
     report = simp.prune()
     assert set(report) | set(report.skipped) == {
-        n for n, m in model.named_modules() if isinstance(m, mebp.MeLinear)}
+        n for n, m in model.named_modules() if isinstance(m, mebp.MeLinear)
+    }
     x = torch.randn(4, 5)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
-    train(model, 5, steps=1, seed=seed + 2)   # the pruned model and its optimizer keep going
+    train(model, 5, steps=1, seed=seed + 2)  # the pruned model and its optimizer keep going
     optimizer.step()

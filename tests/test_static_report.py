@@ -5,6 +5,7 @@ first config (the one used without tuning): no register spills, no scalar 2-byte
 matrix tiles, tensor-core (wgmma) instructions in the products. The v1 layout (an unpadded dy_c
 of 410 columns) is compiled too, and must show the scalar loads the report is there to catch.
 """
+
 import json
 import os
 import subprocess
@@ -23,10 +24,29 @@ def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "perf" / "static_report.py"), "--calls", "unified", "unified-v1",
-         "--kernels", *HOT, "--dtypes", "bf16", "--ks", "410", "--targets", "90",
-         "--first-config", "--json", "-"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "perf" / "static_report.py"),
+            "--calls",
+            "unified",
+            "unified-v1",
+            "--kernels",
+            *HOT,
+            "--dtypes",
+            "bf16",
+            "--ks",
+            "410",
+            "--targets",
+            "90",
+            "--first-config",
+            "--json",
+            "-",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -53,17 +73,17 @@ def test_unified_kernels_do_not_spill(rows):
 def test_products_load_whole_aligned_tiles_on_tensor_cores(rows):
     for kernel in PRODUCTS:
         for row in _mine(rows, "unified", kernel):
-            assert row["ld2"] == 0 and row["ld1"] == 0, row          # no scalar bf16 tile loads
-            assert row["cp_async16"] > 0, row                         # 16-byte async tile copies
+            assert row["ld2"] == 0 and row["ld1"] == 0, row  # no scalar bf16 tile loads
+            assert row["cp_async16"] > 0, row  # 16-byte async tile copies
             assert row["wgmma"] > 0, row
 
 
 def test_score_pass_and_gather_move_vectors(rows):
     (scores,) = _mine(rows, "unified", "scores_bias_partial")
     assert scores["ld2"] == 0 and scores["ld16"] > 0, scores
-    assert scores["programs_per_sm"] >= 4, scores                     # fills an H100
+    assert scores["programs_per_sm"] >= 4, scores  # fills an H100
     (gather,) = _mine(rows, "unified", "gather_padded")
-    assert gather["st2"] == 0 and gather["st16"] > 0, gather          # aligned rows of dy_c
+    assert gather["st2"] == 0 and gather["st16"] > 0, gather  # aligned rows of dy_c
 
 
 def test_the_report_sees_the_unpadded_layout(rows):

@@ -1,4 +1,5 @@
 """Perf sweep and charts: timing, work counts, the CSV (columns, resuming), the PNGs."""
+
 import csv
 import time
 
@@ -9,13 +10,29 @@ from conftest import DEVICE, HAS_CUDA
 from triton_mebp.bench import plot, sweep
 
 SHAPE = (6, 16, 24)  # batch, in, out
-KS = (0.25,)         # k = 6 of 24
+KS = (0.25,)  # k = 6 of 24
 
 
 def run_sweep(out, *extra):
-    args = ["--out", str(out), "--shapes", "x".join(map(str, SHAPE)), "--ks", ",".join(map(str, KS)),
-            "--min-run-time", "0.01", "--rep-ms", "5", "--no-progress", "--device", DEVICE.type,
-            "--dtypes", "fp32", "--no-lstm", *extra]
+    args = [
+        "--out",
+        str(out),
+        "--shapes",
+        "x".join(map(str, SHAPE)),
+        "--ks",
+        ",".join(map(str, KS)),
+        "--min-run-time",
+        "0.01",
+        "--rep-ms",
+        "5",
+        "--no-progress",
+        "--device",
+        DEVICE.type,
+        "--dtypes",
+        "fp32",
+        "--no-lstm",
+        *extra,
+    ]
     assert sweep.main(args) == 0
     with open(out, newline="") as f:
         return list(csv.DictReader(f))
@@ -37,12 +54,21 @@ def test_measure_times_a_known_duration():
 def test_work_counts_by_hand():
     # B=2, M=3, N=5, k=2, 4-byte elements
     assert sweep.work("layer", "backward", "", 2, 3, 5, 5, 4) == (120.0, 4 * (10 + 12 + 30))
-    assert sweep.work("layer", "backward", "unified", 2, 3, 5, 2, 4, "sparse") == (48.0, 4 * (10 + 12 + 6 + 6))
-    assert sweep.work("layer", "backward", "unified", 2, 3, 5, 2, 4, "dense") == (48.0, 4 * (10 + 12 + 6 + 15))
+    assert sweep.work("layer", "backward", "unified", 2, 3, 5, 2, 4, "sparse") == (
+        48.0,
+        4 * (10 + 12 + 6 + 6),
+    )
+    assert sweep.work("layer", "backward", "unified", 2, 3, 5, 2, 4, "dense") == (
+        48.0,
+        4 * (10 + 12 + 6 + 15),
+    )
     assert sweep.work("layer", "forward", "", 2, 3, 5, 5, 2) == (60.0, 2 * (6 + 15 + 10))
     assert sweep.work("select", "time", "unified", 2, 3, 5, 2, 4) == (10.0, 4 * (10 + 4))
     # per example: B*k = 4 selections reach at most 4 distinct rows of W
-    assert sweep.work("input_grad", "time", "per_example", 2, 3, 5, 2, 4) == (24.0, 4 * (4 + 12 + 6))
+    assert sweep.work("input_grad", "time", "per_example", 2, 3, 5, 2, 4) == (
+        24.0,
+        4 * (4 + 12 + 6),
+    )
     assert sweep.work("update", "time", "unified", 2, 3, 5, 2, 4) == (12.0, 4 * 18)
     assert sweep.work("reduced_gemm", "time", "unified", 2, 3, 5, 2, 4) == (24.0, 4 * (4 + 6 + 6))
 
@@ -83,9 +109,13 @@ def test_ceilings_are_measured(swept):
     matmul = [r for r in rows if r["kernel"] == "matmul"]
     assert len(copy) == 1 and len(matmul) == 1
     moved = 2 * int(copy[0]["in_features"]) * 4
-    assert float(copy[0]["gbps"]) == pytest.approx(moved / float(copy[0]["median_ms"]) / 1e6, rel=1e-4)
+    assert float(copy[0]["gbps"]) == pytest.approx(
+        moved / float(copy[0]["median_ms"]) / 1e6, rel=1e-4
+    )
     n = int(matmul[0]["batch"])
-    assert float(matmul[0]["tflops"]) == pytest.approx(2 * n ** 3 / float(matmul[0]["median_ms"]) / 1e9, rel=1e-4)
+    assert float(matmul[0]["tflops"]) == pytest.approx(
+        2 * n**3 / float(matmul[0]["median_ms"]) / 1e9, rel=1e-4
+    )
 
 
 def test_config_column_names_the_chosen_autotune_config(swept):
@@ -107,11 +137,11 @@ def test_sweep_resumes_and_only_adds_what_is_missing(tmp_path, monkeypatch):
     again = run_sweep(out, *common)
     assert again == first
     more = run_sweep(out, *common, "--ks", "0.25,0.5")
-    added = more[len(first):]
+    added = more[len(first) :]
     assert added and {r["k"] for r in added} == {"12"}
     monkeypatch.setenv("TRITON_MEBP_COMMIT", "another")
     other = run_sweep(out, *common)
-    assert {r["commit"] for r in other[len(more):]} == {"another"}
+    assert {r["commit"] for r in other[len(more) :]} == {"another"}
     assert len(other) - len(more) == len(first)
 
 
@@ -123,14 +153,25 @@ def test_git_commit_is_read_without_git(tmp_path, monkeypatch):
     (repo / ".git" / "refs" / "heads" / "main").write_text("0123456789abcdef0123\n")
     assert sweep.git_commit(repo / "sub") == "0123456789ab"
     (repo / ".git" / "refs" / "heads" / "main").unlink()
-    (repo / ".git" / "packed-refs").write_text("# pack-refs\nfedcba9876543210aaaa refs/heads/main\n")
+    (repo / ".git" / "packed-refs").write_text(
+        "# pack-refs\nfedcba9876543210aaaa refs/heads/main\n"
+    )
     assert sweep.git_commit(repo) == "fedcba987654"
     (repo / ".git" / "HEAD").write_text("aaaabbbbccccdddd\n")
     assert sweep.git_commit(repo) == "aaaabbbbcccc"
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "4x8"], ["--shapes", "0x8x8"], ["--ks", "0"],
-                                  ["--ks", "1.5"], ["--modes", "both"], ["--providers", "cublas"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shapes", "4x8"],
+        ["--shapes", "0x8x8"],
+        ["--ks", "0"],
+        ["--ks", "1.5"],
+        ["--modes", "both"],
+        ["--providers", "cublas"],
+    ],
+)
 def test_bad_arguments_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit) as info:
         sweep.main(["--out", str(tmp_path / "x.csv"), *argv])
@@ -139,7 +180,9 @@ def test_bad_arguments_are_refused(argv, tmp_path):
 
 
 def test_cpu_sweep_refuses_half_precision_and_unknown_devices(tmp_path, capsys):
-    assert sweep.main(["--device", "cpu", "--dtypes", "bf16", "--out", str(tmp_path / "x.csv")]) == 2
+    assert (
+        sweep.main(["--device", "cpu", "--dtypes", "bf16", "--out", str(tmp_path / "x.csv")]) == 2
+    )
     assert "fp32 only" in capsys.readouterr().err
     assert sweep.main(["--device", "tpu9", "--out", str(tmp_path / "x.csv")]) == 2
     assert "cpu or cuda" in capsys.readouterr().err
@@ -154,16 +197,30 @@ def test_csv_with_other_columns_is_refused(tmp_path):
 
 
 def _row(provider, mode, k, metric, median, q20, q80):
-    return dict(kernel="layer", provider=provider, mode=mode, grad="sparse", dtype="fp32", batch="8",
-                in_features="16", out_features="100", k=str(k), metric=metric, median_ms=str(median),
-                q20_ms=str(q20), q80_ms=str(q80))
+    return dict(
+        kernel="layer",
+        provider=provider,
+        mode=mode,
+        grad="sparse",
+        dtype="fp32",
+        batch="8",
+        in_features="16",
+        out_features="100",
+        k=str(k),
+        metric=metric,
+        median_ms=str(median),
+        q20_ms=str(q20),
+        q80_ms=str(q80),
+    )
 
 
 def test_speedups_divide_dense_by_mebp_with_quantile_band():
-    rows = [_row("dense", "", 100, "backward", 10, 9, 11),
-            _row("mebp-torch", "unified", 5, "backward", 2, 1.5, 2.5),
-            _row("mebp-torch", "unified", 20, "backward", 4, 4, 4),
-            _row("mebp-torch", "unified", 5, "forward", 1, 1, 1)]
+    rows = [
+        _row("dense", "", 100, "backward", 10, 9, 11),
+        _row("mebp-torch", "unified", 5, "backward", 2, 1.5, 2.5),
+        _row("mebp-torch", "unified", 20, "backward", 4, 4, 4),
+        _row("mebp-torch", "unified", 5, "forward", 1, 1, 1),
+    ]
     curves = plot.speedups(rows, "backward")
     assert list(curves) == [((8, 16, 100), "fp32", "mebp-torch", "unified", "sparse")]
     (r1, s1, lo1, hi1), (r2, s2, _, _) = next(iter(curves.values()))
@@ -174,6 +231,7 @@ def test_speedups_divide_dense_by_mebp_with_quantile_band():
 
 def test_plot_writes_three_readable_charts(swept, tmp_path):
     import matplotlib.image
+
     out, _ = swept
     assert plot.main([str(out), "--out", str(tmp_path)]) == 0
     slug = "cpu" if not HAS_CUDA else sweep.device_slug(DEVICE)
@@ -196,12 +254,31 @@ def test_a_failing_measurement_is_reported_and_the_rest_recorded(tmp_path, monke
         if task.provider == "mebp-torch":
             closures["input_grad"] = lambda: 1 / 0
         return closures
+
     monkeypatch.setattr(sweep, "_kernel_closures", with_a_broken_kernel)
     out = tmp_path / "broken.csv"
-    args = ["--out", str(out), "--shapes", "4x8x16", "--ks", "0.25", "--min-run-time", "0.01",
-            "--no-progress", "--no-ceilings", "--no-lstm", "--device", "cpu", "--modes", "unified"]
+    args = [
+        "--out",
+        str(out),
+        "--shapes",
+        "4x8x16",
+        "--ks",
+        "0.25",
+        "--min-run-time",
+        "0.01",
+        "--no-progress",
+        "--no-ceilings",
+        "--no-lstm",
+        "--device",
+        "cpu",
+        "--modes",
+        "unified",
+    ]
     assert sweep.main(args) == 1
-    assert "FAILED mebp-torch unified sparse fp32 4x8x16 k=4 input_grad: ZeroDivisionError" in capsys.readouterr().err
+    assert (
+        "FAILED mebp-torch unified sparse fp32 4x8x16 k=4 input_grad: ZeroDivisionError"
+        in capsys.readouterr().err
+    )
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     mebp = {(r["kernel"], r["metric"]) for r in rows if r["provider"] == "mebp-torch"}
@@ -225,15 +302,40 @@ def test_triton_provider_times_every_kernel_and_names_its_config(mode, grad):
     for r in kernels.values():
         assert "warps=" in r["config"] and float(r["median_ms"]) > 0
     assert kernels["select"]["config"].count("[") == (4 if mode == "unified" else 1)
-    assert {r["metric"] for r in rows if r["kernel"] == "layer"} >= {"forward", "backward", "step-sgd"}
+    assert {r["metric"] for r in rows if r["kernel"] == "layer"} >= {
+        "forward",
+        "backward",
+        "step-sgd",
+    }
 
 
 def test_threads_option_is_recorded_and_restored(tmp_path):
     before = torch.get_num_threads()
     out = tmp_path / "threads.csv"
-    assert sweep.main(["--device", "cpu", "--threads", "1", "--out", str(out), "--shapes", "4x8x16",
-                       "--ks", "0.5", "--modes", "unified", "--no-ceilings", "--no-lstm", "--no-progress",
-                       "--min-run-time", "0.01"]) == 0
+    assert (
+        sweep.main(
+            [
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--shapes",
+                "4x8x16",
+                "--ks",
+                "0.5",
+                "--modes",
+                "unified",
+                "--no-ceilings",
+                "--no-lstm",
+                "--no-progress",
+                "--min-run-time",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     assert torch.get_num_threads() == before
     with open(out, newline="") as f:
         assert {r["device"].endswith("(1 threads)") for r in csv.DictReader(f)} == {True}
@@ -251,8 +353,9 @@ def test_plot_skips_csv_files_of_another_kind(swept, tmp_path, capsys):
 
 
 def test_lstm_section_times_melstm_against_nn_lstm_once_per_commit(tmp_path):
-    preset = sweep.Preset(shapes=(), ks=(), min_run_time=0.01, rep_ms=5, warmup_ms=1,
-                          lstm=(3, 4, 8, 16, 0.25))
+    preset = sweep.Preset(
+        shapes=(), ks=(), min_run_time=0.01, rep_ms=5, warmup_ms=1, lstm=(3, 4, 8, 16, 0.25)
+    )
     env = dict(device="d", torch="t", triton="t", commit="c1", timestamp="")
     out = tmp_path / "lstm-cpu.csv"
     assert sweep.run_lstm_section(preset, torch.device("cpu"), out, env, fresh=False) == []
@@ -267,14 +370,22 @@ def test_lstm_section_times_melstm_against_nn_lstm_once_per_commit(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)  # already measured for this commit
 
 
-OPS = ("unified_select", "per_example_select", "gathered_input_grad", "gathered_weight_grad",
-       "per_example_input_grad", "per_example_weight_grad", "row_sgd_step")
+OPS = (
+    "unified_select",
+    "per_example_select",
+    "gathered_input_grad",
+    "gathered_weight_grad",
+    "per_example_input_grad",
+    "per_example_weight_grad",
+    "row_sgd_step",
+)
 
 
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts calls of the PyTorch backend's operations, wrapped where the library finds them."""
     from triton_mebp import torch_ops
+
     calls = {}
     for name in OPS:
         real = getattr(torch_ops, name)
@@ -282,6 +393,7 @@ def op_calls(monkeypatch):
         def counted(*args, _name=name, _real=real, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _real(*args, **kwargs)
+
         monkeypatch.setattr(torch_ops, name, counted)
     return calls
 
@@ -295,11 +407,13 @@ def test_sweep_rows_time_the_backend_ops_the_library_calls(mode, op_calls, monke
         fn()
         ran[:] = [set(op_calls)]
         return sweep.Timing(1.0, 1.0, 1.0)
+
     real_row = sweep._row
 
     def row(task, env, kernel, metric, timing, config=""):
         called[kernel, metric] = ran[0]
         return real_row(task, env, kernel, metric, timing, config)
+
     monkeypatch.setattr(sweep, "measure", measure)
     monkeypatch.setattr(sweep, "_row", row)
     task = sweep.Task("mebp-torch", mode, "sparse", "fp32", 6, 16, 24, 6)
@@ -308,8 +422,11 @@ def test_sweep_rows_time_the_backend_ops_the_library_calls(mode, op_calls, monke
     rows, failures = sweep.run_task(task, torch.device("cpu"), preset, env)
     assert failures == [] and rows
     select = "unified_select" if mode == "unified" else "per_example_select"
-    products = ({"gathered_input_grad", "gathered_weight_grad"} if mode == "unified"
-                else {"per_example_input_grad", "per_example_weight_grad"})
+    products = (
+        {"gathered_input_grad", "gathered_weight_grad"}
+        if mode == "unified"
+        else {"per_example_input_grad", "per_example_weight_grad"}
+    )
     assert called[("layer", "backward")] == {select} | products
     assert called[("layer", "forward")] == set()
     assert {select} | products <= called[("layer", "step-sgd")]
@@ -322,6 +439,7 @@ def test_sweep_rows_time_the_backend_ops_the_library_calls(mode, op_calls, monke
 
 def test_lstm_rows_time_the_backend_ops_melstm_calls(op_calls, monkeypatch):
     from triton_mebp.bench import harness, lstm
+
     called = {}  # (metric, provider) -> the ops one call of its timed closure ran
     metrics = iter(("forward", "backward", "products"))
 
@@ -332,6 +450,7 @@ def test_lstm_rows_time_the_backend_ops_melstm_calls(op_calls, monkeypatch):
             fn()
             called[metric, name] = set(op_calls)
         return {name: harness.Timing(1.0, 1.0, 1.0) for name in fns}
+
     monkeypatch.setattr(harness, "measure_side_by_side", side_by_side)
     rows = lstm.run(seq=3, batch=4, n_in=8, hidden=16, k=0.25, device="cpu")
     assert {(r["metric"], r["provider"]) for r in rows} == set(called)
@@ -344,11 +463,30 @@ def test_lstm_rows_time_the_backend_ops_melstm_calls(op_calls, monkeypatch):
 
 
 def test_compiled_step_is_timed_for_dense_and_mebp(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "COMPILE_BACKEND", "aot_eager")  # the capture, without code generation
-    rows = run_sweep(tmp_path / "compiled.csv", "--no-ceilings", "--modes", "unified",
-                     "--providers", "dense,mebp-torch", "--compiled-ks", "0.25")
+    monkeypatch.setattr(
+        sweep, "COMPILE_BACKEND", "aot_eager"
+    )  # the capture, without code generation
+    rows = run_sweep(
+        tmp_path / "compiled.csv",
+        "--no-ceilings",
+        "--modes",
+        "unified",
+        "--providers",
+        "dense,mebp-torch",
+        "--compiled-ks",
+        "0.25",
+    )
     compiled = {r["provider"] for r in rows if r["metric"] == "step-sgd-compiled"}
     assert compiled == {"dense", "mebp-torch"}
-    assert not any(r["metric"] == "step-sgd-compiled" for r in run_sweep(
-        tmp_path / "plain.csv", "--no-ceilings", "--modes", "unified", "--compiled-ks", "0.25",
-        "--no-compiled"))
+    assert not any(
+        r["metric"] == "step-sgd-compiled"
+        for r in run_sweep(
+            tmp_path / "plain.csv",
+            "--no-ceilings",
+            "--modes",
+            "unified",
+            "--compiled-ks",
+            "0.25",
+            "--no-compiled",
+        )
+    )

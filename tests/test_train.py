@@ -1,4 +1,5 @@
 """The training loop and experiment runner, on a tiny synthetic dataset."""
+
 import statistics
 
 import pytest
@@ -18,6 +19,7 @@ def blobs(n_train=240, n_test=120, n_features=12, n_classes=3, seed=0) -> Datase
     def draw(n):
         y = torch.randint(0, n_classes, (n,), generator=g)
         return centers[y] + 0.5 * torch.randn(n, n_features, generator=g), y
+
     x_train, y_train = draw(n_train)
     x_test, y_test = draw(n_test)
     return Dataset("blobs", x_train, y_train, x_test, y_test, n_classes)
@@ -27,8 +29,9 @@ SMALL = dict(hidden=40, layers=2, epochs=3, batch_size=16)
 
 
 @pytest.mark.parametrize("mode", train.TRAIN_MODES)
-@pytest.mark.parametrize("optimizer,sparse", [("adagrad", False), ("adam", False), ("adam", True),
-                                              ("sgd", True)])
+@pytest.mark.parametrize(
+    "optimizer,sparse", [("adagrad", False), ("adam", False), ("adam", True), ("sgd", True)]
+)
 def test_training_learns(mode, optimizer, sparse):
     ds = blobs()
     config = train.TrainConfig(mode=mode, k=0.25, optimizer=optimizer, sparse_grad=sparse, **SMALL)
@@ -49,14 +52,19 @@ def test_meprop_layers_and_optimizer_are_the_requested_ones(monkeypatch):
     def spy(name, params, lr, row_sparse, eps=None):
         seen["optimizer"] = original(name, params, lr, row_sparse, eps)
         return seen["optimizer"]
+
     monkeypatch.setattr(train, "make_optimizer", spy)
-    config = train.TrainConfig(mode="per_example", k=5, optimizer="adam", sparse_grad=True,
-                               lr=0.01, eps=1e-3, **SMALL)
+    config = train.TrainConfig(
+        mode="per_example", k=5, optimizer="adam", sparse_grad=True, lr=0.01, eps=1e-3, **SMALL
+    )
     train.train_one(config, ds, seed=0)
     from triton_mebp.optim import RowAdam
+
     optimizer = seen["optimizer"]
     assert isinstance(optimizer, RowAdam) and optimizer.param_groups[0]["lr"] == 0.01
-    assert optimizer.param_groups[0]["eps"] == 1e-3 and config.label.endswith("lr=0.01 eps=0.001 + row-sparse")
+    assert optimizer.param_groups[0]["eps"] == 1e-3 and config.label.endswith(
+        "lr=0.01 eps=0.001 + row-sparse"
+    )
     # The hidden weights got row-sparse gradients: RowAdam kept per-row step counts for them.
     row_steps = [s["row_step"] for s in optimizer.state.values() if "row_step" in s]
     assert len(row_steps) == 2
@@ -76,9 +84,18 @@ def test_same_seed_same_run_different_seed_different_run():
 
 def test_simplify_shrinks_but_keeps_k_and_counts_parameters():
     ds = blobs()
-    config = train.TrainConfig(mode="unified", k=4, optimizer="adagrad", simplify=True,
-                               threshold=0.3, prune_fraction=0.5, hidden=40, layers=2, epochs=4,
-                               batch_size=16)
+    config = train.TrainConfig(
+        mode="unified",
+        k=4,
+        optimizer="adagrad",
+        simplify=True,
+        threshold=0.3,
+        prune_fraction=0.5,
+        hidden=40,
+        layers=2,
+        epochs=4,
+        batch_size=16,
+    )
     run = train.train_one(config, ds, seed=0)
     widths = [e["widths"] for e in run["epochs"]]
     assert all(w >= 4 for ws in widths for w in ws)
@@ -144,17 +161,37 @@ def test_evaluate_matches_a_manual_count():
 
 def fake_run(label, acc, bwd, widths, seed, mode="unified", optimizer="adagrad"):
     config = train.TrainConfig(mode=mode, optimizer=optimizer, **SMALL)
-    return dict(label=label, seed=seed, config=vars(config).copy(), device="cpu",
-                initial_widths=[40, 40], test_acc=acc, test_loss=0.1, widths=widths, params=100 + seed,
-                backward_s_per_epoch=bwd, epoch_s=2 * bwd, epochs=[])
+    return dict(
+        label=label,
+        seed=seed,
+        config=vars(config).copy(),
+        device="cpu",
+        initial_widths=[40, 40],
+        test_acc=acc,
+        test_loss=0.1,
+        widths=widths,
+        params=100 + seed,
+        backward_s_per_epoch=bwd,
+        epoch_s=2 * bwd,
+        epochs=[],
+    )
 
 
 def test_summarize_and_comparisons():
-    dense = train.summarize("d", [fake_run("d", a, b, [40, 40], s, mode="dense")
-                                  for s, (a, b) in enumerate([(97.0, 2.0), (98.0, 4.0), (99.0, 3.0)])])
-    sparse = train.summarize("u", [fake_run("u", a, b, w, s)
-                                   for s, (a, b, w) in enumerate([(96.0, 1.0, [10, 20]),
-                                                                  (97.0, 0.5, [12, 22])])])
+    dense = train.summarize(
+        "d",
+        [
+            fake_run("d", a, b, [40, 40], s, mode="dense")
+            for s, (a, b) in enumerate([(97.0, 2.0), (98.0, 4.0), (99.0, 3.0)])
+        ],
+    )
+    sparse = train.summarize(
+        "u",
+        [
+            fake_run("u", a, b, w, s)
+            for s, (a, b, w) in enumerate([(96.0, 1.0, [10, 20]), (97.0, 0.5, [12, 22])])
+        ],
+    )
     other = train.summarize("o", [fake_run("o", 90.0, 1.0, [40, 40], 0, optimizer="adam")])
     assert dense["test_acc_mean"] == pytest.approx(98.0)
     assert dense["test_acc_std"] == pytest.approx(statistics.stdev([97.0, 98.0, 99.0]))
@@ -172,6 +209,7 @@ def test_baseline_with_the_same_learning_rate_is_preferred():
         run = fake_run(label, acc, 1.0, [40, 40], 0, mode=mode)
         run["config"]["lr"] = lr
         return train.summarize(label, [run])
+
     default, tuned = summary("d", 97.0, "dense"), summary("d2", 95.0, "dense", lr=0.5)
     same, other = summary("u", 94.0, lr=0.5), summary("u2", 96.0, lr=0.3)
     train.add_comparisons([default, tuned, same, other])
@@ -181,15 +219,20 @@ def test_baseline_with_the_same_learning_rate_is_preferred():
 
 def test_run_experiment_over_seeds():
     ds = blobs()
-    configs = [train.TrainConfig(mode="dense", optimizer="adagrad", **SMALL),
-               train.TrainConfig(mode="unified", k=0.2, optimizer="adagrad", **SMALL)]
+    configs = [
+        train.TrainConfig(mode="dense", optimizer="adagrad", **SMALL),
+        train.TrainConfig(mode="unified", k=0.2, optimizer="adagrad", **SMALL),
+    ]
     summaries = train.run_experiment(configs, ds, seeds=[0, 1], progress=False)
     assert [s["label"] for s in summaries] == [c.label for c in configs]
     for s in summaries:
         assert s["seeds"] == [0, 1] and len(s["runs"]) == 2
-        assert s["test_acc_mean"] == pytest.approx(statistics.fmean(r["test_acc"] for r in s["runs"]))
+        assert s["test_acc_mean"] == pytest.approx(
+            statistics.fmean(r["test_acc"] for r in s["runs"])
+        )
     assert summaries[1]["gap_to_dense"] == pytest.approx(
-        summaries[1]["test_acc_mean"] - summaries[0]["test_acc_mean"])
+        summaries[1]["test_acc_mean"] - summaries[0]["test_acc_mean"]
+    )
     with pytest.raises(ValueError, match="distinct"):
         train.run_experiment(configs + configs[:1], ds, progress=False)
     with pytest.raises(ValueError, match="seeds"):
@@ -198,8 +241,13 @@ def test_run_experiment_over_seeds():
 
 def test_benchmark_backward_rows():
     rows = train.benchmark_backward(width=64, batch=8, ks=(0.1, 0.5), repeats=2)
-    assert [(r["mode"], r["k"]) for r in rows] == [("dense", 64), ("unified", 6), ("unified", 32),
-                                                   ("per_example", 6), ("per_example", 32)]
+    assert [(r["mode"], r["k"]) for r in rows] == [
+        ("dense", 64),
+        ("unified", 6),
+        ("unified", 32),
+        ("per_example", 6),
+        ("per_example", 32),
+    ]
     assert all(r["backward_s"] > 0 for r in rows)
     assert rows[0]["speedup"] == 1.0
     for r in rows:
@@ -219,7 +267,8 @@ def test_demo_configs_cover_the_issue():
     assert {c.k_count for c in main if c.mode != "dense"} == {25}
     assert {c.learning_rate for c in main if c.optimizer == "adam" and c.eps is None} == {1e-3}
     assert [(c.mode, c.learning_rate, c.eps, c.sparse_grad) for c in main if c.eps is not None] == [
-        ("per_example", 1e-2, 1e-3, True)]
+        ("per_example", 1e-2, 1e-3, True)
+    ]
     assert {c.learning_rate for c in main if c.optimizer == "adagrad"} == {0.1}
     assert len({c.label for c in main + sweep}) == len(main + sweep)
 

@@ -1,6 +1,7 @@
 """Transformers: MeMultiheadAttention, convert() on attention and MLP projections with per-role
 options and its report, meProp gradients against a float64 masked-dense reference, meSimp of
 the blocks' MLP width."""
+
 import copy
 import math
 
@@ -65,7 +66,9 @@ def reference_encoder_layer(layer, x, ks, mode):
     heads = (weights @ v).transpose(1, 2).reshape(B, T, E)
     out = masked_linear(heads, attn.out_proj.weight, attn.out_proj.bias, ks["out_proj"], mode)
     x = layer.norm1(x + out)
-    hidden = torch.relu(masked_linear(x, layer.linear1.weight, layer.linear1.bias, ks["linear1"], mode))
+    hidden = torch.relu(
+        masked_linear(x, layer.linear1.weight, layer.linear1.bias, ks["linear1"], mode)
+    )
     y = masked_linear(hidden, layer.linear2.weight, layer.linear2.bias, ks["linear2"], mode)
     return layer.norm2(x + y)
 
@@ -121,8 +124,13 @@ def grads(model):
 # MeMultiheadAttention: forward equals nn.MultiheadAttention's in every configuration
 
 
-MHA_CONFIGS = [dict(), dict(bias=False), dict(kdim=6, vdim=5), dict(add_bias_kv=True),
-               dict(add_zero_attn=True)]
+MHA_CONFIGS = [
+    dict(),
+    dict(bias=False),
+    dict(kdim=6, vdim=5),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True),
+]
 
 
 @pytest.mark.parametrize("config", MHA_CONFIGS, ids=lambda c: ",".join(c) or "plain")
@@ -138,15 +146,25 @@ def test_mha_forward_equals_torch(config, batch_first):
     v = torch.randn(shape(S, config.get("vdim", 8)), dtype=torch.float64)
     padding = torch.rand(B, S) < 0.3
     padding[:, 0] = False
-    calls = [((q, k, v), dict()), ((q, k, v), dict(need_weights=False)),
-             ((q, k, v), dict(key_padding_mask=padding, attn_mask=torch.rand(L, S) < 0.2)),
-             ((q, k, v), dict(average_attn_weights=False, attn_mask=torch.randn(B * 2, L, S,
-                                                                                 dtype=torch.float64)))]
+    calls = [
+        ((q, k, v), dict()),
+        ((q, k, v), dict(need_weights=False)),
+        ((q, k, v), dict(key_padding_mask=padding, attn_mask=torch.rand(L, S) < 0.2)),
+        (
+            (q, k, v),
+            dict(
+                average_attn_weights=False, attn_mask=torch.randn(B * 2, L, S, dtype=torch.float64)
+            ),
+        ),
+    ]
     if "kdim" not in config:
         causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
-        calls += [((q, q, q), dict()), ((q, k, k), dict(need_weights=False)),
-                  ((q, q, q), dict(attn_mask=causal, is_causal=True, need_weights=False)),
-                  ((q[0] if batch_first else q[:, 0],) * 3, dict())]  # unbatched
+        calls += [
+            ((q, q, q), dict()),
+            ((q, k, k), dict(need_weights=False)),
+            ((q, q, q), dict(attn_mask=causal, is_causal=True, need_weights=False)),
+            ((q[0] if batch_first else q[:, 0],) * 3, dict()),
+        ]  # unbatched
     for args, kwargs in calls:
         expected, expected_weights = mha(*args, **kwargs)
         actual, weights = me(*args, **kwargs)
@@ -204,8 +222,9 @@ def test_mha_bad_k_names_the_in_projection():
 def test_encoder_layer_gradients_match_masked_dense_reference(mode):
     layer = nn.TransformerEncoderLayer(16, 2, 40, dropout=0.0, batch_first=True).double()
     reference = copy.deepcopy(layer)
-    converted, report = mebp.convert(layer, k=0.25, attention_k=0.5, mode=mode, skip_output=False,
-                                     report=True)
+    converted, report = mebp.convert(
+        layer, k=0.25, attention_k=0.5, mode=mode, skip_output=False, report=True
+    )
     ks = {"in_proj": 24, "out_proj": 8, "linear1": 10, "linear2": 4}
     assert report.converted == {f"self_attn.{n}" if "proj" in n else n: k for n, k in ks.items()}
     assert isinstance(converted.self_attn, mebp.MeMultiheadAttention)
@@ -228,8 +247,9 @@ def test_encoder_layer_gradients_match_masked_dense_reference(mode):
 def test_gpt_block_gradients_match_masked_dense_reference(mode):
     block = GPTBlock().double()
     reference = copy.deepcopy(block)
-    converted, report = mebp.convert(block, k=0.25, attention_k=5, mlp_k=0.1, mode=mode,
-                                     skip_output=False, report=True)
+    converted, report = mebp.convert(
+        block, k=0.25, attention_k=5, mlp_k=0.1, mode=mode, skip_output=False, report=True
+    )
     ks = {"attn.qkv": 5, "attn.proj": 5, "mlp.0": 4, "mlp.2": 2}
     assert report.converted == ks
     for name, k in ks.items():
@@ -269,8 +289,10 @@ def test_convert_report_says_what_was_left_dense_and_why():
             super().__init__()
             self.embed = nn.Embedding(10, 16)
             self.encoder = nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
-                enable_nested_tensor=False)
+                nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                2,
+                enable_nested_tensor=False,
+            )
             self.cross = nn.MultiheadAttention(16, 2, batch_first=True)
             self.lm_head = nn.Linear(16, 10)
 
@@ -279,16 +301,24 @@ def test_convert_report_says_what_was_left_dense_and_why():
             return self.lm_head(self.cross(x, x, x, need_weights=False)[0])
 
     model = Model()
-    converted, report = mebp.convert(model, k=0.25, exclude=("cross", "*.1.self_attn.in_proj"),
-                                     report=True)
+    converted, report = mebp.convert(
+        model, k=0.25, exclude=("cross", "*.1.self_attn.in_proj"), report=True
+    )
     assert isinstance(report, mebp.ConvertReport)
     assert report.converted == {
-        "encoder.layers.0.self_attn.in_proj": 12, "encoder.layers.0.self_attn.out_proj": 4,
-        "encoder.layers.0.linear1": 8, "encoder.layers.0.linear2": 4,
-        "encoder.layers.1.self_attn.out_proj": 4, "encoder.layers.1.linear1": 8,
-        "encoder.layers.1.linear2": 4}
+        "encoder.layers.0.self_attn.in_proj": 12,
+        "encoder.layers.0.self_attn.out_proj": 4,
+        "encoder.layers.0.linear1": 8,
+        "encoder.layers.0.linear2": 4,
+        "encoder.layers.1.self_attn.out_proj": 4,
+        "encoder.layers.1.linear1": 8,
+        "encoder.layers.1.linear2": 4,
+    }
     dense = report.dense
-    assert dense["encoder.layers.1.self_attn.in_proj"] == "excluded by the pattern '*.1.self_attn.in_proj'"
+    assert (
+        dense["encoder.layers.1.self_attn.in_proj"]
+        == "excluded by the pattern '*.1.self_attn.in_proj'"
+    )
     assert dense["cross.in_proj"] == dense["cross.out_proj"] == "excluded by the pattern 'cross'"
     assert "output layer" in dense["lm_head"] and "Embedding" in dense["embed"]
     assert "LayerNorm" in dense["encoder.layers.0.norm1"]
@@ -303,15 +333,18 @@ def test_convert_report_says_what_was_left_dense_and_why():
 
 
 def test_output_layer_is_never_inside_a_transformer_layer():
-    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
-                                  enable_nested_tensor=False)
+    stack = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+    )
     _, report = mebp.convert(stack, k=0.25, report=True)
     assert report.converted["layers.1.linear2"] == 4 and report.dense.keys() == {
-        f"layers.{i}.norm{j}" for i in (0, 1) for j in (1, 2)}
+        f"layers.{i}.norm{j}" for i in (0, 1) for j in (1, 2)
+    }
     _, report = mebp.convert(stack.layers[0], k=0.25, report=True)
     assert report.converted["linear2"] == 4
-    _, report = mebp.convert(nn.Sequential(stack, nn.Linear(16, 3)), k=0.25, exclude="1",
-                             report=True)
+    _, report = mebp.convert(
+        nn.Sequential(stack, nn.Linear(16, 3)), k=0.25, exclude="1", report=True
+    )
     assert report.dense["1"] == "excluded by the pattern '1'"
 
 
@@ -319,16 +352,24 @@ def test_roles_from_name_patterns_and_subclasses_left_alone():
     class Custom(nn.MultiheadAttention):
         pass
 
-    model = nn.ModuleDict({"attention": Custom(8, 2), "block": nn.ModuleDict(
-        {"c_attn": nn.Linear(8, 24), "ffn": nn.Linear(8, 32), "other": nn.Linear(8, 16)})})
-    converted, report = mebp.convert(model, k=0.5, attention_k=1.0, mlp_k=4, skip_output=False,
-                                     report=True)
+    model = nn.ModuleDict(
+        {
+            "attention": Custom(8, 2),
+            "block": nn.ModuleDict(
+                {"c_attn": nn.Linear(8, 24), "ffn": nn.Linear(8, 32), "other": nn.Linear(8, 16)}
+            ),
+        }
+    )
+    converted, report = mebp.convert(
+        model, k=0.5, attention_k=1.0, mlp_k=4, skip_output=False, report=True
+    )
     assert report.converted == {"block.c_attn": 24, "block.ffn": 4, "block.other": 8}
     assert "subclass of nn.MultiheadAttention" in report.dense["attention.in_proj"]
     roles = {e.name: e.role for e in report}
     assert roles["block.c_attn"] == "attention" and roles["block.ffn"] == "mlp"
-    _, custom = mebp.convert(model, k=0.5, mlp_k=4, roles={"mlp": ["*.other"]}, skip_output=False,
-                             report=True)
+    _, custom = mebp.convert(
+        model, k=0.5, mlp_k=4, roles={"mlp": ["*.other"]}, skip_output=False, report=True
+    )
     assert custom.converted["block.other"] == 4 and custom.converted["block.ffn"] == 16
     with pytest.raises(ValueError, match="roles"):
         mebp.convert(model, roles={"embedding": ["*"]})
@@ -389,7 +430,9 @@ def test_simplifier_prunes_mlp_width_of_two_blocks(tmp_path, optimizer_name):
     for name in mlps:
         second = model.get_submodule(name[:-1] + "2")
         assert second.weight.shape == (16, len(keeps[name])) and second.out_features == 16
-        assert optimizer.state[model.get_submodule(name).weight]["exp_avg"].shape[0] == len(keeps[name])
+        assert optimizer.state[model.get_submodule(name).weight]["exp_avg"].shape[0] == len(
+            keeps[name]
+        )
     tokens = torch.randint(0, 11, (3, 6))
     model.eval()
     masked.eval()
@@ -410,8 +453,12 @@ def test_simplifier_prunes_torch_transformer_encoder(tmp_path):
         def __init__(self):
             super().__init__()
             self.encoder = nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
-                                           activation="gelu"), 2, enable_nested_tensor=False)
+                nn.TransformerEncoderLayer(
+                    16, 2, 32, dropout=0.0, batch_first=True, activation="gelu"
+                ),
+                2,
+                enable_nested_tensor=False,
+            )
             self.head = nn.Linear(16, 3)
 
         def forward(self, x):
@@ -428,8 +475,12 @@ def test_simplifier_prunes_torch_transformer_encoder(tmp_path):
         optimizer.zero_grad()
         model(x).pow(2).sum().backward()
         optimizer.step()
-    keeps = {name: (model.get_submodule(name).hits >= 0.3 * model.get_submodule(name).refs)
-             .nonzero().flatten() for name in mlps}
+    keeps = {
+        name: (model.get_submodule(name).hits >= 0.3 * model.get_submodule(name).refs)
+        .nonzero()
+        .flatten()
+        for name in mlps
+    }
     masked = masked_copy(model, keeps)
     report = simp.prune()
     assert report == {name: (32, len(keeps[name])) for name in mlps}
@@ -449,7 +500,8 @@ def test_decoder_layers_convert_and_their_mlps_are_pruned():
         def __init__(self):
             super().__init__()
             self.decoder = nn.TransformerDecoder(
-                nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+                nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2
+            )
             self.head = nn.Linear(16, 3)
 
         def forward(self, tgt, memory):
@@ -457,8 +509,11 @@ def test_decoder_layers_convert_and_their_mlps_are_pruned():
 
     model = Decoder()
     converted, report = mebp.convert(model, k=0.25, report=True)
-    assert {"decoder.layers.1.multihead_attn.in_proj", "decoder.layers.1.self_attn.in_proj",
-            "decoder.layers.1.linear2"} <= report.converted.keys()
+    assert {
+        "decoder.layers.1.multihead_attn.in_proj",
+        "decoder.layers.1.self_attn.in_proj",
+        "decoder.layers.1.linear2",
+    } <= report.converted.keys()
     tgt, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
     torch.testing.assert_close(converted(tgt, memory), model(tgt, memory))
     converted(tgt, memory).sum().backward()
@@ -469,9 +524,11 @@ def test_decoder_layers_convert_and_their_mlps_are_pruned():
 
 
 def test_bare_encoder_stack_is_pruned_and_its_inference_fast_path_agrees(monkeypatch):
-    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
-                                                             batch_first=True), 2,
-                                  enable_nested_tensor=False)
+    stack = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+        2,
+        enable_nested_tensor=False,
+    )
     model = mebp.convert(stack, k=0.25)
     simp = Simplifier(model, threshold=0.3)
     assert simp.layers == ["layers.0.linear1", "layers.1.linear1"]
@@ -481,8 +538,11 @@ def test_bare_encoder_stack_is_pruned_and_its_inference_fast_path_agrees(monkeyp
     expected = model(x).detach()  # training mode: the Python forward with MeMultiheadAttention
     fused = []
     original = torch._transformer_encoder_layer_fwd
-    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd",
-                        lambda *a, **kw: fused.append(1) or original(*a, **kw))
+    monkeypatch.setattr(
+        torch,
+        "_transformer_encoder_layer_fwd",
+        lambda *a, **kw: fused.append(1) or original(*a, **kw),
+    )
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """The window MLP tagger: features, held-out split, best-epoch selection, row scaling, CLI."""
+
 import json
 
 import pytest
@@ -19,24 +20,41 @@ from triton_mebp.app.window import (
 )
 
 
-@pytest.mark.parametrize("form, shape", [("Obama", "Xx"), ("1990s", "dx"), ("e-mail", "x-x"),
-                                         ("U.S.", "X.X."), ("the", "x"), ("(", "(")])
+@pytest.mark.parametrize(
+    "form, shape",
+    [
+        ("Obama", "Xx"),
+        ("1990s", "dx"),
+        ("e-mail", "x-x"),
+        ("U.S.", "X.X."),
+        ("the", "x"),
+        ("(", "("),
+    ],
+)
 def test_word_shape(form, shape):
     assert word_shape(form) == shape
 
 
 def test_features_are_the_window_around_each_token():
-    sentences = [(["The", "cat", "sat"], ["DET", "NOUN", "VERB"]),
-                 (["The", "cat"], ["DET", "NOUN"])]
+    sentences = [
+        (["The", "cat", "sat"], ["DET", "NOUN", "VERB"]),
+        (["The", "cat"], ["DET", "NOUN"]),
+    ]
     vocab = WindowVocabulary.from_sentences(sentences, min_count=2)
     features, tags = vocab.encode(sentences + [(["A", "cat"], ["DET", "NOUN"])])
     the, cat = vocab.index["word"]["the"], vocab.index["word"]["cat"]
     # "sat" is seen once: unknown (1); sentence boundaries are 0
-    assert features[:3, :5].tolist() == [[0, 0, the, cat, 1], [0, the, cat, 1, 0], [the, cat, 1, 0, 0]]
+    assert features[:3, :5].tolist() == [
+        [0, 0, the, cat, 1],
+        [0, the, cat, 1, 0],
+        [the, cat, 1, 0, 0],
+    ]
     xx, x = vocab.index["shape"]["Xx"], vocab.index["shape"]["x"]
     assert features[0, 10:].tolist() == [0, 0, xx, x, x]
     assert features[5, :5].tolist() == [0, 0, 1, cat, 0]  # "a" is unknown
-    assert tags.tolist() == [vocab.tag_index[t] for t in ["DET", "NOUN", "VERB", "DET", "NOUN", "DET", "NOUN"]]
+    assert tags.tolist() == [
+        vocab.tag_index[t] for t in ["DET", "NOUN", "VERB", "DET", "NOUN", "DET", "NOUN"]
+    ]
 
 
 def test_held_out_split_is_a_spread_out_partition():
@@ -66,21 +84,31 @@ def test_per_example_counts_are_examples_that_selected_each_row():
     dy = torch.randn(6, 8)
     layer(x).backward(dy)
     chosen = dy.abs().topk(2, dim=1).indices
-    expected = torch.zeros(8, dtype=torch.int64).index_add_(0, chosen.flatten(), torch.ones(12, dtype=torch.int64))
+    expected = torch.zeros(8, dtype=torch.int64).index_add_(
+        0, chosen.flatten(), torch.ones(12, dtype=torch.int64)
+    )
     assert torch.equal(layer.hits, expected)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("window")
-    return (write_corpus(folder / "train.conllu", 120, seed=1),
-            write_corpus(folder / "test.conllu", 40, seed=2))
+    return (
+        write_corpus(folder / "train.conllu", 120, seed=1),
+        write_corpus(folder / "test.conllu", 40, seed=2),
+    )
 
 
-@pytest.mark.parametrize("options", [dict(mode="dense"), dict(mode="per_example", k=4, row_scale=True),
-                                     dict(mode="per_example", k=4, step_scale=True, activation="tanh"),
-                                     dict(mode="unified", k=4, optimizer="rowadam", clip=5.0),
-                                     dict(mode="unified", k=4, optimizer="adagrad", simplify=True)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(mode="dense"),
+        dict(mode="per_example", k=4, row_scale=True),
+        dict(mode="per_example", k=4, step_scale=True, activation="tanh"),
+        dict(mode="unified", k=4, optimizer="rowadam", clip=5.0),
+        dict(mode="unified", k=4, optimizer="adagrad", simplify=True),
+    ],
+)
 def test_tagger_learns_and_reports_the_best_held_out_epoch(corpus, options):
     data, vocab, counts = load_window_data(*corpus)
     assert counts["held_out_sentences"] == 12 and counts["test_sentences"] == 40
@@ -110,10 +138,34 @@ def test_bad_window_settings():
 
 def test_cli_window_task(corpus, tmp_path, capsys):
     train, test = corpus
-    rc = cli.main(["train", "--task", "window", "--train", str(train), "--test", str(test),
-                   "--mode", "dense", "unified", "--k", "4", "--hidden", "16", "--epochs", "2",
-                   "--batch-size", "8", "--optimizer", "adam", "--sparse-grad", "--out",
-                   str(tmp_path), "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--task",
+            "window",
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+            "--mode",
+            "dense",
+            "unified",
+            "--k",
+            "4",
+            "--hidden",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--optimizer",
+            "adam",
+            "--sparse-grad",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "unified k=4 rowadam: test" in printed and "dense adam: test" in printed

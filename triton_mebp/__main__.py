@@ -1,4 +1,5 @@
 """``python -m triton_mebp COMMAND``: the ``mebp`` command-line application (triton_mebp.app)."""
+
 import sys
 
 from .app.cli import main

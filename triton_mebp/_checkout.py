@@ -1,6 +1,7 @@
 """Source checkouts: the kernels live in the top-level ``kernels/`` folder, which an install maps
 to ``triton_mebp.kernels``. Imported first by the package, this makes the same name work from a
 checkout without installing (``PYTHONPATH=.``), always taking the kernels beside this package."""
+
 import importlib.util
 import pathlib
 import sys
@@ -13,7 +14,8 @@ def import_checkout_kernels() -> None:
     if (here / "kernels").is_dir() or not source.is_file() or name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(
-        name, source, submodule_search_locations=[str(source.parent)])
+        name, source, submodule_search_locations=[str(source.parent)]
+    )
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import the checkout's kernels from {source}")
     module = importlib.util.module_from_spec(spec)

@@ -10,6 +10,7 @@ as well, which works under Triton's interpreter (``TRITON_INTERPRET=1``); that i
 suite runs every kernel without a GPU. ``"torch"`` forces PyTorch ops everywhere.
 Tensors of a dtype the kernels do not compute (float64) always take the PyTorch ops.
 """
+
 import os
 import types
 from typing import Protocol
@@ -30,20 +31,23 @@ class Backend(Protocol):
     name: str
 
     # Selection. ``hits`` (int64, N), if given, is a per-column counter updated in place.
-    def unified_select(self, dy: Tensor, k: int, hits: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor]:
+    def unified_select(
+        self, dy: Tensor, k: int, hits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Batch-shared top-k columns of ``dy`` (B x N) by ``sum_b |dy[b, n]|``: ``(idx, dy_c)``,
         idx ascending (k), ``dy_c = dy[:, idx]`` (B x k); hits += B at the selected columns."""
         ...
 
-    def unified_select_and_bias(self, dy: Tensor, k: int, hits: Tensor | None = None
-                                ) -> tuple[Tensor, Tensor, Tensor]:
+    def unified_select_and_bias(
+        self, dy: Tensor, k: int, hits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``unified_select`` and the bias gradient ``db = dy.sum(0)`` (dtype of ``dy``):
         ``(idx, dy_c, db)``, from one pass over ``dy`` where the backend can."""
         ...
 
-    def per_example_select(self, dy: Tensor, k: int, hits: Tensor | None = None
-                           ) -> tuple[Tensor, Tensor]:
+    def per_example_select(
+        self, dy: Tensor, k: int, hits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Top-k of ``|dy[b]|`` per row: ``(values, idx)``, both B x k, idx ascending per row;
         hits += 1 per selection."""
         ...
@@ -53,8 +57,9 @@ class Backend(Protocol):
         """``dy_c @ weight[idx]`` (B x M)."""
         ...
 
-    def gathered_weight_grad(self, dy_c: Tensor, x: Tensor, idx: Tensor,
-                             out: Tensor | None = None) -> Tensor:
+    def gathered_weight_grad(
+        self, dy_c: Tensor, x: Tensor, idx: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         """``dy_c.T @ x`` (k x M), or written into the rows ``idx`` of ``out`` and ``out``
         returned."""
         ...
@@ -63,43 +68,87 @@ class Backend(Protocol):
         """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
         ...
 
-    def per_example_weight_grad(self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int,
-                                dense: bool = False) -> tuple[Tensor, Tensor]:
+    def per_example_weight_grad(
+        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
         ``dense=True`` the whole n_rows x M gradient (zero rows where nothing was selected)."""
         ...
 
     # Row-sparse optimizer updates, in place on the rows ``idx`` (distinct) of a 2-D parameter
     # and its state; ``row_step`` (float32, one per parameter row) counts each row's updates.
-    def row_sgd_step(self, param: Tensor, idx: Tensor, grad: Tensor, row_step: Tensor,
-                     momentum_buffer: Tensor | None, *, lr: float, momentum: float,
-                     dampening: float, weight_decay: float, nesterov: bool) -> None: ...
+    def row_sgd_step(
+        self,
+        param: Tensor,
+        idx: Tensor,
+        grad: Tensor,
+        row_step: Tensor,
+        momentum_buffer: Tensor | None,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+    ) -> None: ...
 
-    def row_adagrad_step(self, param: Tensor, idx: Tensor, grad: Tensor, row_step: Tensor,
-                         state_sum: Tensor, *, lr: float, lr_decay: float, weight_decay: float,
-                         eps: float) -> None: ...
+    def row_adagrad_step(
+        self,
+        param: Tensor,
+        idx: Tensor,
+        grad: Tensor,
+        row_step: Tensor,
+        state_sum: Tensor,
+        *,
+        lr: float,
+        lr_decay: float,
+        weight_decay: float,
+        eps: float,
+    ) -> None: ...
 
-    def row_adam_step(self, param: Tensor, idx: Tensor, grad: Tensor, row_step: Tensor,
-                      exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, decoupled: bool) -> None: ...
+    def row_adam_step(
+        self,
+        param: Tensor,
+        idx: Tensor,
+        grad: Tensor,
+        row_step: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+    ) -> None: ...
 
     # Inference of compacted models.
-    def linear_act(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                   activation: str = "identity") -> Tensor:
+    def linear_act(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "identity"
+    ) -> Tensor:
         """``act(x @ weight.T + bias)`` for a 2-D ``x``."""
         ...
 
-    def fused_mlp(self, x: Tensor, first_weight: Tensor, first_bias: Tensor,
-                  rest_weight: Tensor, rest_bias: Tensor, out_features: int,
-                  hidden_activation: str = "relu", output_activation: str = "identity"
-                  ) -> Tensor:
+    def fused_mlp(
+        self,
+        x: Tensor,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        rest_weight: Tensor,
+        rest_bias: Tensor,
+        out_features: int,
+        hidden_activation: str = "relu",
+        output_activation: str = "identity",
+    ) -> Tensor:
         """A whole MLP: ``first_weight`` (H x K) then the zero-padded later layers packed as
         ``rest_weight`` (L x W x W) and ``rest_bias`` (L x W); B x out_features."""
         ...
 
 
-OPERATIONS = tuple(name for name in vars(Backend) if not name.startswith("_")
-                   and callable(vars(Backend)[name]))
+OPERATIONS = tuple(
+    name for name in vars(Backend) if not name.startswith("_") and callable(vars(Backend)[name])
+)
 
 
 def _check(name: str, source: str) -> str:
@@ -129,9 +178,14 @@ def triton_ops() -> Backend:
     global _triton_ops
     if _triton_ops is None:
         from .kernels import fused_mlp, gathered, optim_rows, selection
+
         families = (selection, gathered, optim_rows, fused_mlp)
-        found = {name: getattr(family, name) for family in families for name in OPERATIONS
-                 if hasattr(family, name)}
+        found = {
+            name: getattr(family, name)
+            for family in families
+            for name in OPERATIONS
+            if hasattr(family, name)
+        }
         missing = sorted(set(OPERATIONS) - set(found))
         if missing:
             raise ImportError(f"the Triton kernels lack backend operations {missing}")
@@ -149,9 +203,11 @@ def ops_for(tensor: torch.Tensor) -> Backend:
         name = "triton" if tensor.is_cuda else "torch"
     if name == "torch":
         from . import torch_ops
+
         return torch_ops  # type: ignore[return-value]  # a module implementing the contract
     if not tensor.is_cuda and not interpreting():
         raise RuntimeError(
             f"the Triton backend needs CUDA tensors (got a tensor on {tensor.device}); on the CPU "
-            "it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before import)")
+            "it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before import)"
+        )
     return triton_ops()

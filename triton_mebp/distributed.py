@@ -11,6 +11,7 @@ through DDP's buckets as usual. ``DistributedSimplifier`` sums meSimp's hit coun
 before pruning, so every rank removes the same neurons, and rebuilds DDP's buckets for the new
 shapes. See docs/distributed.md.
 """
+
 import datetime
 import inspect
 import numbers
@@ -64,10 +65,14 @@ class CommStats:
         return self.mebp_bytes + self.ddp_bytes
 
     def as_dict(self) -> dict:
-        return dict(mebp_bytes=self.mebp_bytes, ddp_bytes=self.ddp_bytes,
-                    total_bytes=self.total_bytes, layer_bytes=dict(self.layer_bytes),
-                    per_example_union=self.per_example_union,
-                    per_example_dense=self.per_example_dense)
+        return dict(
+            mebp_bytes=self.mebp_bytes,
+            ddp_bytes=self.ddp_bytes,
+            total_bytes=self.total_bytes,
+            layer_bytes=dict(self.layer_bytes),
+            per_example_union=self.per_example_union,
+            per_example_dense=self.per_example_dense,
+        )
 
     def __repr__(self) -> str:
         return f"CommStats({self.as_dict()})"
@@ -112,13 +117,15 @@ class _DistributedLayer:
         failed, k_sum, k_sq, m_sum, m_sq = payload[:_HEADER].tolist()
         if failed:
             raise DistributedBackwardError(
-                f"{self._label()}: {int(failed)} other rank(s) failed in this layer's backward")
+                f"{self._label()}: {int(failed)} other rank(s) failed in this layer's backward"
+            )
         W = self.world
         if W * k_sq != k_sum * k_sum or W * m_sq != m_sum * m_sum:
             raise DistributedBackwardError(
                 f"{self._label()}: the ranks disagree on k or mode (this rank: k={k}, "
                 f"mode={mode!r}; mean over ranks: k={k_sum / W:g}); with auto=True the ranks must "
-                "see batches of the same size")
+                "see batches of the same size"
+            )
 
     def _send_failure(self, n: int, device):
         payload = torch.zeros(_HEADER + n, dtype=torch.float64, device=device)
@@ -205,12 +212,17 @@ class _DistributedLayer:
                 self.stats.per_example_dense += 1
                 exchanged = grad_rows.new_zeros(weight.shape).index_copy_(0, rows, grad_rows)
                 where = None
-            _wait(self._all_reduce(exchanged),
-                  f"{self._label()}: the all-reduce of the selected weight rows")
+            _wait(
+                self._all_reduce(exchanged),
+                f"{self._label()}: the all-reduce of the selected weight rows",
+            )
             exchanged.div_(self.world)
             if ctx.grad == "dense":
-                dw = exchanged if where is None else _zeroed_grad_buffer(
-                    weight, dy.dtype).index_copy_(0, where, exchanged)
+                dw = (
+                    exchanged
+                    if where is None
+                    else _zeroed_grad_buffer(weight, dy.dtype).index_copy_(0, where, exchanged)
+                )
             else:
                 where = torch.arange(N, device=dy.device) if where is None else where
                 dw = _row_sparse(where, exchanged, weight.shape)
@@ -233,7 +245,8 @@ def counting_allreduce_hook(state, bucket):
             raise DistributedBackwardError(
                 f"DDP's all-reduce of a gradient bucket (rank {dist.get_rank(state.group)} of "
                 f"{state.world}) did not complete: another rank did not take part; it probably "
-                f"raised in its forward or backward. ({type(error).__name__}: {error})") from error
+                f"raised in its forward or backward. ({type(error).__name__}: {error})"
+            ) from error
 
     return future.then(done)
 
@@ -244,8 +257,9 @@ class _HookState:
         self.world = dist.get_world_size(group)
 
 
-def count_ddp_bytes(ddp: nn.parallel.DistributedDataParallel, stats: CommStats | None = None
-                    ) -> CommStats:
+def count_ddp_bytes(
+    ddp: nn.parallel.DistributedDataParallel, stats: CommStats | None = None
+) -> CommStats:
     """Registers ``counting_allreduce_hook`` on any DDP (before its first backward, in place of
     another comm hook) and returns the ``CommStats`` whose ``ddp_bytes`` it counts."""
     stats = stats if stats is not None else CommStats()
@@ -257,8 +271,9 @@ def _timedelta(timeout):
     if timeout is None or isinstance(timeout, datetime.timedelta):
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not float(timeout) > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got "
-                         f"{timeout!r}")
+        raise ValueError(
+            f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}"
+        )
     return datetime.timedelta(seconds=float(timeout))
 
 
@@ -270,8 +285,7 @@ def _group(parent, timeout, use: str):
     rank of ``parent`` makes it at the same point, when it builds its first such wrapper)."""
     key = (tuple(dist.get_process_group_ranks(parent)), timeout, use, dist.group.WORLD)
     if key not in _groups:
-        _groups[key] = dist.new_group(list(key[0]), timeout=timeout,
-                                      use_local_synchronization=True)
+        _groups[key] = dist.new_group(list(key[0]), timeout=timeout, use_local_synchronization=True)
     return _groups[key]
 
 
@@ -280,14 +294,21 @@ def _me_layers(module: nn.Module):
     DTensor parameters, a weight another module shares, sparse MeMultiheadAttention gradients."""
     sharded = [n for n, p in module.named_parameters() if type(p).__name__ == "DTensor"]
     if sharded:
-        raise TypeError(f"parameter {sharded[0]!r} is a DTensor (FSDP2 or tensor parallelism): "
-                        "triton_mebp.DistributedDataParallel supports replicated models only")
+        raise TypeError(
+            f"parameter {sharded[0]!r} is a DTensor (FSDP2 or tensor parallelism): "
+            "triton_mebp.DistributedDataParallel supports replicated models only"
+        )
     for name, layer in module.named_modules():
-        if (isinstance(layer, MeMultiheadAttention) and layer.grad == "sparse"
-                and layer.in_proj_k is not None):
-            raise ValueError(f"MeMultiheadAttention {name!r} has grad='sparse': its in-projection "
-                             "goes through DDP's buckets, which take dense gradients only; set "
-                             "its grad to 'dense'")
+        if (
+            isinstance(layer, MeMultiheadAttention)
+            and layer.grad == "sparse"
+            and layer.in_proj_k is not None
+        ):
+            raise ValueError(
+                f"MeMultiheadAttention {name!r} has grad='sparse': its in-projection "
+                "goes through DDP's buckets, which take dense gradients only; set "
+                "its grad to 'dense'"
+            )
     layers, seen = [], set()
     for name, layer in module.named_modules():
         if isinstance(layer, MeLinear) and id(layer) not in seen:
@@ -302,7 +323,8 @@ def _me_layers(module: nn.Module):
                 raise ValueError(
                     f"the weight of MeLinear {weights[id(param)]!r} is also {owner_name}.{pname} "
                     f"({type(owner).__name__}): the gradient of that use would not be reduced; "
-                    "leave the layer dense (convert(..., exclude=...))")
+                    "leave the layer dense (convert(..., exclude=...))"
+                )
     return layers
 
 
@@ -345,14 +367,19 @@ class DistributedDataParallel(_DDP):
         layers = _me_layers(module)
         timeout = _timedelta(timeout)
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("triton_mebp.distributed.DistributedDataParallel needs an "
-                               "initialised process group (torch.distributed.init_process_group)")
+            raise RuntimeError(
+                "triton_mebp.distributed.DistributedDataParallel needs an "
+                "initialised process group (torch.distributed.init_process_group)"
+            )
         bound = inspect.signature(_DDP.__init__).bind(None, module, *args, **kwargs).arguments
         previous = getattr(module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(previous or ())
         _set_ignored(module, ignored + [n for n in _ignored_names(layers) if n not in ignored])
-        if (timeout is not None and bound.get("process_group") is None
-                and bound.get("device_mesh") is None):
+        if (
+            timeout is not None
+            and bound.get("process_group") is None
+            and bound.get("device_mesh") is None
+        ):
             kwargs["process_group"] = _group(dist.group.WORLD, timeout, "ddp")
         try:
             super().__init__(module, *args, **kwargs)
@@ -372,18 +399,21 @@ class DistributedDataParallel(_DDP):
                 for weight in weights:
                     dist.broadcast(weight.data, src=source, group=self.mebp_group)
         for name, layer in layers:
-            distributed_backward[layer.weight] = _DistributedLayer(name, self.mebp_group,
-                                                                   self.comm_stats)
+            distributed_backward[layer.weight] = _DistributedLayer(
+                name, self.mebp_group, self.comm_stats
+            )
             setattr(layer.weight, DISTRIBUTED_MARK, True)  # torch.compile leaves the layer eager
         self._shapes = self._current_shapes()
 
     def _verify_mebp_shapes(self):
         try:
             _verify_param_shape_across_processes(
-                self.mebp_group, [layer.weight for _, layer in self.mebp_layers])
+                self.mebp_group, [layer.weight for _, layer in self.mebp_layers]
+            )
         except Exception as error:
             raise DistributedBackwardError(
-                f"the MeLinear weights differ in shape between the ranks: {error}") from error
+                f"the MeLinear weights differ in shape between the ranks: {error}"
+            ) from error
 
     def _current_shapes(self):
         return [tuple(p.shape) for p in self.module.parameters()]
@@ -399,7 +429,8 @@ class DistributedDataParallel(_DDP):
             raise RuntimeError(
                 "the model's parameter shapes changed since DDP built its buckets: prune with "
                 "triton_mebp.DistributedSimplifier(ddp, ...) (which keeps the ranks in step and "
-                "rebuilds), or call ddp.rebuild() on every rank after changing the model")
+                "rebuilds), or call ddp.rebuild() on every rank after changing the model"
+            )
         self._ensure_comm_hook()
         return super().forward(*inputs, **kwargs)
 
@@ -416,11 +447,15 @@ class DistributedDataParallel(_DDP):
             _verify_param_shape_across_processes(self.process_group, parameters)
         except Exception as error:
             raise DistributedBackwardError(
-                f"after a change of shapes the ranks' models differ: {error}") from error
+                f"after a change of shapes the ranks' models differ: {error}"
+            ) from error
         self._verify_mebp_shapes()
-        self._ddp_init_helper(parameters, expect_sparse_gradient,
-                              self._build_debug_param_to_name_mapping(parameters),
-                              self.static_graph)
+        self._ddp_init_helper(
+            parameters,
+            expect_sparse_gradient,
+            self._build_debug_param_to_name_mapping(parameters),
+            self.static_graph,
+        )
         if self.static_graph:
             self.reducer._set_static_graph()
         self._has_rebuilt_buckets = False
@@ -450,13 +485,20 @@ class DistributedSimplifier(Simplifier):
     step (``SimplifySchedule`` does). Other arguments as ``Simplifier``.
     """
 
-    def __init__(self, ddp: DistributedDataParallel, *, threshold: float = 0.1, optimizer=None,
-                 min_width: int = 1):
+    def __init__(
+        self,
+        ddp: DistributedDataParallel,
+        *,
+        threshold: float = 0.1,
+        optimizer=None,
+        min_width: int = 1,
+    ):
         if not isinstance(ddp, DistributedDataParallel):
-            raise TypeError("DistributedSimplifier needs a triton_mebp.distributed."
-                            f"DistributedDataParallel, got {type(ddp).__name__}")
-        super().__init__(ddp.module, threshold=threshold, optimizer=optimizer,
-                         min_width=min_width)
+            raise TypeError(
+                "DistributedSimplifier needs a triton_mebp.distributed."
+                f"DistributedDataParallel, got {type(ddp).__name__}"
+            )
+        super().__init__(ddp.module, threshold=threshold, optimizer=optimizer, min_width=min_width)
         self.ddp = ddp
 
     def prune(self):
@@ -464,12 +506,14 @@ class DistributedSimplifier(Simplifier):
         saved = [(layer.hits.clone(), layer.refs.clone()) for layer in layers]
         if layers:
             counts = torch.cat([torch.cat([layer.hits, layer.refs.view(1)]) for layer in layers])
-            _wait(dist.all_reduce(counts, group=self.ddp.mebp_group, async_op=True),
-                  "meSimp: the all-reduce of the hit counts")
+            _wait(
+                dist.all_reduce(counts, group=self.ddp.mebp_group, async_op=True),
+                "meSimp: the all-reduce of the hit counts",
+            )
             start = 0
             for layer in layers:
                 n = layer.hits.numel()
-                layer.hits.copy_(counts[start:start + n])
+                layer.hits.copy_(counts[start : start + n])
                 layer.refs.copy_(counts[start + n])
                 start += n + 1
         try:
@@ -484,5 +528,11 @@ class DistributedSimplifier(Simplifier):
         return report
 
 
-__all__ = ["CommStats", "DistributedBackwardError", "DistributedDataParallel",
-           "DistributedSimplifier", "count_ddp_bytes", "counting_allreduce_hook"]
+__all__ = [
+    "CommStats",
+    "DistributedBackwardError",
+    "DistributedDataParallel",
+    "DistributedSimplifier",
+    "count_ddp_bytes",
+    "counting_allreduce_hook",
+]

@@ -20,6 +20,7 @@ The predicted speedup is the ratio of the two. Which model answers (``Estimate.m
 - ``"nominal"``: a roofline model from nominal device figures (``NOMINAL``) where neither covers
   the device.
 """
+
 import csv
 import functools
 import importlib.resources
@@ -60,6 +61,7 @@ def _mebp_features(B, M, N, k, metric="backward"):
 def _fit(features: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Non-negative coefficients minimising the relative error of the predicted times."""
     from scipy.optimize import nnls  # type: ignore[import-untyped]
+
     scale = features.max(axis=0)
     scale[scale == 0] = 1.0
     coefficients, _ = nnls(features / scale / times[:, None], np.ones_like(times))
@@ -68,14 +70,15 @@ def _fit(features: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Estimate:
-    speedup: float          # dense time / meProp time
+    speedup: float  # dense time / meProp time
     dense_ms: float
     mebp_ms: float
-    model: str              # "data", "shipped" or "nominal": which model answered
-    source: str             # what it was fitted to: device, commit, points (or the nominal kind)
+    model: str  # "data", "shipped" or "nominal": which model answered
+    source: str  # what it was fitted to: device, commit, points (or the nominal kind)
 
 
 # ---------------------------------------------------------------- fitting
+
 
 def _shape(r: dict) -> tuple[int, int, int]:
     return int(r["batch"]), int(r["in_features"]), int(r["out_features"])
@@ -126,23 +129,43 @@ def fit_speed_model(rows: list[dict], commits: dict | None = None) -> dict:
                 points = [r for r in mebp if r["mode"] == mode and r["grad"] == grad]
                 if not dense or len(points) < 2:
                     continue
-                dense_fit = _fit(np.stack([_dense_features(*_shape(r)) for r in dense]),
-                                 np.array([float(r["median_ms"]) for r in dense]))
-                mebp_fit = _fit(np.stack([_mebp_features(*_shape(r), int(r["k"]), metric)
-                                          for r in points]),
-                                np.array([float(r["median_ms"]) for r in points]))
+                dense_fit = _fit(
+                    np.stack([_dense_features(*_shape(r)) for r in dense]),
+                    np.array([float(r["median_ms"]) for r in dense]),
+                )
+                mebp_fit = _fit(
+                    np.stack([_mebp_features(*_shape(r), int(r["k"]), metric) for r in points]),
+                    np.array([float(r["median_ms"]) for r in points]),
+                )
                 sizes = [b * m * n for b, m, n in map(_shape, points)]
-                fits.append(dict(dtype=dtype, metric=metric, mode=mode, grad=grad,
-                                 provider=points[0]["provider"], dense=dense_fit.tolist(),
-                                 mebp=mebp_fit.tolist(), sizes=[min(sizes), max(sizes)],
-                                 points=[len(dense), len(points)]))
+                fits.append(
+                    dict(
+                        dtype=dtype,
+                        metric=metric,
+                        mode=mode,
+                        grad=grad,
+                        provider=points[0]["provider"],
+                        dense=dense_fit.tolist(),
+                        mebp=mebp_fit.tolist(),
+                        sizes=[min(sizes), max(sizes)],
+                        points=[len(dense), len(points)],
+                    )
+                )
         if fits:
-            devices.append(dict(device=device, kind=kind, commit=commit,
-                                copy_bandwidth=max(copies) if copies else None, fits=fits))
+            devices.append(
+                dict(
+                    device=device,
+                    kind=kind,
+                    commit=commit,
+                    copy_bandwidth=max(copies) if copies else None,
+                    fits=fits,
+                )
+            )
     return {"format": MODEL_FORMAT, "devices": devices}
 
 
 # ---------------------------------------------------------------- the models
+
 
 def _data_paths(data: str | Path | Iterable[str | Path] | None) -> tuple:
     if data is None:
@@ -173,8 +196,10 @@ def shipped_model() -> dict:
         return {"format": MODEL_FORMAT, "devices": []}
     model = json.loads(resource.read_text())
     if model.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{'/'.join(SHIPPED)} has format {model.get('format')!r}, this version "
-                         f"reads {MODEL_FORMAT}; rerun `mebp sweep --fit`")
+        raise ValueError(
+            f"{'/'.join(SHIPPED)} has format {model.get('format')!r}, this version "
+            f"reads {MODEL_FORMAT}; rerun `mebp sweep --fit`"
+        )
     return model
 
 
@@ -188,8 +213,9 @@ def _device_kind(device: str | torch.device | None) -> tuple[str, str | None]:
     return "cuda", name
 
 
-def _choose(model: dict, kind: str, name: str | None, dtype: str, mode: str, grad: str,
-            metric: str) -> tuple | None:
+def _choose(
+    model: dict, kind: str, name: str | None, dtype: str, mode: str, grad: str, metric: str
+) -> tuple | None:
     """(device entry, fit, fill bandwidth or None) answering the question, or None.
 
     The device's exact name if the model has it, else the first device of that kind; the dtype
@@ -214,8 +240,11 @@ def _choose(model: dict, kind: str, name: str | None, dtype: str, mode: str, gra
 
 def _nominal(kind, B, M, N, k, mode, grad, elem):
     figures = NOMINAL[kind]
-    dense = figures["overhead"] + 4.0 * B * M * N / figures["flops"] \
+    dense = (
+        figures["overhead"]
+        + 4.0 * B * M * N / figures["flops"]
         + elem * (B * N + 2 * B * M + 2 * N * M) / figures["bandwidth"]
+    )
     gathered = 4.0 * B * k * M / (figures["flops"] * figures["gathered_share"])
     w_rows = N if grad == "dense" else (min(N, B * k) if mode == "per_example" else k)
     traffic = elem * (B * N + 2 * B * M + k * M + w_rows * M)
@@ -223,12 +252,25 @@ def _nominal(kind, B, M, N, k, mode, grad, elem):
     return dense * 1e3, mebp * 1e3
 
 
-def estimate(batch: int, in_features: int, out_features: int, k: int | float,
-             mode: str = "unified", device: str | torch.device = "cpu", *,
-             dtype: torch.dtype | None = None, grad: str = "dense", metric: str = "backward",
-             data: str | Path | Iterable[str | Path] | None = None) -> Estimate:
+def estimate(
+    batch: int,
+    in_features: int,
+    out_features: int,
+    k: int | float,
+    mode: str = "unified",
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    grad: str = "dense",
+    metric: str = "backward",
+    data: str | Path | Iterable[str | Path] | None = None,
+) -> Estimate:
     """Predicted dense and meProp times and their ratio for one layer; see ``estimate_speedup``."""
-    for what, value in (("batch", batch), ("in_features", in_features), ("out_features", out_features)):
+    for what, value in (
+        ("batch", batch),
+        ("in_features", in_features),
+        ("out_features", out_features),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{what} must be a positive int, got {value!r}")
     check_options(mode, grad)
@@ -239,42 +281,58 @@ def estimate(batch: int, in_features: int, out_features: int, k: int | float,
     dtype = dtype if dtype is not None else (torch.bfloat16 if kind == "cuda" else torch.float32)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    dtype_label = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    dtype_label = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype)
+    )
     paths = _data_paths(data)
     model, which = (_fitted(paths), "data") if paths else (shipped_model(), "shipped")
     chosen = _choose(model, kind, name, dtype_label, mode, grad, metric)
     if chosen is None:
-        dense_ms, mebp_ms = _nominal(kind, batch, in_features, out_features, kept, mode, grad,
-                                     dtype.itemsize)
+        dense_ms, mebp_ms = _nominal(
+            kind, batch, in_features, out_features, kept, mode, grad, dtype.itemsize
+        )
         which, source = "nominal", f"nominal {kind} model"
     else:
         entry, fit, fill_bandwidth = chosen
         origin = ", ".join(p for p, _ in paths) if paths else "/".join(SHIPPED)
-        source = (f"{origin}: {entry['device']} at commit {entry['commit']} "
-                  f"({fit['points'][0]} dense, {fit['points'][1]} meProp points, {fit['dtype']})")
+        source = (
+            f"{origin}: {entry['device']} at commit {entry['commit']} "
+            f"({fit['points'][0]} dense, {fit['points'][1]} meProp points, {fit['dtype']})"
+        )
         if fill_bandwidth is not None:
             source += ", dense-gradient fill added at the copy bandwidth"
         smallest, largest = fit["sizes"]
         if not smallest <= batch * in_features * out_features <= largest:
             source += ", extrapolated beyond the measured layer sizes"
         dense_ms = float(_dense_features(batch, in_features, out_features) @ np.array(fit["dense"]))
-        mebp_ms = float(_mebp_features(batch, in_features, out_features, kept, metric)
-                        @ np.array(fit["mebp"]))
+        mebp_ms = float(
+            _mebp_features(batch, in_features, out_features, kept, metric) @ np.array(fit["mebp"])
+        )
         if fill_bandwidth is not None:
             mebp_ms += out_features * in_features * dtype.itemsize / fill_bandwidth * 1e3
     if kept == out_features:  # meProp runs the dense backward then
         mebp_ms = dense_ms
     if dense_ms <= 0 or mebp_ms <= 0:
-        raise RuntimeError(f"the cost model ({source}) predicts no time for this shape; "
-                           "the sweep data does not cover it")
+        raise RuntimeError(
+            f"the cost model ({source}) predicts no time for this shape; "
+            "the sweep data does not cover it"
+        )
     return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, which, source)
 
 
-def estimate_speedup(batch: int, in_features: int, out_features: int, k: int | float,
-                     mode: str = "unified", device: str | torch.device = "cpu", *,
-                     dtype: torch.dtype | None = None, grad: str = "dense",
-                     metric: str = "backward",
-                     data: str | Path | Iterable[str | Path] | None = None) -> float:
+def estimate_speedup(
+    batch: int,
+    in_features: int,
+    out_features: int,
+    k: int | float,
+    mode: str = "unified",
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    grad: str = "dense",
+    metric: str = "backward",
+    data: str | Path | Iterable[str | Path] | None = None,
+) -> float:
     """Predicted speedup of meProp's backward over dense backward for one linear layer.
 
     ``k``: int count or float ratio of ``out_features`` (as in ``mebp_linear``); ``mode``:
@@ -286,14 +344,33 @@ def estimate_speedup(batch: int, in_features: int, out_features: int, k: int | f
     nominal model for a device they do not cover (``estimate(...).model`` says which). Above 1
     means meProp is predicted faster. Fits once (cached); later calls cost microseconds.
     """
-    return estimate(batch, in_features, out_features, k, mode, device, dtype=dtype, grad=grad,
-                    metric=metric, data=data).speedup
+    return estimate(
+        batch,
+        in_features,
+        out_features,
+        k,
+        mode,
+        device,
+        dtype=dtype,
+        grad=grad,
+        metric=metric,
+        data=data,
+    ).speedup
 
 
-def mebp_is_faster(batch: int, in_features: int, out_features: int, k: int | float,
-                   mode: str = "unified", device: str | torch.device = "cpu", *,
-                   dtype: torch.dtype | None = None, grad: str = "dense", margin: float = 1.1,
-                   data: str | Path | Iterable[str | Path] | None = None) -> bool:
+def mebp_is_faster(
+    batch: int,
+    in_features: int,
+    out_features: int,
+    k: int | float,
+    mode: str = "unified",
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    grad: str = "dense",
+    margin: float = 1.1,
+    data: str | Path | Iterable[str | Path] | None = None,
+) -> bool:
     """True when meProp's backward is predicted at least ``margin`` times faster than dense.
 
     For an automatic dense fallback: a layer whose shape predicts less keeps full back
@@ -301,5 +378,9 @@ def mebp_is_faster(batch: int, in_features: int, out_features: int, k: int | flo
     """
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin!r}")
-    return estimate_speedup(batch, in_features, out_features, k, mode, device, dtype=dtype,
-                            grad=grad, data=data) >= margin
+    return (
+        estimate_speedup(
+            batch, in_features, out_features, k, mode, device, dtype=dtype, grad=grad, data=data
+        )
+        >= margin
+    )

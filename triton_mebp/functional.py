@@ -1,4 +1,5 @@
 """meProp for one linear layer: dense forward, top-k sparsified backward."""
+
 import numbers
 import warnings
 
@@ -20,8 +21,10 @@ def resolve_k(k: int | float, width: int, layer: str = "layer") -> int:
     ``k`` is an int in [1, width] or a float ratio in (0, 1] of the width (rounded, at least 1).
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(f"k must be an int count or a float ratio, got {type(k).__name__} {k!r} "
-                        f"for {layer} of width {width}")
+        raise TypeError(
+            f"k must be an int count or a float ratio, got {type(k).__name__} {k!r} "
+            f"for {layer} of width {width}"
+        )
     if isinstance(k, numbers.Integral):
         if not 1 <= k <= width:
             raise ValueError(f"k={k} is outside [1, {width}] for {layer} of width {width}")
@@ -58,8 +61,9 @@ _fresh_row_grads: dict[int, tuple] = {}
 
 def _row_sparse(rows_idx, rows, shape, weight=None):
     """A row-sparse gradient from distinct, ascending row indices; remembered for ``weight``."""
-    grad = torch.sparse_coo_tensor(rows_idx.long().unsqueeze(0), rows, shape,
-                                   is_coalesced=True, check_invariants=False)
+    grad = torch.sparse_coo_tensor(
+        rows_idx.long().unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False
+    )
     if weight is not None and not torch.compiler.is_compiling():
         try:
             _fresh_row_grads[weight.data_ptr()] = _identity(grad)
@@ -79,15 +83,24 @@ def _keep_rows_coalesced(param):
     not a sum of several backward passes) the flag is put back."""
     fresh = _fresh_row_grads.pop(param.data_ptr(), None)
     grad = param.grad
-    if (fresh is not None and grad is not None and grad.is_sparse and not grad.is_coalesced()
-            and fresh == _identity(grad)):
-        param.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
-                                             is_coalesced=True, check_invariants=False)
+    if (
+        fresh is not None
+        and grad is not None
+        and grad.is_sparse
+        and not grad.is_coalesced()
+        and fresh == _identity(grad)
+    ):
+        param.grad = torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
 
 
 def _watch_row_sparse_grads(weight) -> None:
-    if (weight.requires_grad and weight.is_leaf
-            and not getattr(weight, "_mebp_keeps_rows_coalesced", False)):
+    if (
+        weight.requires_grad
+        and weight.is_leaf
+        and not getattr(weight, "_mebp_keeps_rows_coalesced", False)
+    ):
         weight.register_post_accumulate_grad_hook(_keep_rows_coalesced)
         weight._mebp_keeps_rows_coalesced = True
 
@@ -101,7 +114,9 @@ def _dense_backward(dy, x, weight, ctx):
     if ctx.needs_input_grad[1]:
         dw = dy.t() @ x
         if ctx.grad == "sparse":
-            dw = _row_sparse(torch.arange(weight.shape[0], device=dw.device), dw, weight.shape, weight)
+            dw = _row_sparse(
+                torch.arange(weight.shape[0], device=dw.device), dw, weight.shape, weight
+            )
     return dx, dw, dy.sum(0)
 
 
@@ -114,7 +129,9 @@ def _unified_backward(dy, x, weight, ctx):
         if ctx.grad == "dense":
             dw = OPS.gathered_weight_grad_dense.default(dy_c, x, idx, weight)
         else:
-            dw = _row_sparse(idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape, weight)
+            dw = _row_sparse(
+                idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape, weight
+            )
     if ctx.sparse_bias:
         db = dy.new_zeros(weight.shape[0]).index_copy_(0, idx.long(), dy_c.sum(0))
     return dx, dw, db
@@ -127,7 +144,9 @@ def _per_example_backward(dy, x, weight, ctx):
         dx, dw = x.new_zeros(x.shape), torch.zeros_like(weight)
         dw = dw.to_sparse() if ctx.grad == "sparse" else dw
         return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
-    dx = OPS.per_example_input_grad.default(values, idx, weight) if ctx.needs_input_grad[0] else None
+    dx = (
+        OPS.per_example_input_grad.default(values, idx, weight) if ctx.needs_input_grad[0] else None
+    )
     dw = None
     if ctx.needs_input_grad[1]:
         if ctx.grad == "dense":
@@ -140,7 +159,9 @@ def _per_example_backward(dy, x, weight, ctx):
 
 def _per_example_bias_grad(dy, values, idx, weight, ctx):
     if ctx.sparse_bias:
-        return dy.new_zeros(weight.shape[0]).index_add_(0, idx.reshape(-1).long(), values.reshape(-1))
+        return dy.new_zeros(weight.shape[0]).index_add_(
+            0, idx.reshape(-1).long(), values.reshape(-1)
+        )
     return dy.sum(0)
 
 
@@ -169,8 +190,11 @@ def _backward(ctx, grad_output, x, weight, hits, refs):
     dx = dx.reshape(x.shape) if dx is not None else None
     db = db if ctx.has_bias and ctx.needs_input_grad[2] else None
     if db is not None and db.shape != ctx.bias_shape:  # a bias F.linear broadcasts
-        db = (db.reshape(ctx.bias_shape) if db.numel() == ctx.bias_shape.numel()
-              else grad_output.sum_to_size(ctx.bias_shape))
+        db = (
+            db.reshape(ctx.bias_shape)
+            if db.numel() == ctx.bias_shape.numel()
+            else grad_output.sum_to_size(ctx.bias_shape)
+        )
     return dx, dw, db
 
 
@@ -199,7 +223,16 @@ class MebpLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return *_backward(ctx, grad_output, *ctx.saved_tensors), None, None, None, None, None, None, None
+        return (
+            *_backward(ctx, grad_output, *ctx.saved_tensors),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # The same layer as one operator for torch.compile and torch.export: its backward (the same
@@ -207,8 +240,10 @@ class MebpLinearFunction(torch.autograd.Function):
 library.define(
     "linear(Tensor x, Tensor weight, Tensor? bias, SymInt k, str mode, str grad, bool sparse_bias, "
     "Tensor? hits, Tensor? refs, ScalarType? compute_dtype) -> Tensor",
-    lambda x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype:
-        _forward(x, weight, bias, compute_dtype))
+    lambda x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype: _forward(
+        x, weight, bias, compute_dtype
+    ),
+)
 
 
 def _setup_linear(ctx, inputs, output):
@@ -216,16 +251,35 @@ def _setup_linear(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_output):
-    return *_backward(ctx, grad_output, *ctx.saved_tensors), None, None, None, None, None, None, None
+    return (
+        *_backward(ctx, grad_output, *ctx.saved_tensors),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
-torch.library.register_autograd(f"{library.NAMESPACE}::linear", _linear_backward,
-                                setup_context=_setup_linear, lib=library.LIB)
+torch.library.register_autograd(
+    f"{library.NAMESPACE}::linear", _linear_backward, setup_context=_setup_linear, lib=library.LIB
+)
 
 
-def mebp_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                k: int | float, mode: str = "unified", grad: str = "dense", sparse_bias: bool = False,
-                hits: torch.Tensor | None = None, refs: torch.Tensor | None = None) -> torch.Tensor:
+def mebp_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    k: int | float,
+    mode: str = "unified",
+    grad: str = "dense",
+    sparse_bias: bool = False,
+    hits: torch.Tensor | None = None,
+    refs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.linear`` with minimal-effort back propagation.
 
     Forward is the ordinary dense linear. Backward keeps the ``k`` largest-magnitude entries of
@@ -238,31 +292,45 @@ def mebp_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """
     check_options(mode, grad)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor (out_features, in_features), got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+        raise ValueError(
+            f"weight must be a 2-D tensor (out_features, in_features), got "
+            f"{getattr(weight, 'shape', type(weight).__name__)}"
+        )
     n_out = weight.shape[0]
     k = resolve_k(k, n_out)
     for name, counter, shape in (("hits", hits, (n_out,)), ("refs", refs, ())):
         if counter is not None and not isinstance(counter, torch.Tensor):
-            raise TypeError(f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
-                            f"got {type(counter).__name__}")
-        if counter is not None and (counter.dtype != torch.int64 or tuple(counter.shape) != shape
-                                    or counter.device != weight.device):
-            raise ValueError(f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
-                             f"got {counter.dtype} {tuple(counter.shape)} on {counter.device}")
+            raise TypeError(
+                f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
+                f"got {type(counter).__name__}"
+            )
+        if counter is not None and (
+            counter.dtype != torch.int64
+            or tuple(counter.shape) != shape
+            or counter.device != weight.device
+        ):
+            raise ValueError(
+                f"{name} must be an int64 tensor of shape {shape} on {weight.device}, "
+                f"got {counter.dtype} {tuple(counter.shape)} on {counter.device}"
+            )
     if grad == "sparse" and weight.layout != torch.strided:
         raise ValueError("grad='sparse' needs a dense (strided) weight")
     if grad == "sparse" and weight.grad_fn is not None:
         # A weight computed in the graph (W.t(), W.half(), a tied weight) passes its gradient on
         # to ops that do not take sparse gradients.
-        warnings.warn("grad='sparse' needs a leaf weight (a Parameter); this weight is computed "
-                      "in the graph, so its gradient is dense", stacklevel=2)
+        warnings.warn(
+            "grad='sparse' needs a leaf weight (a Parameter); this weight is computed "
+            "in the graph, so its gradient is dense",
+            stacklevel=2,
+        )
         grad = "dense"
     if not torch.is_grad_enabled():
         return F.linear(input, weight, bias)
     if type(weight).__name__ == "DTensor":
-        raise TypeError("mebp_linear's backward does not support tensor parallelism: the weight "
-                        "is a DTensor; leave this layer dense (convert(..., exclude=[name]))")
+        raise TypeError(
+            "mebp_linear's backward does not support tensor parallelism: the weight "
+            "is a DTensor; leave this layer dense (convert(..., exclude=[name]))"
+        )
     compute_dtype = None
     if torch.is_autocast_enabled(input.device.type):
         compute_dtype = torch.get_autocast_dtype(input.device.type)

@@ -8,6 +8,7 @@ GEMM); both run as ``torch.ops.triton_mebp`` operators, so such models compile a
 the CPU the model stays plain PyTorch. Inference only: the kernels have no backward, so an input
 that needs a gradient takes the PyTorch path.
 """
+
 import copy
 
 import torch
@@ -32,12 +33,17 @@ def _activation_name(module):
 def _backend_handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The backend's inference ops for inputs they handle; plain PyTorch (with autograd and its
     own errors) for inputs that need a gradient or do not match the weights."""
-    return not ((torch.is_grad_enabled() and x.requires_grad) or x.dtype != weight.dtype
-                or x.device != weight.device or x.dim() == 0)
+    return not (
+        (torch.is_grad_enabled() and x.requires_grad)
+        or x.dtype != weight.dtype
+        or x.device != weight.device
+        or x.dim() == 0
+    )
 
 
 def _kernels():
     from .kernels import fused_mlp
+
     return fused_mlp
 
 
@@ -51,7 +57,9 @@ class FusedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, activation: str = "identity"):
         super().__init__()
         if activation not in TORCH_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(TORCH_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation must be one of {tuple(TORCH_ACTIVATIONS)}, got {activation!r}"
+            )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = _frozen(linear.weight), _frozen(linear.bias)
         self.activation = activation
@@ -59,7 +67,9 @@ class FusedLinear(nn.Module):
     def forward(self, x):
         if not _backend_handles(x, self.weight):
             return TORCH_ACTIVATIONS[self.activation](F.linear(x, self.weight, self.bias))
-        y = OPS.linear_act.default(x.reshape(-1, self.in_features), self.weight, self.bias, self.activation)
+        y = OPS.linear_act.default(
+            x.reshape(-1, self.in_features), self.weight, self.bias, self.activation
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -73,17 +83,23 @@ class FusedMLP(nn.Module):
     ``output_activation`` the last. Widths after the first layer must fit the fused kernel.
     """
 
-    def __init__(self, linears, hidden_activation: str = "relu", output_activation: str = "identity"):
+    def __init__(
+        self, linears, hidden_activation: str = "relu", output_activation: str = "identity"
+    ):
         super().__init__()
         for name in (hidden_activation, output_activation):
             if name not in TORCH_ACTIVATIONS:
-                raise ValueError(f"activation must be one of {tuple(TORCH_ACTIVATIONS)}, got {name!r}")
+                raise ValueError(
+                    f"activation must be one of {tuple(TORCH_ACTIVATIONS)}, got {name!r}"
+                )
         if len(linears) < 2:
             raise ValueError(f"FusedMLP needs at least 2 linear layers, got {len(linears)}")
         for i, (a, b) in enumerate(zip(linears[:-1], linears[1:])):
             if a.out_features != b.in_features:
-                raise ValueError(f"FusedMLP: layer {i} has {a.out_features} outputs but layer {i + 1} "
-                                 f"reads {b.in_features}")
+                raise ValueError(
+                    f"FusedMLP: layer {i} has {a.out_features} outputs but layer {i + 1} "
+                    f"reads {b.in_features}"
+                )
         kernels = _kernels()
         widths = [lin.out_features for lin in linears]
         if max(widths) > kernels.MAX_FUSED_WIDTH:
@@ -97,33 +113,50 @@ class FusedMLP(nn.Module):
                 self.register_parameter(f"bias_{i}", b)
         first = linears[0].weight
         width = kernels.fused_width(widths)
-        rest_w, rest_b = kernels.pack_layers([lin.weight.detach() for lin in linears[1:]],
-                                             [None if lin.bias is None else lin.bias.detach()
-                                              for lin in linears[1:]], width)
+        rest_w, rest_b = kernels.pack_layers(
+            [lin.weight.detach() for lin in linears[1:]],
+            [None if lin.bias is None else lin.bias.detach() for lin in linears[1:]],
+            width,
+        )
         self.register_buffer("packed_weight", rest_w)
         self.register_buffer("packed_bias", rest_b)
-        self.register_buffer("first_bias", first.new_zeros(first.shape[0]) if linears[0].bias is None
-                             else linears[0].bias.detach().clone())
+        self.register_buffer(
+            "first_bias",
+            first.new_zeros(first.shape[0])
+            if linears[0].bias is None
+            else linears[0].bias.detach().clone(),
+        )
 
     def _torch_forward(self, x):
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = F.linear(x, w, b)
-            x = TORCH_ACTIVATIONS[self.output_activation if i == last else self.hidden_activation](x)
+            x = TORCH_ACTIVATIONS[self.output_activation if i == last else self.hidden_activation](
+                x
+            )
         return x
 
     def forward(self, x):
         if not _backend_handles(x, self.weights[0]):
             return self._torch_forward(x)
-        y = OPS.fused_mlp.default(x.reshape(-1, self.in_features), self.weights[0], self.first_bias,
-                                  self.packed_weight, self.packed_bias, self.out_features,
-                                  self.hidden_activation, self.output_activation)
+        y = OPS.fused_mlp.default(
+            x.reshape(-1, self.in_features),
+            self.weights[0],
+            self.first_bias,
+            self.packed_weight,
+            self.packed_bias,
+            self.out_features,
+            self.hidden_activation,
+            self.output_activation,
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         widths = [self.in_features] + [w.shape[0] for w in self.weights]
-        return (f"widths={'-'.join(map(str, widths))}, hidden={self.hidden_activation}, "
-                f"output={self.output_activation}")
+        return (
+            f"widths={'-'.join(map(str, widths))}, hidden={self.hidden_activation}, "
+            f"output={self.output_activation}"
+        )
 
 
 def _plain_linear(layer: nn.Linear) -> nn.Linear:
@@ -161,8 +194,11 @@ def _units(children):
 def _fusable(run, dtype) -> bool:
     kernels = _kernels()
     hidden = {act for _, act in run[:-1]}
-    return (len(run) >= 2 and len(hidden) == 1
-            and kernels.fused_mlp_fits([lin.out_features for lin, _ in run], dtype))
+    return (
+        len(run) >= 2
+        and len(hidden) == 1
+        and kernels.fused_mlp_fits([lin.out_features for lin, _ in run], dtype)
+    )
 
 
 def _fuse_sequential(seq: nn.Sequential, fuse_mlp: bool) -> nn.Sequential:
@@ -176,10 +212,16 @@ def _fuse_sequential(seq: nn.Sequential, fuse_mlp: bool) -> nn.Sequential:
         start = 0
         while start < len(run):
             end = len(run)
-            while fuse_mlp and end - start >= 2 and not _fusable(run[start:end], run[start][0].weight.dtype):
+            while (
+                fuse_mlp
+                and end - start >= 2
+                and not _fusable(run[start:end], run[start][0].weight.dtype)
+            ):
                 end -= 1
             if fuse_mlp and end - start >= 2:
-                modules.append(FusedMLP([lin for lin, _ in run[start:end]], run[start][1], run[end - 1][1]))
+                modules.append(
+                    FusedMLP([lin for lin, _ in run[start:end]], run[start][1], run[end - 1][1])
+                )
                 start = end
             else:
                 lin, act = run[start]
@@ -206,8 +248,9 @@ def _fuse_tree(module: nn.Module, fuse_mlp: bool) -> nn.Module:
     return _fuse_sequential(module, fuse_mlp) if isinstance(module, nn.Sequential) else module
 
 
-def optimize_for_inference(model: nn.Module, *, kernels: bool | None = None,
-                           fuse_mlp: bool = True) -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module, *, kernels: bool | None = None, fuse_mlp: bool = True
+) -> nn.Module:
     """A copy of ``model`` for inference, in eval mode, with ``requires_grad`` off.
 
     ``MeLinear`` layers become plain ``nn.Linear`` (their forward is the same). With kernels

@@ -14,6 +14,7 @@ the hit counters, and the parameter and state of a row-sparse optimizer update. 
 of the backend contract (``backend.Backend``) has an operator of the same name; ``ops`` offers
 the backward ones under the contract's signatures.
 """
+
 import types
 import weakref
 
@@ -44,6 +45,7 @@ def define(schema, impl, fake=None):
 
 # ---- selection and hit counting ----
 
+
 def _unified_select(dy, k, hits=None):
     return backend.ops_for(dy).unified_select(dy, k, hits)
 
@@ -54,6 +56,7 @@ def _selected_columns_fake(dy, k):
     if backend.ops_for(dy) is not torch_ops:
         from .kernels._tiles import PAD_COLUMNS
         from .kernels._tuning import kernel_version
+
         if kernel_version() == "v2":
             return dy.new_empty(dy.shape[0], -(-k // PAD_COLUMNS) * PAD_COLUMNS)[:, :k]
     return dy.new_empty(dy.shape[0], k)
@@ -63,8 +66,11 @@ def _unified_select_fake(dy, k, hits=None):
     return dy.new_empty(k, dtype=torch.int64), _selected_columns_fake(dy, k)
 
 
-define("unified_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
-       _unified_select, _unified_select_fake)
+define(
+    "unified_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
+    _unified_select,
+    _unified_select_fake,
+)
 
 
 def _unified_select_and_bias(dy, k, hits=None):
@@ -75,8 +81,12 @@ def _unified_select_and_bias_fake(dy, k, hits=None):
     return (*_unified_select_fake(dy, k, hits), dy.new_empty(dy.shape[1]))
 
 
-define("unified_select_and_bias(Tensor dy, SymInt k, Tensor(a!)? hits=None) "
-       "-> (Tensor, Tensor, Tensor)", _unified_select_and_bias, _unified_select_and_bias_fake)
+define(
+    "unified_select_and_bias(Tensor dy, SymInt k, Tensor(a!)? hits=None) "
+    "-> (Tensor, Tensor, Tensor)",
+    _unified_select_and_bias,
+    _unified_select_and_bias_fake,
+)
 
 
 def _per_example_select(dy, k, hits=None):
@@ -88,8 +98,11 @@ def _per_example_select_fake(dy, k, hits=None):
     return dy.new_empty(B, k), dy.new_empty(B, k, dtype=torch.int64)
 
 
-define("per_example_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
-       _per_example_select, _per_example_select_fake)
+define(
+    "per_example_select(Tensor dy, SymInt k, Tensor(a!)? hits=None) -> (Tensor, Tensor)",
+    _per_example_select,
+    _per_example_select_fake,
+)
 
 
 def _count_examples(counter, dy):
@@ -105,6 +118,7 @@ define("count_examples(Tensor(a!) counter, Tensor dy) -> ()", _count_examples, _
 
 # ---- gathered products (unified selection) ----
 
+
 def _gathered_input_grad(dy_c, weight, idx):
     return _ops(dy_c, weight.shape[1]).gathered_input_grad(dy_c, weight, idx)
 
@@ -113,8 +127,11 @@ def _gathered_input_grad_fake(dy_c, weight, idx):
     return dy_c.new_empty(dy_c.shape[0], weight.shape[1])
 
 
-define("gathered_input_grad(Tensor dy_c, Tensor weight, Tensor idx) -> Tensor",
-       _gathered_input_grad, _gathered_input_grad_fake)
+define(
+    "gathered_input_grad(Tensor dy_c, Tensor weight, Tensor idx) -> Tensor",
+    _gathered_input_grad,
+    _gathered_input_grad_fake,
+)
 
 
 def _gathered_weight_grad(dy_c, x, idx):
@@ -125,8 +142,11 @@ def _gathered_weight_grad_fake(dy_c, x, idx):
     return dy_c.new_empty(dy_c.shape[1], x.shape[1])
 
 
-define("gathered_weight_grad(Tensor dy_c, Tensor x, Tensor idx) -> Tensor",
-       _gathered_weight_grad, _gathered_weight_grad_fake)
+define(
+    "gathered_weight_grad(Tensor dy_c, Tensor x, Tensor idx) -> Tensor",
+    _gathered_weight_grad,
+    _gathered_weight_grad_fake,
+)
 
 
 def _gathered_weight_grad_dense(dy_c, x, idx, weight):
@@ -138,11 +158,15 @@ def _gathered_weight_grad_dense_fake(dy_c, x, idx, weight):
     return dy_c.new_empty(weight.shape[0], x.shape[1])
 
 
-define("gathered_weight_grad_dense(Tensor dy_c, Tensor x, Tensor idx, Tensor weight) -> Tensor",
-       _gathered_weight_grad_dense, _gathered_weight_grad_dense_fake)
+define(
+    "gathered_weight_grad_dense(Tensor dy_c, Tensor x, Tensor idx, Tensor weight) -> Tensor",
+    _gathered_weight_grad_dense,
+    _gathered_weight_grad_dense_fake,
+)
 
 
 # ---- per-example products ----
+
 
 def _per_example_input_grad(values, idx, weight):
     return _ops(values, weight.shape[1]).per_example_input_grad(values, idx, weight)
@@ -152,8 +176,11 @@ def _per_example_input_grad_fake(values, idx, weight):
     return values.new_empty(values.shape[0], weight.shape[1])
 
 
-define("per_example_input_grad(Tensor values, Tensor idx, Tensor weight) -> Tensor",
-       _per_example_input_grad, _per_example_input_grad_fake)
+define(
+    "per_example_input_grad(Tensor values, Tensor idx, Tensor weight) -> Tensor",
+    _per_example_input_grad,
+    _per_example_input_grad_fake,
+)
 
 
 def _per_example_weight_grad(values, idx, x, n_rows):
@@ -165,8 +192,12 @@ def _per_example_weight_grad_fake(values, idx, x, n_rows):
     return values.new_empty(distinct, dtype=torch.int64), values.new_empty(distinct, x.shape[1])
 
 
-define("per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
-       "-> (Tensor, Tensor)", _per_example_weight_grad, _per_example_weight_grad_fake)
+define(
+    "per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
+    "-> (Tensor, Tensor)",
+    _per_example_weight_grad,
+    _per_example_weight_grad_fake,
+)
 
 
 def _per_example_weight_grad_dense(values, idx, x, n_rows):
@@ -177,47 +208,106 @@ def _per_example_weight_grad_dense_fake(values, idx, x, n_rows):
     return values.new_empty(n_rows, x.shape[1])
 
 
-define("per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
-       "-> Tensor", _per_example_weight_grad_dense, _per_example_weight_grad_dense_fake)
+define(
+    "per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows) -> Tensor",
+    _per_example_weight_grad_dense,
+    _per_example_weight_grad_dense_fake,
+)
 
 
 # ---- row-sparse optimizer updates (in place on the rows idx of a parameter and its state) ----
 
-def _row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, dampening,
-                  weight_decay, nesterov):
-    backend.ops_for(param).row_sgd_step(param, idx, grad, row_step, momentum_buffer, lr=lr,
-                                        momentum=momentum, dampening=dampening,
-                                        weight_decay=weight_decay, nesterov=nesterov)
+
+def _row_sgd_step(
+    param, idx, grad, row_step, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov
+):
+    backend.ops_for(param).row_sgd_step(
+        param,
+        idx,
+        grad,
+        row_step,
+        momentum_buffer,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
 
 
-define("row_sgd_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
-       "Tensor(c!)? momentum_buffer, *, float lr, float momentum, float dampening, "
-       "float weight_decay, bool nesterov) -> ()", _row_sgd_step, _nothing)
+define(
+    "row_sgd_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
+    "Tensor(c!)? momentum_buffer, *, float lr, float momentum, float dampening, "
+    "float weight_decay, bool nesterov) -> ()",
+    _row_sgd_step,
+    _nothing,
+)
 
 
 def _row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, weight_decay, eps):
-    backend.ops_for(param).row_adagrad_step(param, idx, grad, row_step, state_sum, lr=lr,
-                                            lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+    backend.ops_for(param).row_adagrad_step(
+        param,
+        idx,
+        grad,
+        row_step,
+        state_sum,
+        lr=lr,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
 
 
-define("row_adagrad_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
-       "Tensor(c!) state_sum, *, float lr, float lr_decay, float weight_decay, float eps) -> ()",
-       _row_adagrad_step, _nothing)
+define(
+    "row_adagrad_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
+    "Tensor(c!) state_sum, *, float lr, float lr_decay, float weight_decay, float eps) -> ()",
+    _row_adagrad_step,
+    _nothing,
+)
 
 
-def _row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
-                   weight_decay, decoupled):
-    backend.ops_for(param).row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, lr=lr,
-                                         beta1=beta1, beta2=beta2, eps=eps,
-                                         weight_decay=weight_decay, decoupled=decoupled)
+def _row_adam_step(
+    param,
+    idx,
+    grad,
+    row_step,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+):
+    backend.ops_for(param).row_adam_step(
+        param,
+        idx,
+        grad,
+        row_step,
+        exp_avg,
+        exp_avg_sq,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+    )
 
 
-define("row_adam_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
-       "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, *, float lr, float beta1, float beta2, "
-       "float eps, float weight_decay, bool decoupled) -> ()", _row_adam_step, _nothing)
+define(
+    "row_adam_step(Tensor(a!) param, Tensor idx, Tensor grad, Tensor(b!) row_step, "
+    "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, *, float lr, float beta1, float beta2, "
+    "float eps, float weight_decay, bool decoupled) -> ()",
+    _row_adam_step,
+    _nothing,
+)
 
 
 # ---- inference of compacted models (optimize_for_inference), so that fused models export ----
+
 
 def _linear_act(x, weight, bias, activation):
     return backend.ops_for(x).linear_act(x, weight, bias, activation)
@@ -227,24 +317,48 @@ def _linear_act_fake(x, weight, bias, activation):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-define("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor",
-       _linear_act, _linear_act_fake)
+define(
+    "linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor",
+    _linear_act,
+    _linear_act_fake,
+)
 
 
-def _fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias, out_features, hidden_activation,
-               output_activation):
-    y = backend.ops_for(x).fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias,
-                                     out_features, hidden_activation, output_activation)
+def _fused_mlp(
+    x,
+    first_weight,
+    first_bias,
+    rest_weight,
+    rest_bias,
+    out_features,
+    hidden_activation,
+    output_activation,
+):
+    y = backend.ops_for(x).fused_mlp(
+        x,
+        first_weight,
+        first_bias,
+        rest_weight,
+        rest_bias,
+        out_features,
+        hidden_activation,
+        output_activation,
+    )
     return y.contiguous()  # as the fake says (the PyTorch ops return a slice of the padded width)
 
 
-def _fused_mlp_fake(x, first_weight, first_bias, rest_weight, rest_bias, out_features, *activations):
+def _fused_mlp_fake(
+    x, first_weight, first_bias, rest_weight, rest_bias, out_features, *activations
+):
     return x.new_empty(x.shape[0], out_features)
 
 
-define("fused_mlp(Tensor x, Tensor first_weight, Tensor first_bias, Tensor rest_weight, "
-       "Tensor rest_bias, SymInt out_features, str hidden_activation, str output_activation) -> Tensor",
-       _fused_mlp, _fused_mlp_fake)
+define(
+    "fused_mlp(Tensor x, Tensor first_weight, Tensor first_bias, Tensor rest_weight, "
+    "Tensor rest_bias, SymInt out_features, str hidden_activation, str output_activation) -> Tensor",
+    _fused_mlp,
+    _fused_mlp_fake,
+)
 
 
 OPS = torch.ops.triton_mebp
@@ -278,7 +392,9 @@ ops = types.SimpleNamespace(
 
 # ---- the CPU dense-gradient buffer ----
 
-_dense_grad_storage: dict[int, tuple] = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
+_dense_grad_storage: dict[
+    int, tuple
+] = {}  # id(weight) -> (weak reference to weight, storage of the last dense grad)
 _CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
 
 
@@ -295,12 +411,17 @@ def zeroed_grad_buffer(weight, dtype):
         return torch.zeros_like(weight, dtype=dtype)
     key = id(weight)
     owner, storage = _dense_grad_storage.get(key, (None, None))
-    if (owner is not None and owner() is weight
-            and storage.nbytes() == weight.numel() * dtype.itemsize
-            and torch._C._storage_Use_Count(storage._cdata) == 1):  # held by this cache alone
+    if (
+        owner is not None
+        and owner() is weight
+        and storage.nbytes() == weight.numel() * dtype.itemsize
+        and torch._C._storage_Use_Count(storage._cdata) == 1
+    ):  # held by this cache alone
         # (torch's stub lists set_ without the default, contiguous, stride)
         return torch.empty(0, dtype=dtype).set_(storage, 0, weight.shape).zero_()  # type: ignore[call-overload]
     buffer = torch.zeros(weight.shape, dtype=dtype)
-    _dense_grad_storage[key] = (weakref.ref(weight, lambda _: _dense_grad_storage.pop(key, None)),
-                                buffer.untyped_storage())
+    _dense_grad_storage[key] = (
+        weakref.ref(weight, lambda _: _dense_grad_storage.pop(key, None)),
+        buffer.untyped_storage(),
+    )
     return buffer

@@ -1,4 +1,5 @@
 """``MeLinear`` (a drop-in ``nn.Linear``) and ``convert`` for whole models."""
+
 import copy
 import fnmatch
 from collections.abc import Iterable
@@ -26,9 +27,21 @@ class MeLinear(nn.Linear):
     hits: torch.Tensor
     refs: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, k: int | float = 0.05, mode: str = "unified", grad: str = "dense",
-                 sparse_bias: bool = False, count_hits: bool = False, auto: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        k: int | float = 0.05,
+        mode: str = "unified",
+        grad: str = "dense",
+        sparse_bias: bool = False,
+        count_hits: bool = False,
+        auto: bool = False,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(k, mode, grad, sparse_bias, count_hits, auto)
 
@@ -39,14 +52,27 @@ class MeLinear(nn.Linear):
         self.sparse_bias, self.count_hits, self.auto = sparse_bias, count_hits, auto
         self._auto_decisions = {}
         device = self.weight.device
-        self.register_buffer("hits", torch.zeros(self.out_features, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("refs", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer(
+            "hits",
+            torch.zeros(self.out_features, dtype=torch.int64, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "refs", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, k: int | float = 0.05, mode: str = "unified",
-                    grad: str = "dense", sparse_bias: bool = False, count_hits: bool = False,
-                    auto: bool = False) -> "MeLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        k: int | float = 0.05,
+        mode: str = "unified",
+        grad: str = "dense",
+        sparse_bias: bool = False,
+        count_hits: bool = False,
+        auto: bool = False,
+    ) -> "MeLinear":
         """A MeLinear that shares ``linear``'s Parameter objects (an optimizer keeps working)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
@@ -77,16 +103,32 @@ class MeLinear(nn.Linear):
         key = (batch, input.device, self.weight.dtype, k)
         if key not in self._auto_decisions:
             from .estimate import mebp_is_faster
+
             self._auto_decisions[key] = batch > 0 and mebp_is_faster(
-                batch, self.in_features, self.out_features, k, self.mode, device=input.device,
-                dtype=self.weight.dtype, grad=self.grad)
+                batch,
+                self.in_features,
+                self.out_features,
+                k,
+                self.mode,
+                device=input.device,
+                dtype=self.weight.dtype,
+                grad=self.grad,
+            )
         return k if self._auto_decisions[key] else self.out_features
 
     def forward(self, input):
         counting = self.count_hits and self.training
-        return mebp_linear(input, self.weight, self.bias, k=self._backward_k(input), mode=self.mode,
-                           grad=self.grad, sparse_bias=self.sparse_bias,
-                           hits=self.hits if counting else None, refs=self.refs if counting else None)
+        return mebp_linear(
+            input,
+            self.weight,
+            self.bias,
+            k=self._backward_k(input),
+            mode=self.mode,
+            grad=self.grad,
+            sparse_bias=self.sparse_bias,
+            hits=self.hits if counting else None,
+            refs=self.refs if counting else None,
+        )
 
     def extra_repr(self) -> str:
         auto = ", auto=True" if self.auto else ""
@@ -96,12 +138,13 @@ class MeLinear(nn.Linear):
 @dataclass
 class ConvertEntry:
     """One module (or the in-projection of an attention module) that ``convert`` looked at."""
+
     name: str
     kind: str
     role: str
     width: int | None
-    k: int | None            # the kept count when converted
-    reason: str = ""         # why it stays dense
+    k: int | None  # the kept count when converted
+    reason: str = ""  # why it stays dense
 
     @property
     def converted(self) -> bool:
@@ -124,19 +167,39 @@ class ConvertReport(list):
 
     def __str__(self) -> str:
         rows = [("module", "kind", "role", "width", "k", "backward")] + [
-            (e.name or "(model)", e.kind, e.role, "" if e.width is None else str(e.width),
-             "" if e.k is None else str(e.k), "meProp" if e.converted else f"dense: {e.reason}")
-            for e in self]
+            (
+                e.name or "(model)",
+                e.kind,
+                e.role,
+                "" if e.width is None else str(e.width),
+                "" if e.k is None else str(e.k),
+                "meProp" if e.converted else f"dense: {e.reason}",
+            )
+            for e in self
+        ]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5]
-                         for row in rows)
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] for row in rows
+        )
 
 
-def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", grad: str = "dense",
-            exclude: str | Iterable[str] = (), skip_output: bool = True, inplace: bool = False,
-            sparse_bias: bool = False, count_hits: bool = False, auto: bool = False,
-            attention_k: int | float | None = None, mlp_k: int | float | None = None,
-            roles: dict[str, list[str]] | None = None, report: bool = False):
+def convert(
+    model: nn.Module,
+    *,
+    k: int | float = 0.05,
+    mode: str = "unified",
+    grad: str = "dense",
+    exclude: str | Iterable[str] = (),
+    skip_output: bool = True,
+    inplace: bool = False,
+    sparse_bias: bool = False,
+    count_hits: bool = False,
+    auto: bool = False,
+    attention_k: int | float | None = None,
+    mlp_k: int | float | None = None,
+    roles: dict[str, list[str]] | None = None,
+    report: bool = False,
+):
     """Replace the model's ``nn.Linear`` layers by ``MeLinear`` sharing the same parameters.
 
     ``nn.LSTM`` layers (without ``proj_size``) become ``MeLSTM``, with ``k`` taken against the
@@ -163,8 +226,9 @@ def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", g
         exclude = (exclude,)
     target = model if inplace else copy.deepcopy(model)
     role_of = linear_roles(target, roles)
-    linear_options: dict[str, Any] = dict(mode=mode, grad=grad, sparse_bias=sparse_bias,
-                                          count_hits=count_hits, auto=auto)
+    linear_options: dict[str, Any] = dict(
+        mode=mode, grad=grad, sparse_bias=sparse_bias, count_hits=count_hits, auto=auto
+    )
 
     def excluded_by(name):
         pattern = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
@@ -178,11 +242,18 @@ def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", g
     # The output layer is the last Linear of any class (a subclass head is left alone anyway);
     # attention output projections and a transformer layer's own linear layers are not candidates.
     projections = {id(m.out_proj) for m in target.modules() if isinstance(m, nn.MultiheadAttention)}
-    inside = tuple(f"{name}." for name, m in target.named_modules()
-                   if isinstance(m, TRANSFORMER_LAYERS) and name)
-    linears = [name for name, m in target.named_modules()
-               if isinstance(m, nn.Linear) and id(m) not in projections
-               and not (name.startswith(inside) or isinstance(target, TRANSFORMER_LAYERS))]
+    inside = tuple(
+        f"{name}."
+        for name, m in target.named_modules()
+        if isinstance(m, TRANSFORMER_LAYERS) and name
+    )
+    linears = [
+        name
+        for name, m in target.named_modules()
+        if isinstance(m, nn.Linear)
+        and id(m) not in projections
+        and not (name.startswith(inside) or isinstance(target, TRANSFORMER_LAYERS))
+    ]
     output = linears[-1] if skip_output and linears else None
     for name, module in target.named_modules():
         if not isinstance(module, nn.MultiheadAttention):
@@ -190,29 +261,53 @@ def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", g
         prefix = f"{name}." if name else ""
         in_name, out_name, width = f"{prefix}in_proj", f"{prefix}out_proj", 3 * module.embed_dim
         done.add(id(module.out_proj))
-        why = excluded_by(name) or (None if type(module) is nn.MultiheadAttention else
-                                    f"{type(module).__name__} is a subclass of "
-                                    "nn.MultiheadAttention: left alone")
+        why = excluded_by(name) or (
+            None
+            if type(module) is nn.MultiheadAttention
+            else f"{type(module).__name__} is a subclass of nn.MultiheadAttention: left alone"
+        )
         if why:
-            entries.append(ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width,
-                                        None, why))
-            entries.append(ConvertEntry(out_name, type(module.out_proj).__name__, "attention",
-                                        module.out_proj.out_features, None, why))
+            entries.append(
+                ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width, None, why)
+            )
+            entries.append(
+                ConvertEntry(
+                    out_name,
+                    type(module.out_proj).__name__,
+                    "attention",
+                    module.out_proj.out_features,
+                    None,
+                    why,
+                )
+            )
             continue
         role_k = k_for_role("attention", k, attention_k, mlp_k)
         in_why = excluded_by(in_name)
         in_k = None if in_why else role_k
-        in_count = None if in_why else resolve_k(role_k, width, f"layer {in_name!r} (3 * embed_dim)")
+        in_count = (
+            None if in_why else resolve_k(role_k, width, f"layer {in_name!r} (3 * embed_dim)")
+        )
         new = MeMultiheadAttention.from_mha(module, in_proj_k=in_k, mode=mode, grad=grad)
-        entries.append(ConvertEntry(in_name, "MultiheadAttention.in_proj", "attention", width,
-                                    in_count, in_why or ""))
+        entries.append(
+            ConvertEntry(
+                in_name, "MultiheadAttention.in_proj", "attention", width, in_count, in_why or ""
+            )
+        )
         out_why = excluded_by(out_name)
         out_count = None
         if not out_why:
             out_count, out_k = linear_k(out_name, module.out_proj)
             new.out_proj = MeLinear.from_linear(module.out_proj, k=out_k, **linear_options)
-        entries.append(ConvertEntry(out_name, type(module.out_proj).__name__, "attention",
-                                    module.out_proj.out_features, out_count, out_why or ""))
+        entries.append(
+            ConvertEntry(
+                out_name,
+                type(module.out_proj).__name__,
+                "attention",
+                module.out_proj.out_features,
+                out_count,
+                out_why or "",
+            )
+        )
         replacements[id(module)] = new
     for name, module in target.named_modules():
         if id(module) in done or isinstance(module, nn.MultiheadAttention):
@@ -227,23 +322,38 @@ def convert(model: nn.Module, *, k: int | float = 0.05, mode: str = "unified", g
             if not why:
                 count, layer_k = linear_k(name, module)
                 replacements[id(module)] = MeLinear.from_linear(module, k=layer_k, **linear_options)
-            entries.append(ConvertEntry(name, type(module).__name__, role, module.out_features,
-                                        count, why or ""))
+            entries.append(
+                ConvertEntry(
+                    name, type(module).__name__, role, module.out_features, count, why or ""
+                )
+            )
         elif isinstance(module, nn.LSTM):
             width = 4 * module.hidden_size
             why = excluded_by(name) or (
                 f"{type(module).__name__} is a subclass of nn.LSTM: left alone"
-                if type(module) is not nn.LSTM else
-                "an LSTM with proj_size has no meProp path" if module.proj_size else None)
+                if type(module) is not nn.LSTM
+                else "an LSTM with proj_size has no meProp path"
+                if module.proj_size
+                else None
+            )
             count = None
             if not why:
                 count = resolve_k(k, width, f"LSTM {name!r} (4 * hidden_size gates)")
                 replacements[id(module)] = MeLSTM.from_lstm(module, k=k, mode=mode)
-            entries.append(ConvertEntry(name, type(module).__name__, "other", width, count,
-                                        why or ""))
+            entries.append(
+                ConvertEntry(name, type(module).__name__, "other", width, count, why or "")
+            )
         elif next(module.parameters(recurse=False), None) is not None:
-            entries.append(ConvertEntry(name, type(module).__name__, "other", None, None,
-                                        f"no meProp path for {type(module).__name__}"))
+            entries.append(
+                ConvertEntry(
+                    name,
+                    type(module).__name__,
+                    "other",
+                    None,
+                    None,
+                    f"no meProp path for {type(module).__name__}",
+                )
+            )
     order = {name: i for i, (name, _) in enumerate(target.named_modules())}
     entries.sort(key=lambda e: order.get(e.name, order.get(e.name.rpartition(".")[0], -1)))
     if id(target) in replacements:

@@ -11,6 +11,7 @@ gradients get exactly the update of the matching ``torch.optim`` class. See docs
 State layout (relied on by the model simplifier): per-element state tensors have the parameter's
 shape, ``row_step`` has shape ``(param.shape[0],)``, ``step`` is a 0-d float32 CPU tensor.
 """
+
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -27,8 +28,9 @@ def _check_range(name, value, low=0.0, high=math.inf, high_open=False):
     value_f = float(value)
     above = value_f >= high if high_open else value_f > high
     if not value_f >= low or above:  # also rejects NaN
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}"
+        )
 
 
 def _rows_view(tensor, what):
@@ -38,8 +40,10 @@ def _rows_view(tensor, what):
     if tensor.dim() == 0:
         raise ValueError(f"{what} is 0-d and has no rows to update")
     if not tensor.is_contiguous():
-        raise ValueError(f"{what} of shape {tuple(tensor.shape)} must be contiguous for a "
-                         "row-sparse update (only 2-D tensors may be strided)")
+        raise ValueError(
+            f"{what} of shape {tuple(tensor.shape)} must be contiguous for a "
+            "row-sparse update (only 2-D tensors may be strided)"
+        )
     return tensor.view(tensor.shape[0], math.prod(tensor.shape[1:]))
 
 
@@ -48,12 +52,16 @@ def _row_sparse_parts(param, grad):
     if grad.layout != torch.sparse_coo:
         raise ValueError(f"sparse gradients must be torch.sparse_coo, got {grad.layout}")
     if tuple(grad.shape) != tuple(param.shape):
-        raise ValueError(f"gradient shape {tuple(grad.shape)} does not match the parameter's "
-                         f"{tuple(param.shape)}")
+        raise ValueError(
+            f"gradient shape {tuple(grad.shape)} does not match the parameter's "
+            f"{tuple(param.shape)}"
+        )
     if grad.sparse_dim() != 1:
-        raise ValueError(f"a row-sparse gradient has one sparse dimension (rows), got "
-                         f"sparse_dim={grad.sparse_dim()} for a parameter of shape "
-                         f"{tuple(param.shape)}")
+        raise ValueError(
+            f"a row-sparse gradient has one sparse dimension (rows), got "
+            f"sparse_dim={grad.sparse_dim()} for a parameter of shape "
+            f"{tuple(param.shape)}"
+        )
     if grad.device != param.device:
         raise ValueError(f"gradient on {grad.device}, parameter on {param.device}")
     grad = grad.coalesce()  # sums duplicate rows; a new tensor, p.grad is left as it is
@@ -61,8 +69,10 @@ def _row_sparse_parts(param, grad):
     if not rows.is_cuda and rows.numel():  # on CUDA the check would cost a synchronisation
         low, high = int(rows.min()), int(rows.max())
         if low < 0 or high >= param.shape[0]:
-            raise ValueError(f"row indices of the sparse gradient must be in "
-                             f"[0, {param.shape[0]}), got [{low}, {high}]")
+            raise ValueError(
+                f"row indices of the sparse gradient must be in "
+                f"[0, {param.shape[0]}), got [{low}, {high}]"
+            )
     values = grad.values()
     return rows, values.reshape(values.shape[0], math.prod(param.shape[1:]))
 
@@ -104,8 +114,10 @@ class _RowOptimizer(torch.optim.Optimizer):
             self._init_state(param, state, group)
         for name in self._per_element:
             if name in state and tuple(state[name].shape) != tuple(param.shape):
-                raise ValueError(f"optimizer state {name!r} has shape {tuple(state[name].shape)} "
-                                 f"but the parameter has {tuple(param.shape)}")
+                raise ValueError(
+                    f"optimizer state {name!r} has shape {tuple(state[name].shape)} "
+                    f"but the parameter has {tuple(param.shape)}"
+                )
         if grad.layout not in (torch.strided, torch.sparse_coo):
             raise ValueError(f"gradients must be dense or torch.sparse_coo, got {grad.layout}")
         if grad.is_sparse:
@@ -113,8 +125,10 @@ class _RowOptimizer(torch.optim.Optimizer):
         elif "row_step" in state:
             # A dense gradient for a parameter with per-row state: every row is selected.
             if tuple(grad.shape) != tuple(param.shape):
-                raise ValueError(f"gradient shape {tuple(grad.shape)} does not match the "
-                                 f"parameter's {tuple(param.shape)}")
+                raise ValueError(
+                    f"gradient shape {tuple(grad.shape)} does not match the "
+                    f"parameter's {tuple(param.shape)}"
+                )
             rows = torch.arange(param.shape[0], device=param.device)
             values = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
         else:
@@ -122,15 +136,19 @@ class _RowOptimizer(torch.optim.Optimizer):
             state["step"] += 1
             return
         if values.dtype != param.dtype:
-            raise ValueError(f"gradient dtype {values.dtype} does not match the parameter's "
-                             f"{param.dtype}")
+            raise ValueError(
+                f"gradient dtype {values.dtype} does not match the parameter's {param.dtype}"
+            )
         if "row_step" not in state:
             # Dense steps so far updated every row.
-            state["row_step"] = torch.full((param.shape[0],), float(state["step"]),
-                                           dtype=torch.float32, device=param.device)
+            state["row_step"] = torch.full(
+                (param.shape[0],), float(state["step"]), dtype=torch.float32, device=param.device
+            )
         if tuple(state["row_step"].shape) != (param.shape[0],):
-            raise ValueError(f"optimizer state 'row_step' has shape "
-                             f"{tuple(state['row_step'].shape)}, expected ({param.shape[0]},)")
+            raise ValueError(
+                f"optimizer state 'row_step' has shape "
+                f"{tuple(state['row_step'].shape)}, expected ({param.shape[0]},)"
+            )
         for name in self._per_element:
             if name in state and param.dim() != 2 and not state[name].is_contiguous():
                 state[name] = state[name].contiguous()
@@ -149,28 +167,39 @@ class _RowOptimizer(torch.optim.Optimizer):
         knows how (``RowSGD``) and refused with a ValueError otherwise, before anything changes.
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        saved_row_steps = {i: s["row_step"] for i, s in state_dict["state"].items()
-                           if isinstance(s, dict) and "row_step" in s}
+        saved_row_steps = {
+            i: s["row_step"]
+            for i, s in state_dict["state"].items()
+            if isinstance(s, dict) and "row_step" in s
+        }
         params = [p for g in self.param_groups for p in g["params"]]
-        stepless = [i for i, s in state_dict["state"].items() if isinstance(s, dict) and s
-                    and "step" not in s]
+        stepless = [
+            i
+            for i, s in state_dict["state"].items()
+            if isinstance(s, dict) and s and "step" not in s
+        ]
         for saved_id in stepless:
             if not self._adopt_stepless_state(dict(state_dict["state"][saved_id])):
-                raise ValueError(f"saved state {sorted(state_dict['state'][saved_id])} of "
-                                 f"parameter {saved_id} has no 'step' entry: it is not the state "
-                                 f"of {type(self).__name__} or of its torch.optim counterpart")
+                raise ValueError(
+                    f"saved state {sorted(state_dict['state'][saved_id])} of "
+                    f"parameter {saved_id} has no 'step' entry: it is not the state "
+                    f"of {type(self).__name__} or of its torch.optim counterpart"
+                )
         for saved_id, param in zip(saved_ids, params):  # checked before anything changes
             row_step = saved_row_steps.get(saved_id)
             if row_step is not None and tuple(row_step.shape) != tuple(param.shape[:1]):
-                raise ValueError(f"saved 'row_step' has shape {tuple(row_step.shape)}, the "
-                                 f"parameter has shape {tuple(param.shape)}")
+                raise ValueError(
+                    f"saved 'row_step' has shape {tuple(row_step.shape)}, the "
+                    f"parameter has shape {tuple(param.shape)}"
+                )
         super().load_state_dict(state_dict)
         for saved_id, param in zip(saved_ids, params):
             if saved_id in stepless:
                 self._adopt_stepless_state(self.state[param])
             if saved_id in saved_row_steps:
                 self.state[param]["row_step"] = saved_row_steps[saved_id].to(
-                    device=param.device, dtype=torch.float32, copy=True)
+                    device=param.device, dtype=torch.float32, copy=True
+                )
 
 
 class RowSGD(_RowOptimizer):
@@ -183,16 +212,31 @@ class RowSGD(_RowOptimizer):
 
     _per_element = ("momentum_buffer",)
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
         _check_range("lr", lr)
         _check_range("momentum", momentum)
         _check_range("weight_decay", weight_decay)
         _check_range("dampening", dampening, 0.0, 1.0)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+            ),
+        )
 
     def _init_state(self, param, state, group):
         if group["momentum"]:
@@ -229,10 +273,17 @@ class RowSGD(_RowOptimizer):
     def _rows(self, ops, param, rows, values, state, group):
         buf = self._buffer(param, state) if group["momentum"] else None
         ops.row_sgd_step(
-            _rows_view(param, "parameter"), rows, values, state["row_step"],
+            _rows_view(param, "parameter"),
+            rows,
+            values,
+            state["row_step"],
             None if buf is None else _rows_view(buf, "momentum_buffer"),
-            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+        )
 
 
 class RowAdagrad(_RowOptimizer):
@@ -240,20 +291,35 @@ class RowAdagrad(_RowOptimizer):
 
     _per_element = ("sum",)
 
-    def __init__(self, params: ParamsT, lr: float = 1e-2, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+    ) -> None:
         _check_range("lr", lr)
         _check_range("lr_decay", lr_decay)
         _check_range("weight_decay", weight_decay)
         _check_range("initial_accumulator_value", initial_accumulator_value)
         _check_range("eps", eps)
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                lr_decay=lr_decay,
+                weight_decay=weight_decay,
+                initial_accumulator_value=initial_accumulator_value,
+                eps=eps,
+            ),
+        )
 
     def _init_state(self, param, state, group):
-        state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
-                                       memory_format=torch.preserve_format)
+        state["sum"] = torch.full_like(
+            param, group["initial_accumulator_value"], memory_format=torch.preserve_format
+        )
 
     def _dense(self, param, grad, state, group):
         step = float(state["step"]) + 1
@@ -265,9 +331,16 @@ class RowAdagrad(_RowOptimizer):
 
     def _rows(self, ops, param, rows, values, state, group):
         ops.row_adagrad_step(
-            _rows_view(param, "parameter"), rows, values, state["row_step"],
-            _rows_view(state["sum"], "sum"), lr=group["lr"], lr_decay=group["lr_decay"],
-            weight_decay=group["weight_decay"], eps=group["eps"])
+            _rows_view(param, "parameter"),
+            rows,
+            values,
+            state["row_step"],
+            _rows_view(state["sum"], "sum"),
+            lr=group["lr"],
+            lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )
 
 
 class RowAdam(_RowOptimizer):
@@ -280,8 +353,14 @@ class RowAdam(_RowOptimizer):
     _per_element = ("exp_avg", "exp_avg_sq")
     _decoupled = False
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         _check_range("lr", lr)
         _check_range("eps", eps)
         _check_range("weight_decay", weight_decay)
@@ -289,8 +368,9 @@ class RowAdam(_RowOptimizer):
             raise ValueError(f"betas must be a pair, got {betas!r}")
         _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        )
 
     def _init_state(self, param, state, group):
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -307,17 +387,26 @@ class RowAdam(_RowOptimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _rows(self, ops, param, rows, values, state, group):
         beta1, beta2 = group["betas"]
         ops.row_adam_step(
-            _rows_view(param, "parameter"), rows, values, state["row_step"],
-            _rows_view(state["exp_avg"], "exp_avg"), _rows_view(state["exp_avg_sq"], "exp_avg_sq"),
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled=self._decoupled)
+            _rows_view(param, "parameter"),
+            rows,
+            values,
+            state["row_step"],
+            _rows_view(state["exp_avg"], "exp_avg"),
+            _rows_view(state["exp_avg_sq"], "exp_avg_sq"),
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self._decoupled,
+        )
 
 
 class RowAdamW(RowAdam):
@@ -328,8 +417,14 @@ class RowAdamW(RowAdam):
 
     _decoupled = True
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 

@@ -12,6 +12,7 @@ The recurrence is a loop over time steps (inherent to BPTT); it calls the meProp
 products that do not feed the recurrence (``dx``, ``dW_ih``, ``dW_hh``) are computed once for all
 time steps after the loop.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,11 +41,11 @@ def _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep):
     c_prev = x.new_empty(T, B, H) if keep else None
     tanh_c = x.new_empty(T, B, H) if keep else None
     h, c = h0, c0
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    for t in range(T - 1, -1, -1) if reverse else range(T):
         a = torch.addmm(projected[t], h, w_hh.t())
-        a[:, :2 * H].sigmoid_()
-        a[:, 2 * H:3 * H].tanh_()
-        a[:, 3 * H:].sigmoid_()
+        a[:, : 2 * H].sigmoid_()
+        a[:, 2 * H : 3 * H].tanh_()
+        a[:, 3 * H :].sigmoid_()
         i, f, g, o = a.chunk(4, 1)
         c_new = torch.addcmul(f * c, i, g)
         tc = torch.tanh(c_new)
@@ -67,14 +68,15 @@ def _gate_grads(dh_new, dc_new, acts_t, c_prev_t, tanh_c_t, H):
     dc_total = dc_new + dh_new * o * (1 - tanh_c_t * tanh_c_t)
     dgates = torch.empty_like(acts_t)
     dgates[:, :H] = dc_total * g * i * (1 - i)
-    dgates[:, H:2 * H] = dc_total * c_prev_t * f * (1 - f)
-    dgates[:, 2 * H:3 * H] = dc_total * i * (1 - g * g)
-    dgates[:, 3 * H:] = dh_new * tanh_c_t * o * (1 - o)
+    dgates[:, H : 2 * H] = dc_total * c_prev_t * f * (1 - f)
+    dgates[:, 2 * H : 3 * H] = dc_total * i * (1 - g * g)
+    dgates[:, 3 * H :] = dh_new * tanh_c_t * o * (1 - o)
     return dgates, dc_total * f
 
 
-def deferred_products(ops, mode, kept, kept_idx, x, h_prev, w_ih, w_hh, need_x=True,
-                      need_w_ih=True, need_w_hh=True):
+def deferred_products(
+    ops, mode, kept, kept_idx, x, h_prev, w_ih, w_hh, need_x=True, need_w_ih=True, need_w_hh=True
+):
     """``(dx, dW_ih, dW_hh)`` from the kept gate gradients of all T steps at once.
 
     ``mode``: "dense" (``kept`` is T x B x 4H), "unified" (``kept`` T x B x k with column indices
@@ -97,9 +99,13 @@ def deferred_products(ops, mode, kept, kept_idx, x, h_prev, w_ih, w_hh, need_x=T
             dx = torch.bmm(kept, w_ih.index_select(0, rows).view(T, k, n_in))
         kept_t = kept.transpose(1, 2)
         if need_w_ih:
-            dw_ih = torch.zeros_like(w_ih).index_add_(0, rows, torch.bmm(kept_t, x).reshape(T * k, n_in))
+            dw_ih = torch.zeros_like(w_ih).index_add_(
+                0, rows, torch.bmm(kept_t, x).reshape(T * k, n_in)
+            )
         if need_w_hh:
-            dw_hh = torch.zeros_like(w_hh).index_add_(0, rows, torch.bmm(kept_t, h_prev).reshape(T * k, H))
+            dw_hh = torch.zeros_like(w_hh).index_add_(
+                0, rows, torch.bmm(kept_t, h_prev).reshape(T * k, H)
+            )
     else:
         # Each (step, example) pair is one example of a per-example product.
         k = kept.shape[2]
@@ -107,11 +113,13 @@ def deferred_products(ops, mode, kept, kept_idx, x, h_prev, w_ih, w_hh, need_x=T
         if need_x:
             dx = ops.per_example_input_grad(values, idx, w_ih).view(T, B, n_in)
         if need_w_ih:
-            _, dw_ih = ops.per_example_weight_grad(values, idx, x.reshape(T * B, n_in), 4 * H,
-                                                   dense=True)
+            _, dw_ih = ops.per_example_weight_grad(
+                values, idx, x.reshape(T * B, n_in), 4 * H, dense=True
+            )
         if need_w_hh:
-            _, dw_hh = ops.per_example_weight_grad(values, idx, h_prev.reshape(T * B, H), 4 * H,
-                                                   dense=True)
+            _, dw_hh = ops.per_example_weight_grad(
+                values, idx, h_prev.reshape(T * B, H), 4 * H, dense=True
+            )
     return dx, dw_ih, dw_hh
 
 
@@ -121,8 +129,9 @@ class MeLSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, active, k, mode, reverse):
         bias = None if b_ih is None or b_hh is None else b_ih + b_hh
-        out, h, c, (acts, h_prev, c_prev, tanh_c) = _run_layer(x, h0, c0, w_ih, w_hh, bias,
-                                                               active, reverse, keep=True)
+        out, h, c, (acts, h_prev, c_prev, tanh_c) = _run_layer(
+            x, h0, c0, w_ih, w_hh, bias, active, reverse, keep=True
+        )
         ctx.save_for_backward(x, w_ih, w_hh, acts, h_prev, c_prev, tanh_c, active)
         ctx.k, ctx.mode, ctx.reverse, ctx.has_bias = k, mode, reverse, b_ih is not None
         return out, h, c
@@ -141,12 +150,15 @@ class MeLSTMLayerFunction(torch.autograd.Function):
         if dense:
             kept = x.new_empty(T, B, 4 * H)
         elif mode == "unified":
-            kept, kept_idx = x.new_empty(T, B, k), torch.empty(T, k, dtype=torch.int64, device=x.device)
+            kept, kept_idx = (
+                x.new_empty(T, B, k),
+                torch.empty(T, k, dtype=torch.int64, device=x.device),
+            )
         else:
             kept = x.new_empty(T, B, k)
             kept_idx = torch.empty(T, B, k, dtype=torch.int64, device=x.device)
 
-        for t in (range(T) if ctx.reverse else range(T - 1, -1, -1)):
+        for t in range(T) if ctx.reverse else range(T - 1, -1, -1):
             dh_new = dh + d_out[t]
             dc_new = dc
             if active is not None:
@@ -170,10 +182,24 @@ class MeLSTMLayerFunction(torch.autograd.Function):
             if active is not None:
                 dh, dc = dh + carried_h, dc + carried_c
 
-        need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx, dw_ih, dw_hh = deferred_products(library.ops, "dense" if dense else mode, kept,
-                                             None if dense else kept_idx, x, h_prev, w_ih, w_hh,
-                                             need_x, need_w_ih, need_w_hh)
+        need_x, need_w_ih, need_w_hh = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[3],
+            ctx.needs_input_grad[4],
+        )
+        dx, dw_ih, dw_hh = deferred_products(
+            library.ops,
+            "dense" if dense else mode,
+            kept,
+            None if dense else kept_idx,
+            x,
+            h_prev,
+            w_ih,
+            w_hh,
+            need_x,
+            need_w_ih,
+            need_w_hh,
+        )
         db_ih = db if ctx.has_bias and ctx.needs_input_grad[5] else None
         db_hh = db.clone() if db is not None and ctx.needs_input_grad[6] else None
         dh0 = dh if ctx.needs_input_grad[1] else None
@@ -181,10 +207,20 @@ class MeLSTMLayerFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
 
 
-def mebp_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
-                    w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
-                    b_hh: torch.Tensor | None = None, *, k: int | float, mode: str = "unified",
-                    reverse: bool = False, active: torch.Tensor | None = None):
+def mebp_lstm_layer(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+    *,
+    k: int | float,
+    mode: str = "unified",
+    reverse: bool = False,
+    active: torch.Tensor | None = None,
+):
     """One direction of one LSTM layer with a meProp backward.
 
     ``x``: T x B x I (time-major); ``h0``, ``c0``: B x H; weights as in ``nn.LSTM`` (4H x I,
@@ -198,7 +234,9 @@ def mebp_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: t
     k = resolve_k(k, w_hh.shape[0], "the LSTM gates")
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return MeLSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, active, k, mode, reverse)
+        return MeLSTMLayerFunction.apply(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, active, k, mode, reverse
+        )
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     out, h, c, _ = _run_layer(x, h0, c0, w_ih, w_hh, bias, active, reverse, keep=False)
     return out, h, c
@@ -232,9 +270,18 @@ class MeLSTM(nn.LSTM):
             raise TypeError(f"from_lstm needs an nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise ValueError(f"MeLSTM does not support proj_size (got {lstm.proj_size})")
-        layer = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias,
-                    batch_first=lstm.batch_first, dropout=lstm.dropout,
-                    bidirectional=lstm.bidirectional, device="meta", k=k, mode=mode)
+        layer = cls(
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            bias=lstm.bias,
+            batch_first=lstm.batch_first,
+            dropout=lstm.dropout,
+            bidirectional=lstm.bidirectional,
+            device="meta",
+            k=k,
+            mode=mode,
+        )
         for name in lstm._flat_weights_names:
             setattr(layer, name, getattr(lstm, name))
         layer.train(lstm.training)
@@ -251,22 +298,36 @@ class MeLSTM(nn.LSTM):
     def _check_input(self, x):
         weight = self.weight_ih_l0
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"MeLSTM expects input_size {self.input_size} in the last dimension, "
-                             f"got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"MeLSTM expects input_size {self.input_size} in the last dimension, "
+                f"got input of shape {tuple(x.shape)}"
+            )
         if x.dtype != weight.dtype or x.device != weight.device:
-            raise ValueError(f"MeLSTM input is {x.dtype} on {x.device}, but its weights are "
-                             f"{weight.dtype} on {weight.device}")
+            raise ValueError(
+                f"MeLSTM input is {x.dtype} on {x.device}, but its weights are "
+                f"{weight.dtype} on {weight.device}"
+            )
         if x.shape[0] == 0:
-            raise ValueError(f"MeLSTM needs at least one time step, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"MeLSTM needs at least one time step, got input of shape {tuple(x.shape)}"
+            )
 
     def _active_steps(self, lengths, T, B, device):
         lengths = torch.as_tensor(lengths).to(device)
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must hold {B} integers (one per sequence), got "
-                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+        if (
+            lengths.dtype.is_floating_point
+            or lengths.dtype == torch.bool
+            or tuple(lengths.shape) != (B,)
+        ):
+            raise ValueError(
+                f"lengths must hold {B} integers (one per sequence), got "
+                f"{lengths.dtype} of shape {tuple(lengths.shape)}"
+            )
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-            raise ValueError(f"lengths must be in [0, {T}] (the padded length), got "
-                             f"{lengths.min().item()}..{lengths.max().item()}")
+            raise ValueError(
+                f"lengths must be in [0, {T}] (the padded length), got "
+                f"{lengths.min().item()}..{lengths.max().item()}"
+            )
         if B == 0 or bool((lengths == T).all()):
             return None
         return (torch.arange(T, device=device)[:, None] < lengths[None, :]).unsqueeze(-1)
@@ -284,11 +345,15 @@ class MeLSTM(nn.LSTM):
             state = state if batched else state.unsqueeze(1)
             if tuple(state.shape) != shape:
                 expected = shape if batched else (shape[0], shape[2])
-                raise ValueError(f"MeLSTM {name} must have shape {expected}, got "
-                                 f"{tuple(state.shape if batched else state.squeeze(1).shape)}")
+                raise ValueError(
+                    f"MeLSTM {name} must have shape {expected}, got "
+                    f"{tuple(state.shape if batched else state.squeeze(1).shape)}"
+                )
             if state.dtype != x.dtype or state.device != x.device:
-                raise ValueError(f"MeLSTM {name} is {state.dtype} on {state.device}, input is "
-                                 f"{x.dtype} on {x.device}")
+                raise ValueError(
+                    f"MeLSTM {name} is {state.dtype} on {state.device}, input is "
+                    f"{x.dtype} on {x.device}"
+                )
             states.append(state)
         return states[0], states[1]
 
@@ -301,8 +366,9 @@ class MeLSTM(nn.LSTM):
             batched = True
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"MeLSTM expects 2-D (unbatched) or 3-D input, got shape "
-                                 f"{tuple(input.shape)}")
+                raise ValueError(
+                    f"MeLSTM expects 2-D (unbatched) or 3-D input, got shape {tuple(input.shape)}"
+                )
             batched = input.dim() == 3
             if not batched and lengths is not None:
                 raise ValueError("lengths= needs batched (3-D) input")
@@ -323,11 +389,18 @@ class MeLSTM(nn.LSTM):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 state = layer * directions + direction
                 out, h, c = mebp_lstm_layer(
-                    layer_input, h0[state], c0[state], getattr(self, "weight_ih" + suffix),
+                    layer_input,
+                    h0[state],
+                    c0[state],
+                    getattr(self, "weight_ih" + suffix),
                     getattr(self, "weight_hh" + suffix),
                     getattr(self, "bias_ih" + suffix) if self.bias else None,
                     getattr(self, "bias_hh" + suffix) if self.bias else None,
-                    k=k, mode=self.mode, reverse=bool(direction), active=active)
+                    k=k,
+                    mode=self.mode,
+                    reverse=bool(direction),
+                    active=active,
+                )
                 outputs.append(out)
                 h_last.append(h)
                 c_last.append(c)
@@ -342,8 +415,12 @@ class MeLSTM(nn.LSTM):
             if order is not None:
                 output, lengths = output.index_select(1, order), lengths[order.cpu()]
             data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
-            return (PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-                    (h_n, c_n))
+            return (
+                PackedSequence(
+                    data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+                ),
+                (h_n, c_n),
+            )
         if not batched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:

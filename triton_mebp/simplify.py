@@ -9,6 +9,7 @@ consumer's weight, slices the optimizer's state the same way, and resets the cou
 ``SimplifySchedule`` calls it on the paper's cycle schedule; ``save_simplified`` /
 ``load_simplified`` store and restore a compacted model without pickled objects.
 """
+
 import inspect
 import math
 import numbers
@@ -25,19 +26,65 @@ from .modules import MeLinear
 
 # Modules and functions that act on each element alone: a removed neuron stays one feature.
 ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.Identity, nn.Dropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Identity,
+    nn.Dropout,
     nn.AlphaDropout,
 )
 ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardtanh,
-    F.hardsigmoid, F.hardswish, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.dropout,
-    F.sigmoid, F.tanh, torch.relu, torch.tanh, torch.sigmoid, torch.dropout,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardtanh,
+    F.hardsigmoid,
+    F.hardswish,
+    F.softplus,
+    F.softsign,
+    F.logsigmoid,
+    F.tanhshrink,
+    F.dropout,
+    F.sigmoid,
+    F.tanh,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    torch.dropout,
 }
 ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
-SCALAR_OPERATORS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul,
-                    torch.add}
+SCALAR_OPERATORS = {
+    operator.mul,
+    operator.truediv,
+    operator.add,
+    operator.sub,
+    torch.mul,
+    torch.add,
+}
 CHECKPOINT_FORMAT = "triton_mebp.simplified/1"
 # torch's transformer layers trace (with the fast path off); their stacks do not (their forward
 # branches on tensor properties), so a stack is a leaf and each of its layers is traced alone.
@@ -64,11 +111,14 @@ def _is_linear(module) -> bool:
 def _is_plain_linear(module) -> bool:
     """An ``nn.Linear`` computing ``x W^T + b`` and nothing else: a subclass counts only if it
     keeps the forward and adds no parameters, buffers or submodules (a LoRA adapter does not)."""
-    return (isinstance(module, nn.Linear)
-            and type(module).forward in (nn.Linear.forward, MeLinear.forward)
-            and {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
-            and {n for n, _ in module.named_buffers(recurse=False)} <= {"hits", "refs"}
-            and not any(True for _ in module.children()) and not _has_hooks(module))
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward in (nn.Linear.forward, MeLinear.forward)
+        and {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
+        and {n for n, _ in module.named_buffers(recurse=False)} <= {"hits", "refs"}
+        and not any(True for _ in module.children())
+        and not _has_hooks(module)
+    )
 
 
 def _is_plain_me_linear(module) -> bool:
@@ -83,6 +133,7 @@ class PrunePlan:
     consumer; a removed neuron contributes the constant ``f(0) * W_consumer[:, j]``, which prune()
     folds into the consumer's bias (omitted where f(0) = 0).
     """
+
     name: str
     layer: MeLinear
     consumers: list = field(default_factory=list)  # [(name, nn.Linear)]
@@ -134,18 +185,23 @@ def _sequential_links(model: nn.Sequential, producer):
         if not producer(module):
             continue
         consumers, steps, reason = [], [], None
-        for next_name, following in chain[i + 1:]:
+        for next_name, following in chain[i + 1 :]:
             if _is_elementwise_module(following):
                 steps.append(_module_step(following))
                 continue
             if _is_plain_linear(following):
                 consumers.append((next_name, following))
             else:
-                reason = (f"its output reaches {next_name!r} ({type(following).__name__}), "
-                          "which is not element-wise" + (
-                              "" if not _is_linear(following) else
-                              " (an nn.Linear subclass with a forward, parameters or hooks of "
-                              "its own)"))
+                reason = (
+                    f"its output reaches {next_name!r} ({type(following).__name__}), "
+                    "which is not element-wise"
+                    + (
+                        ""
+                        if not _is_linear(following)
+                        else " (an nn.Linear subclass with a forward, parameters or hooks of "
+                        "its own)"
+                    )
+                )
             break
         else:
             reason = "its output is the model's output"
@@ -164,8 +220,11 @@ class _LinearLeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module, qualified_name):
         if isinstance(module, TRANSFORMER_LAYERS):
             return False
-        return (_is_linear(module) or isinstance(module, (nn.MultiheadAttention,) + TRANSFORMER_STACKS)
-                or super().is_leaf_module(module, qualified_name))
+        return (
+            _is_linear(module)
+            or isinstance(module, (nn.MultiheadAttention,) + TRANSFORMER_STACKS)
+            or super().is_leaf_module(module, qualified_name)
+        )
 
     def trace(self, root, concrete_args=None):
         # With the fast path off, nn.Transformer*Layer runs (and traces) its plain Python forward,
@@ -189,11 +248,15 @@ def _node_label(node) -> str:
 
 def _passes_through(node, source, modules) -> bool:
     """Whether ``node`` is an element-wise function of ``source`` alone."""
-    tensor_args = [a for a in list(node.args) + list(node.kwargs.values())
-                   if isinstance(a, torch.fx.Node)]
+    tensor_args = [
+        a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)
+    ]
     if node.op == "call_module":
-        return (_is_elementwise_module(modules[node.target]) and node.args[:1] == (source,)
-                and tensor_args == [source])
+        return (
+            _is_elementwise_module(modules[node.target])
+            and node.args[:1] == (source,)
+            and tensor_args == [source]
+        )
     if node.op == "call_method":
         return node.target in ELEMENTWISE_METHODS and tensor_args == [source]
     if node.op == "call_function":
@@ -201,8 +264,12 @@ def _passes_through(node, source, modules) -> bool:
             return node.args[:1] == (source,) and tensor_args == [source]
         if node.target in SCALAR_OPERATORS:
             others = [a for a in node.args if a is not source]
-            return (tensor_args == [source] and len(node.args) == 2 and not node.kwargs
-                    and all(isinstance(a, numbers.Number) for a in others))
+            return (
+                tensor_args == [source]
+                and len(node.args) == 2
+                and not node.kwargs
+                and all(isinstance(a, numbers.Number) for a in others)
+            )
     return False
 
 
@@ -212,17 +279,22 @@ def _node_step(node, source, modules):
         return _module_step(modules[node.target])
     if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
         return lambda v: v
-    swap = lambda v: ([v if a is source else a for a in node.args],
-                      {key: v if a is source else a for key, a in node.kwargs.items()})
+    swap = lambda v: (
+        [v if a is source else a for a in node.args],
+        {key: v if a is source else a for key, a in node.kwargs.items()},
+    )
     if node.op == "call_method":
+
         def method_step(v):
             args, kwargs = swap(v)
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+
         return method_step
 
     def step(v):
         args, kwargs = swap(v)
         return node.target(*args, **kwargs)
+
     return step
 
 
@@ -243,12 +315,17 @@ def _fx_links(model: nn.Module, graph, producer):
         nodes = calls.get(name, [])
         owner = name.rpartition(".")[0]
         if not nodes and isinstance(modules.get(owner), nn.MultiheadAttention):
-            reasons[name] = ("it is the output projection of an nn.MultiheadAttention; "
-                             "attention is not simplified")
+            reasons[name] = (
+                "it is the output projection of an nn.MultiheadAttention; "
+                "attention is not simplified"
+            )
             continue
         if len(nodes) != 1:
-            reasons[name] = ("it is never called in the traced forward" if not nodes else
-                             f"it is called {len(nodes)} times in the forward")
+            reasons[name] = (
+                "it is never called in the traced forward"
+                if not nodes
+                else f"it is called {len(nodes)} times in the forward"
+            )
             continue
         consumers, reason, frontier = [], None, [nodes[0]]
         steps: dict = {nodes[0]: []}  # the element-wise steps from the layer's output to each node
@@ -258,19 +335,27 @@ def _fx_links(model: nn.Module, graph, producer):
                 if _passes_through(user, source, modules):
                     steps[user] = steps[source] + [_node_step(user, source, modules)]
                     frontier.append(user)
-                elif (user.op == "call_module" and _is_plain_linear(modules[user.target])
-                      and user.args == (source,) and not user.kwargs):
+                elif (
+                    user.op == "call_module"
+                    and _is_plain_linear(modules[user.target])
+                    and user.args == (source,)
+                    and not user.kwargs
+                ):
                     if len(calls[user.target]) != 1:
-                        reason = (f"its consumer {user.target!r} is called "
-                                  f"{len(calls[user.target])} times in the forward")
+                        reason = (
+                            f"its consumer {user.target!r} is called "
+                            f"{len(calls[user.target])} times in the forward"
+                        )
                         break
                     consumers.append((user.target, modules[user.target]))
                     paths.setdefault(name, {})[user.target] = steps[source]
                 else:
                     reason = f"its output reaches {_node_label(user)}, which is not element-wise"
                     if user.op == "call_module" and _is_linear(modules[user.target]):
-                        reason += (" (an nn.Linear subclass with a forward, parameters or hooks "
-                                   "of its own)")
+                        reason += (
+                            " (an nn.Linear subclass with a forward, parameters or hooks "
+                            "of its own)"
+                        )
                     break
         if reason is None and not consumers:
             reason = "its output is not used by any layer"
@@ -293,8 +378,11 @@ def _find_links(model: nn.Module, producer=_is_plain_me_linear):
     if type(model) is nn.Sequential:
         return _sequential_links(model, producer)
     # torch.fx traces through containers without their hooks (leaf modules are checked one by one)
-    hooked = [name for name, m in model.named_modules() if name and _has_hooks(m)
-              and any(True for _ in m.children())]
+    hooked = [
+        name
+        for name, m in model.named_modules()
+        if name and _has_hooks(m) and any(True for _ in m.children())
+    ]
     if hooked:
         why = f"module {hooked[0]!r} has forward hooks, which the simplifier cannot see through"
         return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
@@ -305,16 +393,24 @@ def _find_links(model: nn.Module, producer=_is_plain_me_linear):
         _stack_layer_links(model, [""], producer, links, reasons, paths)
         return links, reasons, paths
     try:
-        graph = (_trace_layer(model) if isinstance(model, TRANSFORMER_LAYERS)
-                 else _LinearLeafTracer().trace(model))
+        graph = (
+            _trace_layer(model)
+            if isinstance(model, TRANSFORMER_LAYERS)
+            else _LinearLeafTracer().trace(model)
+        )
     except Exception as error:  # any untraceable forward: nothing is proven safe
-        why = (f"torch.fx could not trace the model ({type(error).__name__}: {error}), so the "
-               "simplifier cannot see what reads the layer's output")
+        why = (
+            f"torch.fx could not trace the model ({type(error).__name__}: {error}), so the "
+            "simplifier cannot see what reads the layer's output"
+        )
         return {}, {name: why for name, m in model.named_modules() if producer(m)}, {}
     links, reasons, paths = _fx_links(model, graph, producer)
     modules = dict(model.named_modules())
-    stacks = [node.target for node in graph.nodes if node.op == "call_module"
-              and isinstance(modules[node.target], TRANSFORMER_STACKS)]
+    stacks = [
+        node.target
+        for node in graph.nodes
+        if node.op == "call_module" and isinstance(modules[node.target], TRANSFORMER_STACKS)
+    ]
     _stack_layer_links(model, stacks, producer, links, reasons, paths)
     return links, reasons, paths
 
@@ -325,8 +421,11 @@ def _trace_layer(layer):
     The masks and flags only reach the attention calls (leaves): the layer's other data flow is
     the same for every value, so the trace with the defaults proves it.
     """
-    defaults = {name: p.default for name, p in inspect.signature(layer.forward).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(layer.forward).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     return _LinearLeafTracer().trace(layer, concrete_args=defaults)
 
 
@@ -346,8 +445,10 @@ def _stack_layer_links(model, stacks, producer, links, reasons, paths):
             except Exception as error:
                 for name, module in layer.named_modules():
                     if producer(module):
-                        reasons[prefix + name] = (f"torch.fx could not trace its transformer layer "
-                                                  f"({type(error).__name__}: {error})")
+                        reasons[prefix + name] = (
+                            f"torch.fx could not trace its transformer layer "
+                            f"({type(error).__name__}: {error})"
+                        )
                 continue
             layer_links, layer_reasons, layer_paths = _fx_links(layer, layer_graph, producer)
             for name, consumers in layer_links.items():
@@ -405,16 +506,20 @@ def _sliced_state(optimizer, param, cuts, label):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             sliced[key] = value
         elif value.layout != torch.strided:
-            raise ValueError(f"optimizer state {key!r} of {label} is a {value.layout} tensor; "
-                             "the simplifier slices dense state only")
+            raise ValueError(
+                f"optimizer state {key!r} of {label} is a {value.layout} tensor; "
+                "the simplifier slices dense state only"
+            )
         elif tuple(value.shape) == old_shape:
             sliced[key] = _slice(value, {d: i.to(value.device) for d, i in cuts.items()})
         elif tuple(value.shape) == old_shape[:1]:
             sliced[key] = _slice(value, {0: cuts[0].to(value.device)}) if 0 in cuts else value
         else:
-            raise ValueError(f"optimizer state {key!r} of {label} has shape {tuple(value.shape)}, "
-                             f"neither the parameter's {old_shape} nor per row {old_shape[:1]}: "
-                             "the simplifier cannot slice it")
+            raise ValueError(
+                f"optimizer state {key!r} of {label} has shape {tuple(value.shape)}, "
+                f"neither the parameter's {old_shape} nor per row {old_shape[:1]}: "
+                "the simplifier cannot slice it"
+            )
     return sliced
 
 
@@ -464,7 +569,11 @@ def _resize_me_linear(layer: MeLinear, width: int) -> None:
     """Hit counters of the new width, and k (a count: see ``_fix_k_count``) capped at it."""
     layer.hits = torch.zeros(width, dtype=torch.int64, device=layer.weight.device)
     layer.refs.zero_()
-    if isinstance(layer.k, numbers.Integral) and not isinstance(layer.k, bool) and int(layer.k) > width:
+    if (
+        isinstance(layer.k, numbers.Integral)
+        and not isinstance(layer.k, bool)
+        and int(layer.k) > width
+    ):
         layer.k = width
 
 
@@ -479,12 +588,15 @@ def _offsets(name, consumers, paths):
                 value = step(value)
         constant = float(value.reshape(-1)[0])
         if not math.isfinite(constant):
-            return {}, (f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to "
-                        f"{constant}")
+            return {}, (
+                f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to {constant}"
+            )
         if constant != 0.0:
             if consumer.bias is None:
-                return {}, (f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to "
-                            f"{constant:g}, and {consumer_name!r} has no bias to absorb it")
+                return {}, (
+                    f"the element-wise path from {name!r} to {consumer_name!r} maps 0 to "
+                    f"{constant:g}, and {consumer_name!r} has no bias to absorb it"
+                )
             offsets[consumer_name] = constant
     return offsets, None
 
@@ -511,20 +623,37 @@ class Simplifier:
     plans: list[PrunePlan]
     skipped: dict[str, str]
 
-    def __init__(self, model: nn.Module, *, threshold: float = 0.1,
-                 optimizer: torch.optim.Optimizer | None = None, min_width: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float = 0.1,
+        optimizer: torch.optim.Optimizer | None = None,
+        min_width: int = 1,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Simplifier needs an nn.Module, got {type(model).__name__}")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
-                0.0 <= threshold <= 1.0):
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, numbers.Real)
+            or not (0.0 <= threshold <= 1.0)
+        ):
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        if isinstance(min_width, bool) or not isinstance(min_width, numbers.Integral) or min_width < 1:
+        if (
+            isinstance(min_width, bool)
+            or not isinstance(min_width, numbers.Integral)
+            or min_width < 1
+        ):
             raise ValueError(f"min_width must be an int >= 1, got {min_width!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if not any(isinstance(m, MeLinear) for m in model.modules()):
-            raise ValueError("the model has no MeLinear layer to simplify: convert it first "
-                             "(triton_mebp.convert(model))")
+            raise ValueError(
+                "the model has no MeLinear layer to simplify: convert it first "
+                "(triton_mebp.convert(model))"
+            )
         self.model, self.threshold = model, float(threshold)
         self.optimizer, self.min_width = optimizer, int(min_width)
         links, reasons, paths = _find_links(model)
@@ -533,16 +662,22 @@ class Simplifier:
         self.plans, self.skipped = [], dict(reasons)
         for name, module in modules.items():
             if isinstance(module, MeLinear) and name not in links and name not in reasons:
-                self.skipped[name] = (f"it is a {type(module).__name__} with a forward, "
-                                      "parameters or hooks of its own")
+                self.skipped[name] = (
+                    f"it is a {type(module).__name__} with a forward, "
+                    "parameters or hooks of its own"
+                )
         for name, consumers in links.items():
             layer = modules[name]
             involved = [(name, layer)] + consumers
-            tied = [n for n, m in involved if id(m) in shared
-                    or any(id(p) in shared for p in m.parameters(recurse=False))]
+            tied = [
+                n
+                for n, m in involved
+                if id(m) in shared or any(id(p) in shared for p in m.parameters(recurse=False))
+            ]
             if tied:
-                self.skipped[name] = (f"{tied[0]!r} or its parameters are used at several places "
-                                      "in the model")
+                self.skipped[name] = (
+                    f"{tied[0]!r} or its parameters are used at several places in the model"
+                )
                 continue
             offsets, reason = _offsets(name, consumers, paths[name])
             if reason:
@@ -568,11 +703,14 @@ class Simplifier:
         if refs == 0:
             raise RuntimeError(
                 f"layer {plan.name!r} has seen no examples since the last prune (refs = 0): run "
-                "backward passes with the model in training mode before prune()")
+                "backward passes with the model in training mode before prune()"
+            )
         hits = layer.hits
         if hits.shape != (layer.out_features,):
-            raise RuntimeError(f"layer {plan.name!r}: hits has shape {tuple(hits.shape)}, "
-                               f"expected ({layer.out_features},)")
+            raise RuntimeError(
+                f"layer {plan.name!r}: hits has shape {tuple(hits.shape)}, "
+                f"expected ({layer.out_features},)"
+            )
         keep = (hits.double() >= self.threshold * refs).nonzero().flatten()
         floor = min(self.min_width, layer.out_features)
         if keep.numel() < floor:
@@ -586,8 +724,11 @@ class Simplifier:
         optimizer as they were. Resets the hit counters of every managed layer.
         """
         kept = {plan.name: self._kept(plan) for plan in self.plans}
-        names = {id(p): f"{mname}.{pname}" for mname, m in self.model.named_modules()
-                 for pname, p in m.named_parameters(recurse=False)}
+        names = {
+            id(p): f"{mname}.{pname}"
+            for mname, m in self.model.named_modules()
+            for pname, p in m.named_parameters(recurse=False)
+        }
         param_cuts: dict = {}
         shifts: dict = {}
         widths: list = []
@@ -600,10 +741,13 @@ class Simplifier:
                 continue
             for name, consumer in plan.consumers:
                 if consumer.in_features != old:
-                    raise RuntimeError(f"consumer {name!r} of {plan.name!r} reads "
-                                       f"{consumer.in_features} features, expected {old}")
+                    raise RuntimeError(
+                        f"consumer {name!r} of {plan.name!r} reads "
+                        f"{consumer.in_features} features, expected {old}"
+                    )
             for param, dim in [(layer.weight, 0), (layer.bias, 0)] + [
-                    (c.weight, 1) for _, c in plan.consumers]:
+                (c.weight, 1) for _, c in plan.consumers
+            ]:
                 if param is not None:
                     param_cuts.setdefault(id(param), (param, {}))[1][dim] = keep
             removed = torch.ones(old, dtype=torch.bool)
@@ -612,7 +756,9 @@ class Simplifier:
                 if name in plan.offsets:
                     # The removed inputs' constant f(0) * W[:, removed], folded into the bias.
                     weight = consumer.weight.detach()
-                    delta = weight[:, removed.to(weight.device)].double().sum(1) * plan.offsets[name]
+                    delta = (
+                        weight[:, removed.to(weight.device)].double().sum(1) * plan.offsets[name]
+                    )
                     param_cuts.setdefault(id(consumer.bias), (consumer.bias, {}))
                     shifts[id(consumer.bias)] = shifts.get(id(consumer.bias), 0) + delta
             widths.append((layer, "out_features", new))
@@ -641,17 +787,32 @@ class SimplifySchedule:
     ``history`` keeps ``(step, report)`` of every prune.
     """
 
-    def __init__(self, simplifier: Simplifier, *, steps_per_epoch: int, cycle_epochs: int = 5,
-                 prunes_per_epoch: int = 8, prune_first_cycle: bool = False,
-                 reset_optimizer: bool = True, last_pruning_cycle: int | None = None) -> None:
-        for label, value in (("steps_per_epoch", steps_per_epoch), ("cycle_epochs", cycle_epochs),
-                             ("prunes_per_epoch", prunes_per_epoch)):
+    def __init__(
+        self,
+        simplifier: Simplifier,
+        *,
+        steps_per_epoch: int,
+        cycle_epochs: int = 5,
+        prunes_per_epoch: int = 8,
+        prune_first_cycle: bool = False,
+        reset_optimizer: bool = True,
+        last_pruning_cycle: int | None = None,
+    ) -> None:
+        for label, value in (
+            ("steps_per_epoch", steps_per_epoch),
+            ("cycle_epochs", cycle_epochs),
+            ("prunes_per_epoch", prunes_per_epoch),
+        ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {value!r}")
         if last_pruning_cycle is not None and (
-                isinstance(last_pruning_cycle, bool) or not isinstance(last_pruning_cycle, numbers.Integral)
-                or last_pruning_cycle < 0):
-            raise ValueError(f"last_pruning_cycle must be None or an int >= 0, got {last_pruning_cycle!r}")
+            isinstance(last_pruning_cycle, bool)
+            or not isinstance(last_pruning_cycle, numbers.Integral)
+            or last_pruning_cycle < 0
+        ):
+            raise ValueError(
+                f"last_pruning_cycle must be None or an int >= 0, got {last_pruning_cycle!r}"
+            )
         self.simplifier = simplifier
         self.steps_per_epoch, self.cycle_epochs = int(steps_per_epoch), int(cycle_epochs)
         self.prunes_per_epoch = int(prunes_per_epoch)
@@ -690,13 +851,21 @@ class SimplifySchedule:
 
 
 def _linear_shapes(model: nn.Module):
-    return {name: [m.out_features, m.in_features] for name, m in model.named_modules() if _is_linear(m)}
+    return {
+        name: [m.out_features, m.in_features] for name, m in model.named_modules() if _is_linear(m)
+    }
 
 
 def save_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes]) -> None:
     """Saves the (compacted) model's weights and its Linear widths, tensors and plain data only."""
-    torch.save({"format": CHECKPOINT_FORMAT, "linear_shapes": _linear_shapes(model),
-                "state_dict": model.state_dict()}, path)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "linear_shapes": _linear_shapes(model),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
 
 
 def _not_a_checkpoint(path, why):
@@ -710,25 +879,35 @@ def _read_checkpoint(path, map_location):
     except OSError:
         raise
     except Exception as error:  # empty, truncated, not a zip archive, pickled code, ...
-        raise _not_a_checkpoint(path, f"torch.load failed ({type(error).__name__}: "
-                                      f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise _not_a_checkpoint(
+            path,
+            f"torch.load failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})",
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise _not_a_checkpoint(path, f"no format {CHECKPOINT_FORMAT!r} entry")
     shapes, state = checkpoint.get("linear_shapes"), checkpoint.get("state_dict")
     is_width = lambda w: isinstance(w, int) and not isinstance(w, bool)
     if not isinstance(shapes, dict) or not all(
-            isinstance(name, str) and isinstance(pair, (list, tuple)) and len(pair) == 2
-            and all(is_width(w) for w in pair) for name, pair in shapes.items()):
-        raise _not_a_checkpoint(path, "'linear_shapes' must map layer names to "
-                                      "[out_features, in_features] ints")
+        isinstance(name, str)
+        and isinstance(pair, (list, tuple))
+        and len(pair) == 2
+        and all(is_width(w) for w in pair)
+        for name, pair in shapes.items()
+    ):
+        raise _not_a_checkpoint(
+            path, "'linear_shapes' must map layer names to [out_features, in_features] ints"
+        )
     if not isinstance(state, dict) or not all(
-            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
         raise _not_a_checkpoint(path, "'state_dict' must map names to tensors")
     return {name: (int(o), int(i)) for name, (o, i) in shapes.items()}, state
 
 
-def load_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes], *,
-                    map_location=None) -> nn.Module:
+def load_simplified(
+    model: nn.Module, path: str | os.PathLike | IO[bytes], *, map_location=None
+) -> nn.Module:
     """Resizes a freshly built full-size ``model`` to a saved simplified one and loads its weights.
 
     Loads with ``torch.load(weights_only=True)``. A file that is not such a checkpoint, or one that
@@ -747,17 +926,22 @@ def load_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes], *,
     # Only a hidden width may be smaller: a layer's output read by Linear layers alone (through
     # element-wise modules), and those layers' inputs with it. Every other width must match.
     links, _, _ = _find_links(model, producer=_is_plain_linear)
-    read_from = {consumer: producer for producer, consumers in links.items() for consumer, _ in consumers}
+    read_from = {
+        consumer: producer for producer, consumers in links.items() for consumer, _ in consumers
+    }
     current = model.state_dict()
     expected = {key: tuple(value.shape) for key, value in current.items()}
     for name, (out_f, in_f) in saved_shapes.items():
         full_out, full_in = model_shapes[name]
         fits_out = out_f == full_out or (name in links and 1 <= out_f < full_out)
-        fits_in = in_f == full_in or (name in read_from and 1 <= in_f < full_in
-                                      and in_f == saved_shapes[read_from[name]][0])
+        fits_in = in_f == full_in or (
+            name in read_from and 1 <= in_f < full_in and in_f == saved_shapes[read_from[name]][0]
+        )
         if not (fits_out and fits_in):
-            raise ValueError(f"checkpoint layer {name!r} is {out_f} x {in_f} (out x in), which "
-                             f"does not fit the model's {full_out} x {full_in}")
+            raise ValueError(
+                f"checkpoint layer {name!r} is {out_f} x {in_f} (out x in), which "
+                f"does not fit the model's {full_out} x {full_in}"
+            )
         prefix = f"{name}." if name else ""
         expected[f"{prefix}weight"] = (out_f, in_f)
         if modules[name].bias is not None:
@@ -765,18 +949,27 @@ def load_simplified(model: nn.Module, path: str | os.PathLike | IO[bytes], *,
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     values = {}
     for key, shape in expected.items():
         value, target = state[key], current[key]
         layer = key.rsplit(".", 1)[0] if "." in key else key
         if tuple(value.shape) != shape:
-            raise ValueError(f"checkpoint entry {key!r} (layer {layer!r}) has shape "
-                             f"{tuple(value.shape)}, expected {shape}")
-        if (value.layout != torch.strided or value.is_complex() != target.is_complex()
-                or value.is_floating_point() != target.is_floating_point()):
-            raise ValueError(f"checkpoint entry {key!r} (layer {layer!r}) is a {value.layout} "
-                             f"{value.dtype} tensor, expected a dense {target.dtype} one")
+            raise ValueError(
+                f"checkpoint entry {key!r} (layer {layer!r}) has shape "
+                f"{tuple(value.shape)}, expected {shape}"
+            )
+        if (
+            value.layout != torch.strided
+            or value.is_complex() != target.is_complex()
+            or value.is_floating_point() != target.is_floating_point()
+        ):
+            raise ValueError(
+                f"checkpoint entry {key!r} (layer {layer!r}) is a {value.layout} "
+                f"{value.dtype} tensor, expected a dense {target.dtype} one"
+            )
         values[key] = value.to(device=target.device, dtype=target.dtype)
     # Everything fits: from here on nothing can fail.
     for name, (out_f, in_f) in saved_shapes.items():

@@ -3,6 +3,7 @@
 Each function matches a launcher in ``triton_mebp.kernels`` by name, signature and meaning.
 No Python loops over rows or examples.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -114,8 +115,9 @@ def per_example_weight_grad(values, idx, x, n_rows, dense=False):
         counts = torch.zeros(n_rows, dtype=torch.int64, device=x.device).index_put_((rows,), counts)
     starts = torch.zeros(counts.numel(), dtype=torch.int64, device=x.device)
     torch.cumsum(counts[:-1], 0, out=starts[1:])
-    grad = F.embedding_bag(order // K, x, starts, per_sample_weights=values.reshape(-1)[order],
-                           mode="sum")
+    grad = F.embedding_bag(
+        order // K, x, starts, per_sample_weights=values.reshape(-1)[order], mode="sum"
+    )
     return rows, grad
 
 
@@ -123,8 +125,9 @@ def _compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, dampening,
-                 weight_decay, nesterov) -> None:
+def row_sgd_step(
+    param, idx, grad, row_step, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov
+) -> None:
     dtype = _compute_dtype(param.dtype)
     first = (row_step.index_select(0, idx) == 0).unsqueeze(1)
     row_step.index_add_(0, idx, torch.ones_like(idx, dtype=row_step.dtype))
@@ -140,8 +143,9 @@ def row_sgd_step(param, idx, grad, row_step, momentum_buffer, *, lr, momentum, d
     param.index_copy_(0, idx, p_rows.sub_(d_p, alpha=lr).to(param.dtype))
 
 
-def row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, weight_decay,
-                     eps) -> None:
+def row_adagrad_step(
+    param, idx, grad, row_step, state_sum, *, lr, lr_decay, weight_decay, eps
+) -> None:
     dtype = _compute_dtype(param.dtype)
     step = row_step.index_select(0, idx) + 1
     row_step.index_copy_(0, idx, step)
@@ -156,8 +160,21 @@ def row_adagrad_step(param, idx, grad, row_step, state_sum, *, lr, lr_decay, wei
     param.index_copy_(0, idx, p_rows.to(param.dtype))
 
 
-def row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
-                  weight_decay, decoupled) -> None:
+def row_adam_step(
+    param,
+    idx,
+    grad,
+    row_step,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+) -> None:
     dtype = _compute_dtype(param.dtype)
     step = row_step.index_select(0, idx) + 1
     row_step.index_copy_(0, idx, step)
@@ -180,8 +197,13 @@ def row_adam_step(param, idx, grad, row_step, exp_avg, exp_avg_sq, *, lr, beta1,
     param.index_copy_(0, idx, p_rows.to(param.dtype))
 
 
-ACTIVATIONS = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh,
-               "sigmoid": torch.sigmoid, "gelu": F.gelu}
+ACTIVATIONS = {
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+}
 
 
 def _activation(name):
@@ -194,8 +216,16 @@ def linear_act(x, weight, bias=None, activation="identity"):
     return _activation(activation)(F.linear(x, weight, bias))
 
 
-def fused_mlp(x, first_weight, first_bias, rest_weight, rest_bias, out_features,
-              hidden_activation="relu", output_activation="identity"):
+def fused_mlp(
+    x,
+    first_weight,
+    first_bias,
+    rest_weight,
+    rest_bias,
+    out_features,
+    hidden_activation="relu",
+    output_activation="identity",
+):
     """The packed layers' zero padding adds nothing: padded columns meet zero weights."""
     hidden, output = _activation(hidden_activation), _activation(output_activation)
     width = rest_weight.shape[1]

@@ -9,6 +9,7 @@ key/value inputs one product per slice of the packed weight, each keeping the sa
 outputs. The output projection is a child ``nn.Linear``, which ``convert`` swaps for a
 ``MeLinear`` like any other.
 """
+
 import fnmatch
 import math
 import numbers
@@ -23,10 +24,29 @@ ROLES = ("attention", "mlp", "other")
 # Name patterns of hand-written transformers (GPT-2, LLaMA, BERT-like naming). The modules of
 # nn.MultiheadAttention and nn.Transformer*Layer get their role from their place instead.
 DEFAULT_ROLE_PATTERNS = {
-    "attention": ("*attn*", "*attention*", "*q_proj", "*k_proj", "*v_proj", "*o_proj", "*qkv*",
-                  "*.query", "*.key", "*.value"),
-    "mlp": ("*mlp*", "*ffn*", "*feed_forward*", "*feedforward*", "*fc1", "*fc2", "*up_proj",
-            "*down_proj", "*gate_proj"),
+    "attention": (
+        "*attn*",
+        "*attention*",
+        "*q_proj",
+        "*k_proj",
+        "*v_proj",
+        "*o_proj",
+        "*qkv*",
+        "*.query",
+        "*.key",
+        "*.value",
+    ),
+    "mlp": (
+        "*mlp*",
+        "*ffn*",
+        "*feed_forward*",
+        "*feedforward*",
+        "*fc1",
+        "*fc2",
+        "*up_proj",
+        "*down_proj",
+        "*gate_proj",
+    ),
 }
 TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -51,8 +71,9 @@ class MeMultiheadAttention(nn.MultiheadAttention):
     one) gives it meProp too. Forward values equal ``nn.MultiheadAttention``'s.
     """
 
-    def __init__(self, embed_dim, num_heads, *args, in_proj_k=0.05, mode="unified", grad="dense",
-                 **kwargs):
+    def __init__(
+        self, embed_dim, num_heads, *args, in_proj_k=0.05, mode="unified", grad="dense", **kwargs
+    ):
         super().__init__(embed_dim, num_heads, *args, **kwargs)
         self._setup(in_proj_k, mode, grad)
 
@@ -64,8 +85,13 @@ class MeMultiheadAttention(nn.MultiheadAttention):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         # Its settings (embed_dim, num_heads, batch_first, bias_k, ...), not its hooks.
-        layer.__dict__.update({key: value for key, value in mha.__dict__.items()
-                               if not key.startswith("_") or key == "_qkv_same_embed_dim"})
+        layer.__dict__.update(
+            {
+                key: value
+                for key, value in mha.__dict__.items()
+                if not key.startswith("_") or key == "_qkv_same_embed_dim"
+            }
+        )
         for key in ("_parameters", "_buffers", "_modules"):
             getattr(layer, key).update(getattr(mha, key))
         layer._setup(in_proj_k, mode, grad)
@@ -90,17 +116,20 @@ class MeMultiheadAttention(nn.MultiheadAttention):
             return F.linear(x, weight, bias)
         full = 3 * self.embed_dim
         k = _share_of(self.in_proj_k, width, full, "the in-projection")
-        return mebp_linear(x, weight, bias, k=k, mode=self.mode,
-                           grad=self.grad if packed else "dense")
+        return mebp_linear(
+            x, weight, bias, k=k, mode=self.mode, grad=self.grad if packed else "dense"
+        )
 
     def _in_projection(self, query, key, value):
         E = self.embed_dim
         b = self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
         if not self._qkv_same_embed_dim:
-            return (self._project(query, self.q_proj_weight, bq, E, False),
-                    self._project(key, self.k_proj_weight, bk, E, False),
-                    self._project(value, self.v_proj_weight, bv, E, False))
+            return (
+                self._project(query, self.q_proj_weight, bq, E, False),
+                self._project(key, self.k_proj_weight, bk, E, False),
+                self._project(value, self.v_proj_weight, bv, E, False),
+            )
         w = self.in_proj_weight
         if key is value and query is key:
             return self._project(query, w, b, 3 * E, True).chunk(3, dim=-1)
@@ -108,14 +137,27 @@ class MeMultiheadAttention(nn.MultiheadAttention):
         if key is value:
             kv = self._project(key, w[E:], None if b is None else b[E:], 2 * E, False)
             return (q,) + kv.chunk(2, dim=-1)
-        return (q, self._project(key, w[E:2 * E], bk, E, False),
-                self._project(value, w[2 * E:], bv, E, False))
+        return (
+            q,
+            self._project(key, w[E : 2 * E], bk, E, False),
+            self._project(value, w[2 * E :], bv, E, False),
+        )
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         # The steps of F.multi_head_attention_forward (torch 2.x), with our in-projection.
         is_batched = F._mha_shape_check(  # type: ignore[attr-defined]  # private, not in the stubs
-            query, key, value, key_padding_mask, attn_mask, self.num_heads)
+            query, key, value, key_padding_mask, attn_mask, self.num_heads
+        )
         if self.batch_first and is_batched:
             if key is value:
                 if query is key:
@@ -137,16 +179,27 @@ class MeMultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"query has {embed_dim} features, expected embed_dim={self.embed_dim}")
         heads, head_dim = self.num_heads, self.head_dim
         key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=query.dtype)
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as "
-                               "nn.MultiheadAttention)")
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)"
+            )
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None
         else:
-            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
-                                          other_name="", target_type=query.dtype, check_other=False)
+            attn_mask = F._canonical_mask(
+                mask=attn_mask,
+                mask_name="attn_mask",
+                other_type=None,
+                other_name="",
+                target_type=query.dtype,
+                check_other=False,
+            )
             if key_padding_mask is not None:
                 is_causal = False
 
@@ -155,12 +208,16 @@ class MeMultiheadAttention(nn.MultiheadAttention):
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (tgt_len, src_len):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, "
-                                       f"but should be {(tgt_len, src_len)}.")
+                    raise RuntimeError(
+                        f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, "
+                        f"but should be {(tgt_len, src_len)}."
+                    )
                 attn_mask = attn_mask.unsqueeze(0)
             elif tuple(attn_mask.shape) != (bsz * heads, tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, "
-                                   f"but should be {(bsz * heads, tgt_len, src_len)}.")
+                raise RuntimeError(
+                    f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, "
+                    f"but should be {(bsz * heads, tgt_len, src_len)}."
+                )
         if self.bias_k is not None and self.bias_v is not None:  # both or neither
             k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
@@ -181,17 +238,25 @@ class MeMultiheadAttention(nn.MultiheadAttention):
         src_len = k.shape[1]
         if key_padding_mask is not None:
             if tuple(key_padding_mask.shape) != (bsz, src_len):
-                raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
-                                   f"expected {(bsz, src_len)}")
-            key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
-                                .reshape(bsz * heads, 1, src_len))
+                raise RuntimeError(
+                    f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
+                    f"expected {(bsz, src_len)}"
+                )
+            key_padding_mask = (
+                key_padding_mask.view(bsz, 1, 1, src_len)
+                .expand(-1, heads, -1, -1)
+                .reshape(bsz * heads, 1, src_len)
+            )
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
 
         if need_weights:
             scores = q * math.sqrt(1.0 / float(head_dim))
-            scores = (torch.baddbmm(attn_mask, scores, k.transpose(-2, -1)) if attn_mask is not None
-                      else torch.bmm(scores, k.transpose(-2, -1)))
+            scores = (
+                torch.baddbmm(attn_mask, scores, k.transpose(-2, -1))
+                if attn_mask is not None
+                else torch.bmm(scores, k.transpose(-2, -1))
+            )
             weights = scores.softmax(dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
@@ -201,11 +266,19 @@ class MeMultiheadAttention(nn.MultiheadAttention):
                 weights = weights.mean(dim=1)
         else:
             if attn_mask is not None:
-                attn_mask = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
-                             else attn_mask.view(bsz, heads, -1, src_len))
+                attn_mask = (
+                    attn_mask.unsqueeze(0)
+                    if attn_mask.size(0) == 1
+                    else attn_mask.view(bsz, heads, -1, src_len)
+                )
             out = F.scaled_dot_product_attention(
-                q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
-                v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal)
+                q.view(bsz, heads, tgt_len, head_dim),
+                k.view(bsz, heads, src_len, head_dim),
+                v.view(bsz, heads, src_len, head_dim),
+                attn_mask,
+                dropout_p,
+                is_causal,
+            )
             out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
             weights = None
         out = self.out_proj(out).view(tgt_len, bsz, -1)
@@ -236,7 +309,9 @@ def linear_roles(model: nn.Module, patterns=None) -> dict:
     patterns = DEFAULT_ROLE_PATTERNS if patterns is None else patterns
     unknown = set(patterns) - {"attention", "mlp"}
     if unknown:
-        raise ValueError(f"roles must map 'attention' and/or 'mlp' to name patterns, got {sorted(unknown)}")
+        raise ValueError(
+            f"roles must map 'attention' and/or 'mlp' to name patterns, got {sorted(unknown)}"
+        )
     roles = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -246,9 +321,15 @@ def linear_roles(model: nn.Module, patterns=None) -> dict:
             roles[f"{prefix}linear1"] = roles[f"{prefix}linear2"] = "mlp"
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name not in roles:
-            roles[name] = next((role for role in ("attention", "mlp")
-                                for p in _as_tuple(patterns.get(role, ()))
-                                if fnmatch.fnmatchcase(name, p)), "other")
+            roles[name] = next(
+                (
+                    role
+                    for role in ("attention", "mlp")
+                    for p in _as_tuple(patterns.get(role, ()))
+                    if fnmatch.fnmatchcase(name, p)
+                ),
+                "other",
+            )
     return roles
 
 

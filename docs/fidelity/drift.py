@@ -4,6 +4,7 @@ seed 0): writes drift.csv next to this file. ``h1``/``h2`` are the hidden layers
 
     nice -n 10 python docs/fidelity/drift.py
 """
+
 import csv
 import os
 import sys
@@ -25,7 +26,15 @@ SETTINGS = {  # name: (mode, optimizer, lr, eps, step_scale, meProp layers, acti
     "per-example, adam": ("per_example", "adam", 1e-3, None, False, ("0", "2"), "relu"),
     "per-example, adam eps=1e-3": ("per_example", "adam", 1e-3, 1e-3, False, ("0", "2"), "relu"),
     "per-example, adam, step scaled": ("per_example", "adam", 1e-3, None, True, ("0", "2"), "relu"),
-    "per-example, adagrad lr=0.05": ("per_example", "adagrad", 0.05, None, False, ("0", "2"), "relu"),
+    "per-example, adagrad lr=0.05": (
+        "per_example",
+        "adagrad",
+        0.05,
+        None,
+        False,
+        ("0", "2"),
+        "relu",
+    ),
     "per-example in layer 1 only, adam": ("per_example", "adam", 1e-3, None, False, ("0",), "relu"),
     "per-example in layer 2 only, adam": ("per_example", "adam", 1e-3, None, False, ("2",), "relu"),
     "dense, adam, tanh": ("dense", "adam", 1e-3, None, False, (), "tanh"),
@@ -39,8 +48,14 @@ def trace(name, mode, optimizer_name, lr, eps, step_scale, me_layers, activation
     torch.manual_seed(0)
     model = WindowTagger(vocab.sizes(), len(vocab.tags), activation=activation)
     if mode != "dense":
-        model.mlp = convert(model.mlp, k=25, mode=mode, count_hits=True, inplace=True,
-                            exclude=[n for n in ("0", "2") if n not in me_layers])
+        model.mlp = convert(
+            model.mlp,
+            k=25,
+            mode=mode,
+            count_hits=True,
+            inplace=True,
+            exclude=[n for n in ("0", "2") if n not in me_layers],
+        )
     layers = [m for m in model.mlp if isinstance(m, MeLinear)]
     optimizer = make_optimizer(optimizer_name, model.parameters(), lr, False, eps)
     outputs = {}
@@ -49,7 +64,7 @@ def trace(name, mode, optimizer_name, lr, eps, step_scale, me_layers, activation
     order = torch.randperm(len(tags), generator=torch.Generator().manual_seed(0))
     rows = []
     for step in range(1, STEPS + 1):
-        batch = order[(step - 1) * BATCH:step * BATCH]
+        batch = order[(step - 1) * BATCH : step * BATCH]
         for layer in layers:
             layer.reset_hits()
         loss = F.cross_entropy(model(features[batch]), tags[batch])
@@ -59,13 +74,24 @@ def trace(name, mode, optimizer_name, lr, eps, step_scale, me_layers, activation
         optimizer.step()
         with torch.no_grad():
             for layer, old in zip(layers, before):
-                layer.weight.copy_(torch.lerp(old, layer.weight, (layer.hits.float() / len(batch)).unsqueeze(1)))
+                layer.weight.copy_(
+                    torch.lerp(old, layer.weight, (layer.hits.float() / len(batch)).unsqueeze(1))
+                )
         if step % EVERY == 0:
-            rows.append(dict(setting=name, step=step, loss=loss.item(),
-                             h1_mean=outputs[1].mean().item(), h1_active=(outputs[1] > 0).float().mean().item(),
-                             h2_mean=outputs[3].mean().item(), h2_active=(outputs[3] > 0).float().mean().item(),
-                             logit_absmax=outputs[4].abs().max().item(),
-                             w1_norm=model.mlp[0].weight.norm().item(), w2_norm=model.mlp[2].weight.norm().item()))
+            rows.append(
+                dict(
+                    setting=name,
+                    step=step,
+                    loss=loss.item(),
+                    h1_mean=outputs[1].mean().item(),
+                    h1_active=(outputs[1] > 0).float().mean().item(),
+                    h2_mean=outputs[3].mean().item(),
+                    h2_active=(outputs[3] > 0).float().mean().item(),
+                    logit_absmax=outputs[4].abs().max().item(),
+                    w1_norm=model.mlp[0].weight.norm().item(),
+                    w2_norm=model.mlp[2].weight.norm().item(),
+                )
+            )
             print(rows[-1], flush=True)
     return rows
 

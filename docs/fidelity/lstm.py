@@ -4,6 +4,7 @@ accuracy at the best held-out epoch. Appends one JSON line per run to lstm_runs.
 
     nice -n 10 python docs/fidelity/lstm.py --epochs 8 --seeds 0
 """
+
 import argparse
 import json
 import os
@@ -42,14 +43,30 @@ def main():
                 torch.manual_seed(seed)
                 model = Tagger(len(vocab.words), len(vocab.tags), hidden=500, mode=mode, k=args.k)
                 started = time.time()
-                run = train_tagger(model, *data, epochs=args.epochs, batch_size=args.batch_size,
-                                   optimizer=optimizer, seed=seed, progress=False)
-                run.update(mode=mode, k=args.k, optimizer=optimizer, epochs_run=args.epochs,
-                           batch_size=args.batch_size, wall_s=time.time() - started)
+                run = train_tagger(
+                    model,
+                    *data,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    optimizer=optimizer,
+                    seed=seed,
+                    progress=False,
+                )
+                run.update(
+                    mode=mode,
+                    k=args.k,
+                    optimizer=optimizer,
+                    epochs_run=args.epochs,
+                    batch_size=args.batch_size,
+                    wall_s=time.time() - started,
+                )
                 with open(os.path.join(HERE, "lstm_runs.jsonl"), "a") as f:
                     f.write(json.dumps(run) + "\n")
-                print(f"{mode} {optimizer} seed {seed}: test {run['test_accuracy']:.2f} at epoch "
-                      f"{run['best_epoch']} ({run['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"{mode} {optimizer} seed {seed}: test {run['test_accuracy']:.2f} at epoch "
+                    f"{run['best_epoch']} ({run['wall_s']:.0f} s)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ after ``--until`` (UTC, HH:MM).
 
     nice -n 10 python docs/fidelity/run.py --set grid --workers 2 --until 09:45
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -44,39 +45,55 @@ def grid_configs():
 
 def k_more_configs():
     """k = 2% and 10%, every mode and optimizer."""
-    return [WindowConfig(mode=mode, k=k, optimizer=optimizer, **COMMON) for k in (0.02, 0.10)
-            for mode in ("unified", "per_example") for optimizer in ("adam", "rowadam", "adagrad")]
+    return [
+        WindowConfig(mode=mode, k=k, optimizer=optimizer, **COMMON)
+        for k in (0.02, 0.10)
+        for mode in ("unified", "per_example")
+        for optimizer in ("adam", "rowadam", "adagrad")
+    ]
 
 
 def leads_configs():
     """Per-example + Adam at k = 5%: the leads of issue 15, item 2."""
-    return [WindowConfig(mode="per_example", k=0.05, optimizer=o, row_scale=True, **COMMON)
-            for o in ("adam", "rowadam")] + [
-        WindowConfig(mode="per_example", k=0.05, optimizer="adam", clip=5.0, **COMMON)]
+    return [
+        WindowConfig(mode="per_example", k=0.05, optimizer=o, row_scale=True, **COMMON)
+        for o in ("adam", "rowadam")
+    ] + [WindowConfig(mode="per_example", k=0.05, optimizer="adam", clip=5.0, **COMMON)]
 
 
 def step_scale_configs():
-    return [WindowConfig(mode="per_example", k=0.05, optimizer=o, step_scale=True, **COMMON)
-            for o in ("adam", "rowadam")]
+    return [
+        WindowConfig(mode="per_example", k=0.05, optimizer=o, step_scale=True, **COMMON)
+        for o in ("adam", "rowadam")
+    ]
 
 
 def tanh_configs():
     """Zero-centred hidden activations: per-example + Adam against its dense and unified rows."""
-    return [WindowConfig(mode=m, k=0.05, optimizer="adam", activation="tanh", **COMMON)
-            for m in ("dense", "per_example", "unified")]
+    return [
+        WindowConfig(mode=m, k=0.05, optimizer="adam", activation="tanh", **COMMON)
+        for m in ("dense", "per_example", "unified")
+    ]
 
 
 def tanh_rowadam_configs():
-    return [WindowConfig(mode=m, k=0.05, optimizer="rowadam", activation="tanh", **COMMON)
-            for m in ("per_example", "unified")]
+    return [
+        WindowConfig(mode=m, k=0.05, optimizer="rowadam", activation="tanh", **COMMON)
+        for m in ("per_example", "unified")
+    ]
 
 
 def core_configs():
     """The rows that get seeds 1 and 2 first when time is short."""
     by_key = lambda mode, k, o: WindowConfig(mode=mode, k=k, optimizer=o, **COMMON)
-    return [by_key("dense", 0.05, "adam"), by_key("dense", 0.05, "adagrad"),
-            by_key("unified", 0.05, "adam"), by_key("unified", 0.05, "adagrad"),
-            by_key("per_example", 0.05, "adagrad"), step_scale_configs()[0]]
+    return [
+        by_key("dense", 0.05, "adam"),
+        by_key("dense", 0.05, "adagrad"),
+        by_key("unified", 0.05, "adam"),
+        by_key("unified", 0.05, "adagrad"),
+        by_key("per_example", 0.05, "adagrad"),
+        step_scale_configs()[0],
+    ]
 
 
 def mesimp_configs(spec):
@@ -106,18 +123,26 @@ def _run(job):
     data, vocab, counts = _DATA
     started = time.time()
     result = train_window(config, data, vocab, seed)
-    result.update(data=counts, wall_s=time.time() - started, torch=torch.__version__,
-                  threads=torch.get_num_threads(),
-                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    result.update(
+        data=counts,
+        wall_s=time.time() - started,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     return result
 
 
 def main():
     global _DATA
     parser = argparse.ArgumentParser()
-    parser.add_argument("--set", action="append", required=True,
-                        help="grid, leads, step_scale, core, tanh, tanh_rowadam, k_more or mesimp:MODE:K:OPTIMIZER (repeatable; "
-                        "jobs run in the order given, all seeds of one set before the next)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        required=True,
+        help="grid, leads, step_scale, core, tanh, tanh_rowadam, k_more or mesimp:MODE:K:OPTIMIZER (repeatable; "
+        "jobs run in the order given, all seeds of one set before the next)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--until", default="23:59", help="no job starts after this UTC time")
@@ -125,9 +150,19 @@ def main():
     done = done_keys()
     jobs, seen = [], set(done)
     for name in args.set:  # each set in turn, seed-major within it
-        group = {"grid": grid_configs, "leads": leads_configs, "step_scale": step_scale_configs,
-                 "core": core_configs, "tanh": tanh_configs,
-                 "tanh_rowadam": tanh_rowadam_configs, "k_more": k_more_configs}[name]() if ":" not in name else mesimp_configs(name.split(":", 1)[1])
+        group = (
+            {
+                "grid": grid_configs,
+                "leads": leads_configs,
+                "step_scale": step_scale_configs,
+                "core": core_configs,
+                "tanh": tanh_configs,
+                "tanh_rowadam": tanh_rowadam_configs,
+                "k_more": k_more_configs,
+            }[name]()
+            if ":" not in name
+            else mesimp_configs(name.split(":", 1)[1])
+        )
         for seed in args.seeds:
             for config in group:
                 if key(config, seed) not in seen:
@@ -143,9 +178,12 @@ def main():
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(result) + "\n")
             c = result["config"]
-            print(f"{c['mode']} k={c['k']} {c['optimizer']} seed {result['seed']}: test "
-                  f"{result['test_acc']:.2f} at epoch {result['best_epoch']} "
-                  f"({result['wall_s']:.0f} s)", flush=True)
+            print(
+                f"{c['mode']} k={c['k']} {c['optimizer']} seed {result['seed']}: test "
+                f"{result['test_acc']:.2f} at epoch {result['best_epoch']} "
+                f"({result['wall_s']:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

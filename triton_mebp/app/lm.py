@@ -9,6 +9,7 @@ number of steps on random windows of the training text and measures validation l
 character) and bits per character, the time of ``loss.backward()`` and of the whole step, and
 under meSimp the MLP widths. ``comparison_configs`` is the set behind ``mebp train --task lm``.
 """
+
 import dataclasses
 import math
 import os
@@ -36,6 +37,7 @@ VALIDATION_FRACTION = 0.1
 @dataclass
 class CharCorpus:
     """Training and validation text as int64 character ids, and the characters they index."""
+
     train: torch.Tensor
     validation: torch.Tensor
     chars: str
@@ -46,8 +48,10 @@ class CharCorpus:
         return len(self.chars)
 
     def describe(self) -> str:
-        return (f"{self.source}: {len(self.train):,} training and {len(self.validation):,} "
-                f"validation characters, {self.vocab_size} distinct")
+        return (
+            f"{self.source}: {len(self.train):,} training and {len(self.validation):,} "
+            f"validation characters, {self.vocab_size} distinct"
+        )
 
 
 def load_pydoc_topics(validation_fraction: float = VALIDATION_FRACTION) -> CharCorpus:
@@ -55,14 +59,17 @@ def load_pydoc_topics(validation_fraction: float = VALIDATION_FRACTION) -> CharC
     try:
         from pydoc_data.topics import topics
     except ImportError as error:  # some distributions strip it
-        raise ImportError(f"the standard library's pydoc_data package is missing ({error}); the "
-                          "lm task needs its text") from None
+        raise ImportError(
+            f"the standard library's pydoc_data package is missing ({error}); the "
+            "lm task needs its text"
+        ) from None
     text = "\n\n".join(topics[name] for name in sorted(topics))
     return corpus_from_text(text, validation_fraction, "pydoc_data.topics")
 
 
-def corpus_from_text(text: str, validation_fraction: float = VALIDATION_FRACTION,
-                     source: str = "text") -> CharCorpus:
+def corpus_from_text(
+    text: str, validation_fraction: float = VALIDATION_FRACTION, source: str = "text"
+) -> CharCorpus:
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     chars = "".join(sorted(set(text)))
@@ -113,8 +120,16 @@ class CharTransformer(nn.Module):
     ``nn.TransformerEncoder`` of pre-norm ``nn.TransformerEncoderLayer`` with a causal mask.
     """
 
-    def __init__(self, vocab: int, width: int = 128, layers: int = 2, heads: int = 4,
-                 context: int = 64, mlp_ratio: int = 4, arch: str = "gpt"):
+    def __init__(
+        self,
+        vocab: int,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        context: int = 64,
+        mlp_ratio: int = 4,
+        arch: str = "gpt",
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
@@ -124,13 +139,23 @@ class CharTransformer(nn.Module):
         self.token = nn.Embedding(vocab, width)
         self.position = nn.Embedding(context, width)
         if arch == "gpt":
-            self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio * width) for _ in range(layers))
+            self.blocks = nn.ModuleList(
+                Block(width, heads, mlp_ratio * width) for _ in range(layers)
+            )
         else:
-            layer = nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, dropout=0.0,
-                                               activation="gelu", batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                width,
+                heads,
+                mlp_ratio * width,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-            self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(context),
-                                 persistent=False)
+            self.register_buffer(
+                "causal", nn.Transformer.generate_square_subsequent_mask(context), persistent=False
+            )
         self.ln = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab)
 
@@ -148,8 +173,11 @@ class CharTransformer(nn.Module):
 
 def mlp_widths(model: nn.Module) -> list[int]:
     """The hidden width of each block's MLP."""
-    return [m.out_features for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.endswith(("mlp.0", "linear1"))]
+    return [
+        m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith(("mlp.0", "linear1"))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +193,7 @@ class LMConfig:
     ``torch.optim.AdamW`` gets dense (zero-filled) gradients. ``simplify``: meSimp prunes each
     block's MLP hidden neurons selected in fewer than ``threshold`` of the tokens, every
     ``prune_every`` steps during the first ``prune_fraction`` of the steps."""
+
     mode: str = "dense"
     k: float = 0.05
     attention_k: float | None = None
@@ -191,10 +220,21 @@ class LMConfig:
         if self.mode not in LM_MODES:
             raise ValueError(f"mode must be one of {LM_MODES}, got {self.mode!r}")
         if self.optimizer not in LM_OPTIMIZERS:
-            raise ValueError(f"the lm task trains with {LM_OPTIMIZERS} (row-sparse: --sparse-grad), "
-                             f"got {self.optimizer!r}")
-        for name in ("width", "layers", "heads", "context", "batch_size", "steps", "eval_every",
-                     "eval_tokens", "prune_every"):
+            raise ValueError(
+                f"the lm task trains with {LM_OPTIMIZERS} (row-sparse: --sparse-grad), "
+                f"got {self.optimizer!r}"
+            )
+        for name in (
+            "width",
+            "layers",
+            "heads",
+            "context",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_tokens",
+            "prune_every",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -207,8 +247,10 @@ class LMConfig:
             if self.attention_k is not None:
                 resolve_k(self.attention_k, self.width, "the attention output projection (width)")
         elif self.sparse_grad or self.simplify or self.attention_k is not None or self.exclude:
-            raise ValueError("sparse_grad, simplify, attention_k and exclude need a meProp mode "
-                             "(unified or per_example)")
+            raise ValueError(
+                "sparse_grad, simplify, attention_k and exclude need a meProp mode "
+                "(unified or per_example)"
+            )
         if self.simplify and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 < self.prune_fraction <= 1.0:
@@ -226,8 +268,11 @@ class LMConfig:
             name = ("meSimp " if self.simplify else "meProp ") + self.mode.replace("_", "-")
             name += f" k={_percent(self.k, self.width)}"
             if self.attention_k is not None:
-                name += (" (attention dense)" if self.attention_k == 1.0 else
-                         f" (attention k={_percent(self.attention_k, self.width)})")
+                name += (
+                    " (attention dense)"
+                    if self.attention_k == 1.0
+                    else f" (attention k={_percent(self.attention_k, self.width)})"
+                )
             if self.exclude:
                 name += f" (dense: {' '.join(self.exclude)})"
         return name + (", RowAdamW" if self.sparse_grad else ", AdamW")
@@ -245,13 +290,15 @@ def _percent(k, width) -> str:
 
 
 def build_model(config: LMConfig, vocab: int) -> nn.Module:
-    return CharTransformer(vocab, config.width, config.layers, config.heads, config.context,
-                           arch=config.arch)
+    return CharTransformer(
+        vocab, config.width, config.layers, config.heads, config.context, arch=config.arch
+    )
 
 
 def make_lm_optimizer(config: LMConfig, model: nn.Module):
     if config.sparse_grad:
         from ..optim import RowAdamW
+
         return RowAdamW(model.parameters(), lr=config.lr)
     return torch.optim.AdamW(model.parameters(), lr=config.lr)
 
@@ -263,8 +310,9 @@ def _windows(ids: torch.Tensor, starts: torch.Tensor, context: int):
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, ids: torch.Tensor, context: int, max_tokens: int,
-                    device, batch: int = 64) -> float:
+def validation_loss(
+    model: nn.Module, ids: torch.Tensor, context: int, max_tokens: int, device, batch: int = 64
+) -> float:
     """Mean cross-entropy (nats per character) over consecutive non-overlapping windows of the
     validation text, at most ``max_tokens`` predicted characters (the same ones every time)."""
     was_training = model.training
@@ -273,9 +321,11 @@ def validation_loss(model: nn.Module, ids: torch.Tensor, context: int, max_token
     starts = torch.arange(n_windows) * context
     total, count = 0.0, 0
     for i in range(0, n_windows, batch):
-        x, y = _windows(ids, starts[i:i + batch], context)
+        x, y = _windows(ids, starts[i : i + batch], context)
         logits = model(x.to(device))
-        total += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        )
         count += y.numel()
     model.train(was_training)
     return total / count
@@ -290,31 +340,48 @@ class LMRun:
         device = resolve_device(device) if isinstance(device, str) else device
         for part, ids in (("training", corpus.train), ("validation", corpus.validation)):
             if len(ids) <= config.context + 1:
-                raise ValueError(f"the {part} text ({len(ids)} characters) is shorter than the "
-                                 f"context {config.context} + 1")
+                raise ValueError(
+                    f"the {part} text ({len(ids)} characters) is shorter than the "
+                    f"context {config.context} + 1"
+                )
         self.config, self.corpus, self.seed, self.device = config, corpus, seed, device
         torch.manual_seed(seed)
         model = build_model(config, corpus.vocab_size)
         self.conversion = None
         if config.mode != "dense":
             model, self.conversion = convert(
-                model, k=config.k, attention_k=config.attention_k, mode=config.mode,
+                model,
+                k=config.k,
+                attention_k=config.attention_k,
+                mode=config.mode,
                 grad="sparse" if config.sparse_grad else "dense",
                 exclude=("lm_head",) + config.exclude,
-                inplace=True, report=True)
+                inplace=True,
+                report=True,
+            )
         self.model = model.to(device)
         self.optimizer = make_lm_optimizer(config, model)
         self.simplifier = None
         if config.simplify:
             from ..simplify import Simplifier
-            self.simplifier = Simplifier(model, threshold=config.threshold,
-                                         optimizer=self.optimizer,
-                                         min_width=resolve_k(config.k, 4 * config.width))
+
+            self.simplifier = Simplifier(
+                model,
+                threshold=config.threshold,
+                optimizer=self.optimizer,
+                min_width=resolve_k(config.k, 4 * config.width),
+            )
         self.prune_until = int(config.steps * config.prune_fraction) if config.simplify else 0
         self.initial_widths = mlp_widths(model)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
-        self.evals, self.backward_times, self.step_times, self.losses, self.prunes = [], [], [], [], []
+        self.evals, self.backward_times, self.step_times, self.losses, self.prunes = (
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         model.train()
 
     @property
@@ -339,14 +406,24 @@ class LMRun:
         self.losses.append(float(loss.detach()))
         self.steps_done += 1
         step = self.steps_done
-        if self.simplifier is not None and step <= self.prune_until and step % config.prune_every == 0:
+        if (
+            self.simplifier is not None
+            and step <= self.prune_until
+            and step % config.prune_every == 0
+        ):
             self.simplifier.prune()
             self.prunes.append(dict(step=step, widths=mlp_widths(model)))
         if step % config.eval_every == 0 or step == config.steps:
-            val = validation_loss(model, self.corpus.validation, config.context,
-                                  config.eval_tokens, device)
-            record = dict(step=step, train_loss=statistics.fmean(self.losses[-config.eval_every:]),
-                          val_loss=val, val_bpc=val / math.log(2), widths=mlp_widths(model))
+            val = validation_loss(
+                model, self.corpus.validation, config.context, config.eval_tokens, device
+            )
+            record = dict(
+                step=step,
+                train_loss=statistics.fmean(self.losses[-config.eval_every :]),
+                val_loss=val,
+                val_bpc=val / math.log(2),
+                widths=mlp_widths(model),
+            )
             self.evals.append(record)
             return record
         return None
@@ -355,20 +432,30 @@ class LMRun:
         config, last = self.config, self.evals[-1]
         warm = max(1, len(self.step_times) // 10)  # the first steps warm up (allocations)
         conversion = self.conversion
-        return dict(label=config.label, seed=self.seed, config=dataclasses.asdict(config),
-                    device=str(self.device), k_ratio=config.k_ratio, val_loss=last["val_loss"],
-                    val_bpc=last["val_bpc"], train_loss=last["train_loss"],
-                    backward_s=statistics.median(self.backward_times[warm:]),
-                    step_s=statistics.median(self.step_times[warm:]),
-                    initial_widths=self.initial_widths, widths=mlp_widths(self.model),
-                    params=sum(p.numel() for p in self.model.parameters()),
-                    converted=dict(conversion.converted) if conversion is not None else {},
-                    dense=dict(conversion.dense) if conversion is not None else {},
-                    evals=self.evals, prunes=self.prunes)
+        return dict(
+            label=config.label,
+            seed=self.seed,
+            config=dataclasses.asdict(config),
+            device=str(self.device),
+            k_ratio=config.k_ratio,
+            val_loss=last["val_loss"],
+            val_bpc=last["val_bpc"],
+            train_loss=last["train_loss"],
+            backward_s=statistics.median(self.backward_times[warm:]),
+            step_s=statistics.median(self.step_times[warm:]),
+            initial_widths=self.initial_widths,
+            widths=mlp_widths(self.model),
+            params=sum(p.numel() for p in self.model.parameters()),
+            converted=dict(conversion.converted) if conversion is not None else {},
+            dense=dict(conversion.dense) if conversion is not None else {},
+            evals=self.evals,
+            prunes=self.prunes,
+        )
 
 
-def train_lm(config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu",
-             on_eval=None) -> dict:
+def train_lm(
+    config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu", on_eval=None
+) -> dict:
     """Trains one setting; returns its measurements (see the module docstring).
     ``on_eval(record)`` is called at each evaluation (progress display)."""
     run = LMRun(config, corpus, seed, device)
@@ -384,10 +471,17 @@ def train_lm(config: LMConfig, corpus: CharCorpus, seed: int = 0, device="cpu",
 
 
 def summarize_lm(label: str, runs: list[dict]) -> dict:
-    summary = dict(label=label, config=runs[0]["config"], k_ratio=runs[0]["k_ratio"],
-                   seeds=[r["seed"] for r in runs],
-                   device=runs[0]["device"], initial_widths=runs[0]["initial_widths"],
-                   converted=runs[0]["converted"], dense=runs[0]["dense"], runs=runs)
+    summary = dict(
+        label=label,
+        config=runs[0]["config"],
+        k_ratio=runs[0]["k_ratio"],
+        seeds=[r["seed"] for r in runs],
+        device=runs[0]["device"],
+        initial_widths=runs[0]["initial_widths"],
+        converted=runs[0]["converted"],
+        dense=runs[0]["dense"],
+        runs=runs,
+    )
     for key in ("val_loss", "val_bpc", "backward_s", "step_s"):
         summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std(r[key] for r in runs)
     summary["widths_mean"] = [statistics.fmean(ws) for ws in zip(*(r["widths"] for r in runs))]
@@ -434,8 +528,9 @@ def run_lm_experiment(configs, corpus, seeds=(0,), device="cpu", progress=True) 
                     record = run.step()
                     bar.update(1)
                     if record is not None:
-                        bar.set_postfix(setting=run.config.label[:24],
-                                        bpc=f"{record['val_bpc']:.3f}")
+                        bar.set_postfix(
+                            setting=run.config.label[:24], bpc=f"{record['val_bpc']:.3f}"
+                        )
             for run in runs:
                 results[run.config.label].append(run.result())
                 run.model = run.optimizer = run.simplifier = None  # free the memory
@@ -446,10 +541,12 @@ def run_lm_experiment(configs, corpus, seeds=(0,), device="cpu", progress=True) 
         summary = summarize_lm(config.label, results[config.label])
         summaries.append(summary)
         if progress:
-            print(f"{config.label}: validation {summary['val_bpc_mean']:.3f} bits/char (loss "
-                  f"{summary['val_loss_mean']:.3f}), backward {1e3 * summary['backward_s_mean']:.1f}"
-                  f" ms, step {1e3 * summary['step_s_mean']:.1f} ms, MLP "
-                  f"{'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}")
+            print(
+                f"{config.label}: validation {summary['val_bpc_mean']:.3f} bits/char (loss "
+                f"{summary['val_loss_mean']:.3f}), backward {1e3 * summary['backward_s_mean']:.1f}"
+                f" ms, step {1e3 * summary['step_s_mean']:.1f} ms, MLP "
+                f"{'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}"
+            )
     return add_lm_comparisons(summaries)
 
 
@@ -468,47 +565,108 @@ def comparison_configs(ks=(0.05, 0.1, 0.25), adamw_ks=(0.05, 0.25), mesimp_k=0.0
 # ---------------------------------------------------------------------------------------------
 # Report: table, CSV, JSON and charts (the MLP demo's machinery)
 
-LM_COLUMNS = ("setting", "val bits/char", "vs dense", "val loss (nats)", "backward ms",
-              "speedup", "step ms", "speedup", "MLP widths", "params")
+LM_COLUMNS = (
+    "setting",
+    "val bits/char",
+    "vs dense",
+    "val loss (nats)",
+    "backward ms",
+    "speedup",
+    "step ms",
+    "speedup",
+    "MLP widths",
+    "params",
+)
 
 
 def lm_table_rows(summaries) -> list[list[str]]:
     rows = []
     for s in summaries:
         dense = s["config"]["mode"] == "dense"
-        pm = lambda key, fmt: (f"{s[key + '_mean']:{fmt}} ± {s[key + '_std']:{fmt}}"
-                               if len(s["seeds"]) > 1 else f"{s[key + '_mean']:{fmt}}")
+        pm = lambda key, fmt: (
+            f"{s[key + '_mean']:{fmt}} ± {s[key + '_std']:{fmt}}"
+            if len(s["seeds"]) > 1
+            else f"{s[key + '_mean']:{fmt}}"
+        )
         speed = lambda key: "n/a" if s.get(key) is None else f"{s[key]:.2f}×"
-        rows.append([
-            s["label"], pm("val_bpc", ".3f"),
-            "baseline" if dense else ("n/a" if s.get("bpc_gap") is None else f"{s['bpc_gap']:+.3f}"),
-            pm("val_loss", ".3f"), f"{1e3 * s['backward_s_mean']:.1f}", speed("backward_speedup"),
-            f"{1e3 * s['step_s_mean']:.1f}", speed("step_speedup"),
-            "/".join(f"{w:.0f}" for w in s["widths_mean"]), f"{s['params_mean']:,.0f}"])
+        rows.append(
+            [
+                s["label"],
+                pm("val_bpc", ".3f"),
+                "baseline"
+                if dense
+                else ("n/a" if s.get("bpc_gap") is None else f"{s['bpc_gap']:+.3f}"),
+                pm("val_loss", ".3f"),
+                f"{1e3 * s['backward_s_mean']:.1f}",
+                speed("backward_speedup"),
+                f"{1e3 * s['step_s_mean']:.1f}",
+                speed("step_speedup"),
+                "/".join(f"{w:.0f}" for w in s["widths_mean"]),
+                f"{s['params_mean']:,.0f}",
+            ]
+        )
     return rows
 
 
-LM_CSV_FIELDS = ("label", "mode", "k", "attention_k", "optimizer", "sparse_grad", "simplify",
-                 "threshold", "arch", "width", "layers", "heads", "context", "batch_size", "steps",
-                 "lr", "seeds", "device", "val_loss_mean", "val_loss_std", "val_bpc_mean",
-                 "val_bpc_std", "bpc_gap", "backward_s_mean", "backward_speedup", "step_s_mean",
-                 "step_speedup", "initial_widths", "widths_mean", "params_mean")
+LM_CSV_FIELDS = (
+    "label",
+    "mode",
+    "k",
+    "attention_k",
+    "optimizer",
+    "sparse_grad",
+    "simplify",
+    "threshold",
+    "arch",
+    "width",
+    "layers",
+    "heads",
+    "context",
+    "batch_size",
+    "steps",
+    "lr",
+    "seeds",
+    "device",
+    "val_loss_mean",
+    "val_loss_std",
+    "val_bpc_mean",
+    "val_bpc_std",
+    "bpc_gap",
+    "backward_s_mean",
+    "backward_speedup",
+    "step_s_mean",
+    "step_speedup",
+    "initial_widths",
+    "widths_mean",
+    "params_mean",
+)
 
 
 def write_lm_csv(path, summaries) -> None:
     import csv
+
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LM_CSV_FIELDS)
         writer.writeheader()
         for s in summaries:
             c = s["config"]
             row = {name: c.get(name) for name in LM_CSV_FIELDS if name in c}
-            row.update(label=s["label"], seeds=" ".join(map(str, s["seeds"])), device=s["device"],
-                       initial_widths=" ".join(map(str, s["initial_widths"])),
-                       widths_mean=" ".join(f"{w:.1f}" for w in s["widths_mean"]),
-                       params_mean=f"{s['params_mean']:.0f}")
-            for key in ("val_loss_mean", "val_loss_std", "val_bpc_mean", "val_bpc_std",
-                        "backward_s_mean", "step_s_mean"):
+            row.update(
+                label=s["label"],
+                seeds=" ".join(map(str, s["seeds"])),
+                device=s["device"],
+                initial_widths=" ".join(map(str, s["initial_widths"])),
+                widths_mean=" ".join(f"{w:.1f}" for w in s["widths_mean"]),
+                params_mean=f"{s['params_mean']:.0f}",
+            )
+            for key in (
+                "val_loss_mean",
+                "val_loss_std",
+                "val_bpc_mean",
+                "val_bpc_std",
+                "backward_s_mean",
+                "step_s_mean",
+            ):
                 row[key] = f"{s[key]:.6f}"
             for key in ("bpc_gap", "backward_speedup", "step_speedup"):
                 row[key] = "" if s.get(key) is None else f"{s[key]:.4f}"
@@ -520,6 +678,7 @@ def write_lm_csv(path, summaries) -> None:
 def chart_bpc_vs_k(path, summaries) -> bool:
     """Validation bits per character against k, one curve per optimizer; dense as a line."""
     from .report import _pyplot, save_figure
+
     curves = {}
     for s in summaries:
         c = s["config"]
@@ -531,17 +690,32 @@ def chart_bpc_vs_k(path, summaries) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, runs in sorted(curves.items()):
         runs.sort(key=lambda s: s["k_ratio"])
-        ax.errorbar([100 * s["k_ratio"] for s in runs],
-                    [s["val_bpc_mean"] for s in runs], yerr=[s["val_bpc_std"] for s in runs],
-                    marker="o", capsize=3, label=f"meProp unified, {name}")
+        ax.errorbar(
+            [100 * s["k_ratio"] for s in runs],
+            [s["val_bpc_mean"] for s in runs],
+            yerr=[s["val_bpc_std"] for s in runs],
+            marker="o",
+            capsize=3,
+            label=f"meProp unified, {name}",
+        )
     for s in summaries:
         c = s["config"]
         if c["mode"] == "dense":
-            ax.axhline(s["val_bpc_mean"], linestyle="--", color="gray", linewidth=1,
-                       label=f"{s['label']} {s['val_bpc_mean']:.3f}")
+            ax.axhline(
+                s["val_bpc_mean"],
+                linestyle="--",
+                color="gray",
+                linewidth=1,
+                label=f"{s['label']} {s['val_bpc_mean']:.3f}",
+            )
         elif c["simplify"] or c["attention_k"] is not None:
-            ax.plot([100 * s["k_ratio"]], [s["val_bpc_mean"]],
-                    marker="s", linestyle="none", label=s["label"])
+            ax.plot(
+                [100 * s["k_ratio"]],
+                [s["val_bpc_mean"]],
+                marker="s",
+                linestyle="none",
+                label=s["label"],
+            )
     ax.set_xscale("log")
     ticks = sorted({100 * s["k_ratio"] for s in summaries if s["config"]["mode"] != "dense"})
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
@@ -556,14 +730,21 @@ def chart_bpc_vs_k(path, summaries) -> bool:
 
 def chart_validation_curves(path, summaries) -> bool:
     from .report import _pyplot, save_figure
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
         runs = s["runs"]
         steps = [e["step"] for e in runs[0]["evals"]]
-        curve = [statistics.fmean(r["evals"][i]["val_bpc"] for r in runs) for i in range(len(steps))]
-        ax.plot(steps, curve, label=s["label"],
-                linestyle="--" if s["config"]["mode"] == "dense" else "-")
+        curve = [
+            statistics.fmean(r["evals"][i]["val_bpc"] for r in runs) for i in range(len(steps))
+        ]
+        ax.plot(
+            steps,
+            curve,
+            label=s["label"],
+            linestyle="--" if s["config"]["mode"] == "dense" else "-",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("validation bits per character")
     ax.set_title("Validation bits/char through training (mean over seeds)")
@@ -574,14 +755,23 @@ def chart_validation_curves(path, summaries) -> bool:
 
 def chart_timings(path, summaries) -> bool:
     from .report import _pyplot, save_figure
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(summaries) + 1.5))
     labels = [s["label"] for s in summaries]
     ys = range(len(summaries))
-    ax.barh([y + 0.2 for y in ys], [1e3 * s["step_s_mean"] for s in summaries], height=0.4,
-            label="whole step (forward, backward, optimizer)")
-    ax.barh([y - 0.2 for y in ys], [1e3 * s["backward_s_mean"] for s in summaries], height=0.4,
-            label="loss.backward()")
+    ax.barh(
+        [y + 0.2 for y in ys],
+        [1e3 * s["step_s_mean"] for s in summaries],
+        height=0.4,
+        label="whole step (forward, backward, optimizer)",
+    )
+    ax.barh(
+        [y - 0.2 for y in ys],
+        [1e3 * s["backward_s_mean"] for s in summaries],
+        height=0.4,
+        label="loss.backward()",
+    )
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms per training step (median)")
@@ -596,6 +786,7 @@ def chart_mlp_widths(path, summaries) -> bool:
     if not simplified:
         return False
     from .report import _pyplot, save_figure
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in simplified:
@@ -603,8 +794,13 @@ def chart_mlp_widths(path, summaries) -> bool:
         points = [(0, run["initial_widths"])] + [(p["step"], p["widths"]) for p in run["prunes"]]
         points.append((run["config"]["steps"], run["widths"]))
         for block in range(len(run["initial_widths"])):
-            ax.step([p[0] for p in points], [p[1][block] for p in points], where="post",
-                    marker=".", label=f"{s['label']}: block {block + 1}")
+            ax.step(
+                [p[0] for p in points],
+                [p[1][block] for p in points],
+                where="post",
+                marker=".",
+                label=f"{s['label']}: block {block + 1}",
+            )
     ax.set_xlabel("training step")
     ax.set_ylabel("MLP hidden width (neurons)")
     ax.set_title("meSimp: MLP hidden width through training (first seed)")
@@ -616,6 +812,7 @@ def chart_mlp_widths(path, summaries) -> bool:
 def write_lm_report(out_dir, summaries, *, meta=None) -> dict:
     """results.json, results.csv, table.md and PNG charts in ``out_dir``; ``{name: path}``."""
     from .report import format_markdown_table, write_json
+
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     written["json"] = os.path.join(out_dir, "results.json")
@@ -625,8 +822,12 @@ def write_lm_report(out_dir, summaries, *, meta=None) -> dict:
     written["table"] = os.path.join(out_dir, "table.md")
     with open(written["table"], "w") as f:
         f.write(format_markdown_table(LM_COLUMNS, lm_table_rows(summaries)) + "\n")
-    charts = {"bpc_vs_k": chart_bpc_vs_k, "validation_curves": chart_validation_curves,
-              "step_times": chart_timings, "mlp_width": chart_mlp_widths}
+    charts = {
+        "bpc_vs_k": chart_bpc_vs_k,
+        "validation_curves": chart_validation_curves,
+        "step_times": chart_timings,
+        "mlp_width": chart_mlp_widths,
+    }
     for name, draw in charts.items():
         path = os.path.join(out_dir, f"{name}.png")
         if draw(path, summaries):

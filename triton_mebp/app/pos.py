@@ -5,6 +5,7 @@ size 500, a dense output layer). ``run_pos_task`` trains that tagger on Universa
 CoNLL-U files (UPOS tags) with ``MeLSTM`` and, for comparison, with ``nn.LSTM`` from the same
 initial weights, and reports token accuracy and backward time of each.
 """
+
 import collections
 import csv
 import json
@@ -26,8 +27,11 @@ from .train import mean_std, timed_backward
 PAD, UNKNOWN = "<pad>", "<unk>"
 UNSEEN_TAG = -1  # a tag absent from the training file: never predicted, always counted wrong
 PAD_TAG = -100
-OPTIMIZERS = {"adam": (torch.optim.Adam, 1e-3), "adagrad": (torch.optim.Adagrad, 0.05),
-              "sgd": (torch.optim.SGD, 0.1)}
+OPTIMIZERS = {
+    "adam": (torch.optim.Adam, 1e-3),
+    "adagrad": (torch.optim.Adagrad, 0.05),
+    "sgd": (torch.optim.SGD, 0.1),
+}
 TAGGER_MODES = (*MODES, "dense")
 
 
@@ -55,8 +59,10 @@ def read_conllu(path) -> list[tuple[list[str], list[str]]]:
             continue
         fields = line.split("\t")
         if len(fields) != 10:
-            raise ValueError(f"{path}:{number}: expected 10 tab-separated fields, got {len(fields)}: "
-                             f"{line[:80]!r}")
+            raise ValueError(
+                f"{path}:{number}: expected 10 tab-separated fields, got {len(fields)}: "
+                f"{line[:80]!r}"
+            )
         token_id, form, upos = fields[0], fields[1], fields[3]
         if "-" in token_id or "." in token_id:
             separator = "-" if "-" in token_id else "."
@@ -67,8 +73,10 @@ def read_conllu(path) -> list[tuple[list[str], list[str]]]:
         if not token_id.isdigit() or int(token_id) < 1:
             raise ValueError(f"{path}:{number}: bad token id {token_id!r} (expected 1, 2, ...)")
         if not form or upos in ("", "_") or any(c.isspace() for c in upos):
-            raise ValueError(f"{path}:{number}: word {token_id} lacks a form or a UPOS tag "
-                             f"(form {form!r}, UPOS {upos!r})")
+            raise ValueError(
+                f"{path}:{number}: word {token_id} lacks a form or a UPOS tag "
+                f"(form {form!r}, UPOS {upos!r})"
+            )
         forms.append(form)
         tags.append(upos)
     if forms:
@@ -85,6 +93,7 @@ class Vocabulary:
     Index 0 is padding and 1 the unknown word; words seen fewer than ``min_count`` times in the
     training file map to the unknown word, so its embedding is trained too.
     """
+
     words: list[str] = field(default_factory=lambda: [PAD, UNKNOWN])
     tags: list[str] = field(default_factory=list)
 
@@ -101,22 +110,30 @@ class Vocabulary:
 
     def encode(self, sentences):
         """``(word ids, tag ids)`` lists per sentence; unknown words -> 1, unseen tags -> -1."""
-        return [([self.word_index.get(w, 1) for w in forms],
-                 [self.tag_index.get(t, UNSEEN_TAG) for t in tags]) for forms, tags in sentences]
+        return [
+            (
+                [self.word_index.get(w, 1) for w in forms],
+                [self.tag_index.get(t, UNSEEN_TAG) for t in tags],
+            )
+            for forms, tags in sentences
+        ]
 
 
 def batches(encoded, batch_size: int, device, generator=None):
     """Padded ``(words B x T, tags B x T, lengths B)`` batches, in a random order if ``generator``."""
-    order = torch.randperm(len(encoded), generator=generator).tolist() if generator is not None \
+    order = (
+        torch.randperm(len(encoded), generator=generator).tolist()
+        if generator is not None
         else list(range(len(encoded)))
+    )
     for start in range(0, len(order), batch_size):
-        chosen = [encoded[i] for i in order[start:start + batch_size]]
+        chosen = [encoded[i] for i in order[start : start + batch_size]]
         lengths = torch.tensor([len(w) for w, _ in chosen])
         words = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.int64)
         tags = torch.full_like(words, PAD_TAG)
         for row, (w, t) in enumerate(chosen):
-            words[row, :len(w)] = torch.tensor(w)
-            tags[row, :len(t)] = torch.tensor(t)
+            words[row, : len(w)] = torch.tensor(w)
+            tags[row, : len(t)] = torch.tensor(t)
         yield words.to(device), tags.to(device), lengths
 
 
@@ -138,8 +155,9 @@ class Tagger(nn.Module):
         self.output = nn.Linear(hidden, n_tags)
 
     def forward(self, words, lengths):
-        packed = pack_padded_sequence(self.embedding(words), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.embedding(words), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         hidden, _ = self.lstm(packed)
         hidden, _ = pad_packed_sequence(hidden, batch_first=True, total_length=words.shape[1])
         return self.output(hidden)
@@ -160,8 +178,21 @@ def token_accuracy(model, encoded, batch_size, device) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def train_tagger(model, train, dev, test=None, *, epochs=5, batch_size=32, optimizer="adam",
-                 lr=None, seed=0, device="cpu", progress=True, label="") -> dict:
+def train_tagger(
+    model,
+    train,
+    dev,
+    test=None,
+    *,
+    epochs=5,
+    batch_size=32,
+    optimizer="adam",
+    lr=None,
+    seed=0,
+    device="cpu",
+    progress=True,
+    label="",
+) -> dict:
     """Trains ``model`` on encoded sentences; returns accuracies and per-epoch timings.
 
     ``dev_accuracy`` and ``test_accuracy`` are those of the epoch with the best development
@@ -191,21 +222,35 @@ def train_tagger(model, train, dev, test=None, *, epochs=5, batch_size=32, optim
             tokens += n
         train_s = time.perf_counter() - start
         dev_accuracy = token_accuracy(model, dev, batch_size, device)
-        records.append(dict(epoch=epoch, train_loss=loss_sum / tokens, dev_accuracy=dev_accuracy,
-                            backward_s=backward_s, train_s=train_s,
-                            test_accuracy=token_accuracy(model, test, batch_size, device) if test
-                            else None))
+        records.append(
+            dict(
+                epoch=epoch,
+                train_loss=loss_sum / tokens,
+                dev_accuracy=dev_accuracy,
+                backward_s=backward_s,
+                train_s=train_s,
+                test_accuracy=token_accuracy(model, test, batch_size, device) if test else None,
+            )
+        )
         if progress:
-            print(f"pos {label} seed {seed} epoch {epoch}/{epochs}: loss {loss_sum / tokens:.4f}, "
-                  f"dev {dev_accuracy:.2f}%, backward {backward_s:.2f} s, epoch {train_s:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"pos {label} seed {seed} epoch {epoch}/{epochs}: loss {loss_sum / tokens:.4f}, "
+                f"dev {dev_accuracy:.2f}%, backward {backward_s:.2f} s, epoch {train_s:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     # The papers' protocol: the epoch with the best development accuracy (the first of ties).
     best = max(records, key=lambda r: (r["dev_accuracy"], -r["epoch"]))
-    return dict(seed=seed, best_epoch=best["epoch"], dev_accuracy=best["dev_accuracy"],
-                test_accuracy=best["test_accuracy"], last_test_accuracy=records[-1]["test_accuracy"],
-                backward_s_per_epoch=statistics.fmean(r["backward_s"] for r in records),
-                train_s_per_epoch=statistics.fmean(r["train_s"] for r in records),
-                epochs=records)
+    return dict(
+        seed=seed,
+        best_epoch=best["epoch"],
+        dev_accuracy=best["dev_accuracy"],
+        test_accuracy=best["test_accuracy"],
+        last_test_accuracy=records[-1]["test_accuracy"],
+        backward_s_per_epoch=statistics.fmean(r["backward_s"] for r in records),
+        train_s_per_epoch=statistics.fmean(r["train_s"] for r in records),
+        epochs=records,
+    )
 
 
 def _summarize(runs, lstm_text):
@@ -220,8 +265,19 @@ def _write_outputs(out, result):
     out.mkdir(parents=True, exist_ok=True)
     (out / "pos_results.json").write_text(json.dumps(result, indent=2))
     with open(out / "pos_epochs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "seed", "epoch", "train_loss", "dev_accuracy",
-                                               "test_accuracy", "backward_s", "train_s"])
+        writer = csv.DictWriter(
+            f,
+            fieldnames=[
+                "model",
+                "seed",
+                "epoch",
+                "train_loss",
+                "dev_accuracy",
+                "test_accuracy",
+                "backward_s",
+                "train_s",
+            ],
+        )
         writer.writeheader()
         for model_name, summary in result["models"].items():
             for run in summary["runs"]:
@@ -229,9 +285,24 @@ def _write_outputs(out, result):
                     writer.writerow(dict(record, model=model_name, seed=run["seed"]))
 
 
-def run_pos_task(train_path, dev_path, test_path=None, *, mode="unified", k=0.05, hidden=500,
-                 embedding_dim=100, epochs=5, batch_size=32, optimizer="adam", lr=None, seeds=(0,),
-                 device="cpu", out=None, progress=True) -> dict:
+def run_pos_task(
+    train_path,
+    dev_path,
+    test_path=None,
+    *,
+    mode="unified",
+    k=0.05,
+    hidden=500,
+    embedding_dim=100,
+    epochs=5,
+    batch_size=32,
+    optimizer="adam",
+    lr=None,
+    seeds=(0,),
+    device="cpu",
+    out=None,
+    progress=True,
+) -> dict:
     """Trains the tagger on a CoNLL-U training file and reports UPOS token accuracy and timings.
 
     With ``mode`` "unified" or "per_example" the LSTM is a ``MeLSTM`` (``k``: count or ratio of
@@ -253,8 +324,12 @@ def run_pos_task(train_path, dev_path, test_path=None, *, mode="unified", k=0.05
         raise ValueError(f"mode must be one of {TAGGER_MODES}, got {mode!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
-    for name, value in (("hidden", hidden), ("embedding_dim", embedding_dim), ("epochs", epochs),
-                        ("batch_size", batch_size)):
+    for name, value in (
+        ("hidden", hidden),
+        ("embedding_dim", embedding_dim),
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -274,15 +349,29 @@ def run_pos_task(train_path, dev_path, test_path=None, *, mode="unified", k=0.05
     encoded = {name: vocab.encode(s) for name, s in sentences.items()}
     result = {
         "task": "pos",
-        "config": dict(train=str(train_path), dev=str(dev_path),
-                       test=None if test_path is None else str(test_path), mode=mode, k=k,
-                       k_count=k_count, hidden=hidden, embedding_dim=embedding_dim, epochs=epochs,
-                       batch_size=batch_size, optimizer=optimizer,
-                       lr=OPTIMIZERS[optimizer][1] if lr is None else lr, seeds=list(seeds),
-                       device=str(device), threads=torch.get_num_threads(),
-                       torch=torch.__version__),
-        "data": {f"{name}_{unit}": count for name, s in sentences.items()
-                 for unit, count in (("sentences", len(s)), ("tokens", sum(len(f) for f, _ in s)))},
+        "config": dict(
+            train=str(train_path),
+            dev=str(dev_path),
+            test=None if test_path is None else str(test_path),
+            mode=mode,
+            k=k,
+            k_count=k_count,
+            hidden=hidden,
+            embedding_dim=embedding_dim,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=OPTIMIZERS[optimizer][1] if lr is None else lr,
+            seeds=list(seeds),
+            device=str(device),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+        ),
+        "data": {
+            f"{name}_{unit}": count
+            for name, s in sentences.items()
+            for unit, count in (("sentences", len(s)), ("tokens", sum(len(f) for f, _ in s)))
+        },
         "models": {},
     }
     result["data"].update(words=len(vocab.words), tags=len(vocab.tags))
@@ -292,17 +381,38 @@ def run_pos_task(train_path, dev_path, test_path=None, *, mode="unified", k=0.05
         runs, lstm_text = [], ""
         for seed in seeds:
             torch.manual_seed(seed)  # the same initial weights for both variants
-            model = Tagger(len(vocab.words), len(vocab.tags), embedding_dim=embedding_dim,
-                           hidden=hidden, mode=variant, k=k_count).to(device)
+            model = Tagger(
+                len(vocab.words),
+                len(vocab.tags),
+                embedding_dim=embedding_dim,
+                hidden=hidden,
+                mode=variant,
+                k=k_count,
+            ).to(device)
             lstm_text = repr(model.lstm)
-            runs.append(train_tagger(model, encoded["train"], encoded["dev"], encoded.get("test"),
-                                     epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                                     lr=lr, seed=seed, device=device, progress=progress,
-                                     label=name))
+            runs.append(
+                train_tagger(
+                    model,
+                    encoded["train"],
+                    encoded["dev"],
+                    encoded.get("test"),
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    optimizer=optimizer,
+                    lr=lr,
+                    seed=seed,
+                    device=device,
+                    progress=progress,
+                    label=name,
+                )
+            )
         result["models"][name] = _summarize(runs, lstm_text)
     models = result["models"]
-    result["backward_speedup"] = (models["dense"]["backward_s_per_epoch"]
-                                  / models["mebp"]["backward_s_per_epoch"]) if "mebp" in models else None
+    result["backward_speedup"] = (
+        (models["dense"]["backward_s_per_epoch"] / models["mebp"]["backward_s_per_epoch"])
+        if "mebp" in models
+        else None
+    )
     if out is not None:
         _write_outputs(out, result)
     return result

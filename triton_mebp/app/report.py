@@ -1,12 +1,20 @@
 """Reporting the training runs: a table, CSV and JSON files, and PNG charts (matplotlib)."""
+
 import csv
 import json
 import os
 import re
 import statistics
 
-TABLE_COLUMNS = ("setting", "test acc % (mean ± std)", "vs dense (points)", "backward s/epoch",
-                 "speedup", "hidden widths", "params")
+TABLE_COLUMNS = (
+    "setting",
+    "test acc % (mean ± std)",
+    "vs dense (points)",
+    "backward s/epoch",
+    "speedup",
+    "hidden widths",
+    "params",
+)
 
 
 def _widths_text(widths) -> str:
@@ -18,15 +26,19 @@ def table_rows(summaries) -> list[list[str]]:
     for s in summaries:
         gap = s.get("gap_to_dense")
         speedup = s.get("speedup")
-        rows.append([
-            s["label"],
-            f"{s['test_acc_mean']:.2f} ± {s['test_acc_std']:.2f}",
-            "baseline" if s["config"]["mode"] == "dense" else ("n/a" if gap is None else f"{gap:+.2f}"),
-            f"{s['backward_s_mean']:.3f}",
-            "n/a" if speedup is None else f"{speedup:.2f}×",
-            _widths_text(s["widths_mean"]),
-            f"{s['params_mean']:,.0f}",
-        ])
+        rows.append(
+            [
+                s["label"],
+                f"{s['test_acc_mean']:.2f} ± {s['test_acc_std']:.2f}",
+                "baseline"
+                if s["config"]["mode"] == "dense"
+                else ("n/a" if gap is None else f"{gap:+.2f}"),
+                f"{s['backward_s_mean']:.3f}",
+                "n/a" if speedup is None else f"{speedup:.2f}×",
+                _widths_text(s["widths_mean"]),
+                f"{s['params_mean']:,.0f}",
+            ]
+        )
     return rows
 
 
@@ -42,14 +54,38 @@ def format_markdown_table(header, body) -> str:
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), separator] + [line(r) for r in rows[1:]])
 
 
-CSV_FIELDS = ("label", "mode", "k", "optimizer", "lr", "eps", "sparse_grad", "simplify", "threshold",
-              "hidden", "layers", "epochs", "batch_size", "seeds", "device", "test_acc_mean",
-              "test_acc_std", "gap_to_dense", "backward_s_mean", "backward_s_std", "speedup",
-              "epoch_s_mean", "initial_widths", "widths_mean", "params_mean")
+CSV_FIELDS = (
+    "label",
+    "mode",
+    "k",
+    "optimizer",
+    "lr",
+    "eps",
+    "sparse_grad",
+    "simplify",
+    "threshold",
+    "hidden",
+    "layers",
+    "epochs",
+    "batch_size",
+    "seeds",
+    "device",
+    "test_acc_mean",
+    "test_acc_std",
+    "gap_to_dense",
+    "backward_s_mean",
+    "backward_s_std",
+    "speedup",
+    "epoch_s_mean",
+    "initial_widths",
+    "widths_mean",
+    "params_mean",
+)
 
 
 def write_csv(path, summaries) -> None:
@@ -58,23 +94,37 @@ def write_csv(path, summaries) -> None:
         writer.writeheader()
         for s in summaries:
             c = s["config"]
-            writer.writerow(dict(
-                label=s["label"], mode=c["mode"], k=c["k"] if c["mode"] != "dense" else "",
-                optimizer=c["optimizer"], lr=c["lr"] if c["lr"] is not None else "",
-                eps=c["eps"] if c.get("eps") is not None else "",
-                sparse_grad=c["sparse_grad"], simplify=c["simplify"],
-                threshold=c["threshold"] if c["simplify"] else "", hidden=c["hidden"],
-                layers=c["layers"], epochs=c["epochs"], batch_size=c["batch_size"],
-                seeds=" ".join(map(str, s["seeds"])), device=s["device"],
-                test_acc_mean=f"{s['test_acc_mean']:.4f}", test_acc_std=f"{s['test_acc_std']:.4f}",
-                gap_to_dense="" if s.get("gap_to_dense") is None else f"{s['gap_to_dense']:.4f}",
-                backward_s_mean=f"{s['backward_s_mean']:.6f}",
-                backward_s_std=f"{s['backward_s_std']:.6f}",
-                speedup="" if s.get("speedup") is None else f"{s['speedup']:.4f}",
-                epoch_s_mean=f"{s['epoch_s_mean']:.6f}",
-                initial_widths=" ".join(map(str, s["initial_widths"])),
-                widths_mean=" ".join(f"{w:.1f}" for w in s["widths_mean"]),
-                params_mean=f"{s['params_mean']:.0f}"))
+            writer.writerow(
+                dict(
+                    label=s["label"],
+                    mode=c["mode"],
+                    k=c["k"] if c["mode"] != "dense" else "",
+                    optimizer=c["optimizer"],
+                    lr=c["lr"] if c["lr"] is not None else "",
+                    eps=c["eps"] if c.get("eps") is not None else "",
+                    sparse_grad=c["sparse_grad"],
+                    simplify=c["simplify"],
+                    threshold=c["threshold"] if c["simplify"] else "",
+                    hidden=c["hidden"],
+                    layers=c["layers"],
+                    epochs=c["epochs"],
+                    batch_size=c["batch_size"],
+                    seeds=" ".join(map(str, s["seeds"])),
+                    device=s["device"],
+                    test_acc_mean=f"{s['test_acc_mean']:.4f}",
+                    test_acc_std=f"{s['test_acc_std']:.4f}",
+                    gap_to_dense=""
+                    if s.get("gap_to_dense") is None
+                    else f"{s['gap_to_dense']:.4f}",
+                    backward_s_mean=f"{s['backward_s_mean']:.6f}",
+                    backward_s_std=f"{s['backward_s_std']:.6f}",
+                    speedup="" if s.get("speedup") is None else f"{s['speedup']:.4f}",
+                    epoch_s_mean=f"{s['epoch_s_mean']:.6f}",
+                    initial_widths=" ".join(map(str, s["initial_widths"])),
+                    widths_mean=" ".join(f"{w:.1f}" for w in s["widths_mean"]),
+                    params_mean=f"{s['params_mean']:.0f}",
+                )
+            )
 
 
 def write_json(path, payload) -> None:
@@ -84,16 +134,20 @@ def write_json(path, payload) -> None:
 
 # ---- charts -------------------------------------------------------------------------------
 
+
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def save_figure(fig, path) -> bool:
     """Lays out, writes (PNG, 120 dpi) and closes ``fig``; True, for the chart writers."""
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -102,6 +156,7 @@ def save_figure(fig, path) -> bool:
 
 def _integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator
+
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -150,14 +205,27 @@ def chart_accuracy_vs_k(path, summaries) -> bool:
         if len(pts) == 1:  # single points at the same k: spread them a little to stay visible
             xs = [xs[0] * 1.035 ** (singles - 3)]
             singles += 1
-        ax.errorbar(xs, [s["test_acc_mean"] for s in pts], yerr=[s["test_acc_std"] for s in pts],
-                    marker="o", capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
+        ax.errorbar(
+            xs,
+            [s["test_acc_mean"] for s in pts],
+            yerr=[s["test_acc_std"] for s in pts],
+            marker="o",
+            capsize=3,
+            label=name,
+            linestyle="-" if len(pts) > 1 else "none",
+        )
     dense = [s for s in summaries if s["config"]["mode"] == "dense"]
     for i, s in enumerate(sorted(dense, key=lambda s: s["test_acc_mean"])):
         ax.axhline(s["test_acc_mean"], linestyle="--", linewidth=1, color="gray")
-        ax.annotate(f"{s['label']} {s['test_acc_mean']:.2f}%", (0.01 + 0.3 * i, s["test_acc_mean"]),
-                    xycoords=("axes fraction", "data"), ha="left", va="bottom", fontsize=8,
-                    color="gray")
+        ax.annotate(
+            f"{s['label']} {s['test_acc_mean']:.2f}%",
+            (0.01 + 0.3 * i, s["test_acc_mean"]),
+            xycoords=("axes fraction", "data"),
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("k (% of hidden width kept in backward, log scale)")
     ax.set_ylabel("test accuracy (%)")
@@ -181,20 +249,28 @@ def chart_backward_vs_k(path, summaries, benchmark=None) -> bool:
     if series:
         ax = axes.pop(0)
         for name, pts in series:
-            ax.plot([_k_percent(s) for s in pts], [s["backward_s_mean"] for s in pts], marker="o",
-                    label=name)
+            ax.plot(
+                [_k_percent(s) for s in pts],
+                [s["backward_s_mean"] for s in pts],
+                marker="o",
+                label=name,
+            )
         optimizers = {pts[0]["config"]["optimizer"] for _, pts in series}
         for s in summaries:
             if s["config"]["mode"] == "dense" and s["config"]["optimizer"] in optimizers:
-                ax.axhline(s["backward_s_mean"], linestyle="--", linewidth=1, color="gray",
-                           label=s["label"])
+                ax.axhline(
+                    s["backward_s_mean"],
+                    linestyle="--",
+                    linewidth=1,
+                    color="gray",
+                    label=s["label"],
+                )
         c = series[0][1][0]["config"]
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("k (% of hidden width, log scale)")
         ax.set_ylabel("time in loss.backward() per epoch (s)")
-        ax.set_title(f"MLP training: hidden {c['hidden']}, batch {c['batch_size']}",
-                     fontsize=10)
+        ax.set_title(f"MLP training: hidden {c['hidden']}, batch {c['batch_size']}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if benchmark:
@@ -202,15 +278,22 @@ def chart_backward_vs_k(path, summaries, benchmark=None) -> bool:
         for mode in ("unified", "per_example"):
             rows = sorted((r for r in benchmark if r["mode"] == mode), key=lambda r: r["k_ratio"])
             if rows:
-                ax.plot([100 * r["k_ratio"] for r in rows], [r["speedup"] for r in rows],
-                        marker="o", label=f"meProp {mode.replace('_', '-')} (row-sparse grad)")
+                ax.plot(
+                    [100 * r["k_ratio"] for r in rows],
+                    [r["speedup"] for r in rows],
+                    marker="o",
+                    label=f"meProp {mode.replace('_', '-')} (row-sparse grad)",
+                )
         ax.axhline(1.0, linestyle="--", linewidth=1, color="gray", label="dense nn.Linear")
         r0 = benchmark[0]
         ax.set_xscale("log")
         ax.set_xlabel("k (% of layer width, log scale)")
         ax.set_ylabel("backward speedup over dense (×)")
-        ax.set_title(f"One {r0['width']}×{r0['width']} layer, batch {r0['batch']}, "
-                     f"{r0['device']} (dense {1e3 * r0['backward_s']:.1f} ms)", fontsize=10)
+        ax.set_title(
+            f"One {r0['width']}×{r0['width']} layer, batch {r0['batch']}, "
+            f"{r0['device']} (dense {1e3 * r0['backward_s']:.1f} ms)",
+            fontsize=10,
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Backward time and speedup against k")
@@ -230,8 +313,14 @@ def chart_widths(path, summaries) -> bool:
         for layer in range(n_layers):
             curve = [s["initial_widths"][layer]] + [
                 statistics.fmean(r["epochs"][e]["widths"][layer] for r in runs)
-                for e in range(len(runs[0]["epochs"]))]
-            ax.plot(range(len(curve)), curve, marker=".", label=f"{s['label']}: hidden layer {layer + 1}")
+                for e in range(len(runs[0]["epochs"]))
+            ]
+            ax.plot(
+                range(len(curve)),
+                curve,
+                marker=".",
+                label=f"{s['label']}: hidden layer {layer + 1}",
+            )
     ax.set_yscale("log")
     _integer_ticks(ax.xaxis)
     ax.set_xlabel("epoch (0: before training)")
@@ -252,10 +341,16 @@ def chart_loss_curves(path, summaries) -> bool:
     for ax, (opt, group) in zip(axes[0], sorted(groups.items())):
         for s in group:
             runs = s["runs"]
-            curve = [statistics.fmean(r["epochs"][e]["train_loss"] for r in runs)
-                     for e in range(len(runs[0]["epochs"]))]
-            ax.plot(range(1, len(curve) + 1), curve, label=s["label"],
-                    linestyle="--" if s["config"]["mode"] == "dense" else "-")
+            curve = [
+                statistics.fmean(r["epochs"][e]["train_loss"] for r in runs)
+                for e in range(len(runs[0]["epochs"]))
+            ]
+            ax.plot(
+                range(1, len(curve) + 1),
+                curve,
+                label=s["label"],
+                linestyle="--" if s["config"]["mode"] == "dense" else "-",
+            )
         ax.set_yscale("log")
         _integer_ticks(ax.xaxis)
         ax.set_xlabel("epoch")
@@ -277,8 +372,9 @@ def write_report(out_dir, summaries, *, extra=None, benchmark=None, meta=None) -
     extra = list(extra or [])
     written = {}
     path = os.path.join(out_dir, "results.json")
-    write_json(path, dict(meta=meta or {}, table=summaries, k_sweep=extra,
-                          layer_benchmark=benchmark or []))
+    write_json(
+        path, dict(meta=meta or {}, table=summaries, k_sweep=extra, layer_benchmark=benchmark or [])
+    )
     written["json"] = path
     path = os.path.join(out_dir, "results.csv")
     write_csv(path, list(summaries) + extra)
@@ -288,10 +384,12 @@ def write_report(out_dir, summaries, *, extra=None, benchmark=None, meta=None) -
         f.write(format_table(summaries) + "\n")
     written["table"] = path
     everything = list(summaries) + extra
-    charts = {"accuracy_vs_k": lambda p: chart_accuracy_vs_k(p, everything),
-              "backward_vs_k": lambda p: chart_backward_vs_k(p, everything, benchmark),
-              "hidden_width": lambda p: chart_widths(p, summaries),
-              "loss_curves": lambda p: chart_loss_curves(p, summaries)}
+    charts = {
+        "accuracy_vs_k": lambda p: chart_accuracy_vs_k(p, everything),
+        "backward_vs_k": lambda p: chart_backward_vs_k(p, everything, benchmark),
+        "hidden_width": lambda p: chart_widths(p, summaries),
+        "loss_curves": lambda p: chart_loss_curves(p, summaries),
+    }
     for name, draw in charts.items():
         path = os.path.join(out_dir, f"{name}.png")
         if draw(path):

@@ -5,6 +5,7 @@ accuracy, the time spent in ``loss.backward()`` alone, and the hidden widths (wh
 meSimp). ``run_experiment`` repeats it over seeds and summarizes; ``demo_configs`` is the set of
 runs behind ``mebp demo``.
 """
+
 import dataclasses
 import math
 import statistics
@@ -35,6 +36,7 @@ class TrainConfig:
     ``threshold`` of the examples since the last pruning are removed; ``k`` then stays a fixed
     count (the paper's choice), so no layer shrinks below it.
     """
+
     mode: str = "dense"
     k: float = 0.05
     hidden: int = 500
@@ -62,14 +64,18 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.eps is not None and (self.optimizer == "sgd" or not self.eps > 0):
-            raise ValueError(f"eps must be positive and is for adam or adagrad, got {self.eps} "
-                             f"with {self.optimizer}")
+            raise ValueError(
+                f"eps must be positive and is for adam or adagrad, got {self.eps} "
+                f"with {self.optimizer}"
+            )
         if self.mode != "dense":
             resolve_k(self.k, self.hidden, "the hidden layers")
         if self.simplify:
             if self.mode == "dense":
-                raise ValueError("simplify (meSimp) needs a meProp mode (unified or per_example): "
-                                 "it prunes by how often each neuron is in the top-k")
+                raise ValueError(
+                    "simplify (meSimp) needs a meProp mode (unified or per_example): "
+                    "it prunes by how often each neuron is in the top-k"
+                )
             if not 0.0 < self.threshold < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
             if not 0.0 < self.prune_fraction <= 1.0:
@@ -117,10 +123,13 @@ def make_optimizer(name: str, params, lr: float, row_sparse: bool, eps: float | 
     options = dict(lr=lr) if eps is None else dict(lr=lr, eps=eps)
     if row_sparse:
         from .. import optim
+
         return {"adam": optim.RowAdam, "adagrad": optim.RowAdagrad, "sgd": optim.RowSGD}[name](
-            params, **options)
+            params, **options
+        )
     return {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[name](
-        params, **options)
+        params, **options
+    )
 
 
 def hidden_widths(model: nn.Module) -> list[int]:
@@ -168,8 +177,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct, loss = 0, 0.0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
         correct += int((logits.argmax(1) == target).sum())
         loss += float(F.cross_entropy(logits, target, reduction="sum"))
     model.train(was_training)
@@ -187,16 +196,25 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
     if config.mode != "dense":
         # meSimp keeps k a fixed count while the layers shrink, as the paper does.
         k = config.k_count if config.simplify else config.k
-        model = convert(model, k=k, mode=config.mode, grad="sparse" if config.sparse_grad else "dense",
-                        count_hits=config.simplify, inplace=True)
+        model = convert(
+            model,
+            k=k,
+            mode=config.mode,
+            grad="sparse" if config.sparse_grad else "dense",
+            count_hits=config.simplify,
+            inplace=True,
+        )
     model.to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
-                               config.sparse_grad, config.eps)
+    optimizer = make_optimizer(
+        config.optimizer, model.parameters(), config.learning_rate, config.sparse_grad, config.eps
+    )
     simplifier = None
     if config.simplify:
         from ..simplify import Simplifier
-        simplifier = Simplifier(model, threshold=config.threshold, optimizer=optimizer,
-                                min_width=config.k_count)
+
+        simplifier = Simplifier(
+            model, threshold=config.threshold, optimizer=optimizer, min_width=config.k_count
+        )
     prune_epochs = math.ceil(config.epochs * config.prune_fraction) if config.simplify else 0
 
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
@@ -212,7 +230,7 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
         backward_s = 0.0
         started = time.perf_counter()
         for start in range(0, n, config.batch_size):
-            batch = permutation[start:start + config.batch_size]
+            batch = permutation[start : start + config.batch_size]
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             backward_s += timed_backward(loss, device)
@@ -224,20 +242,36 @@ def train_one(config: TrainConfig, dataset, seed: int, device="cpu", on_epoch=No
         if simplifier is not None and epoch < prune_epochs:
             pruned = simplifier.prune()
         accuracy, test_loss = evaluate(model, x_test, y_test)
-        record = dict(epoch=epoch + 1, train_loss=float(loss_sum) / n, test_loss=test_loss,
-                      test_acc=accuracy, backward_s=backward_s, epoch_s=epoch_s,
-                      widths=hidden_widths(model), params=count_parameters(model),
-                      pruned=bool(pruned))
+        record = dict(
+            epoch=epoch + 1,
+            train_loss=float(loss_sum) / n,
+            test_loss=test_loss,
+            test_acc=accuracy,
+            backward_s=backward_s,
+            epoch_s=epoch_s,
+            widths=hidden_widths(model),
+            params=count_parameters(model),
+            pruned=bool(pruned),
+        )
         epochs.append(record)
         if on_epoch is not None:
             on_epoch(record)
     last = epochs[-1]
-    return dict(label=config.label, seed=seed, config=dataclasses.asdict(config),
-                device=str(device), initial_widths=widths0, test_acc=last["test_acc"],
-                test_loss=last["test_loss"], widths=last["widths"], params=last["params"],
-                # The median over epochs: robust to the first epoch's warm-up (kernel compiles).
-                backward_s_per_epoch=statistics.median(e["backward_s"] for e in epochs),
-                epoch_s=statistics.median(e["epoch_s"] for e in epochs), epochs=epochs)
+    return dict(
+        label=config.label,
+        seed=seed,
+        config=dataclasses.asdict(config),
+        device=str(device),
+        initial_widths=widths0,
+        test_acc=last["test_acc"],
+        test_loss=last["test_loss"],
+        widths=last["widths"],
+        params=last["params"],
+        # The median over epochs: robust to the first epoch's warm-up (kernel compiles).
+        backward_s_per_epoch=statistics.median(e["backward_s"] for e in epochs),
+        epoch_s=statistics.median(e["epoch_s"] for e in epochs),
+        epochs=epochs,
+    )
 
 
 def mean_std(values):
@@ -254,26 +288,47 @@ def summarize(label: str, runs: list[dict]) -> dict:
     acc_mean, acc_std = mean_std(r["test_acc"] for r in runs)
     bwd_mean, bwd_std = mean_std(r["backward_s_per_epoch"] for r in runs)
     widths = [statistics.fmean(ws) for ws in zip(*(r["widths"] for r in runs))]
-    return dict(label=label, config=runs[0]["config"], seeds=[r["seed"] for r in runs],
-                device=runs[0]["device"], test_acc_mean=acc_mean, test_acc_std=acc_std,
-                backward_s_mean=bwd_mean, backward_s_std=bwd_std,
-                epoch_s_mean=statistics.fmean(r["epoch_s"] for r in runs),
-                initial_widths=runs[0]["initial_widths"], widths_mean=widths,
-                params_mean=statistics.fmean(r["params"] for r in runs), runs=runs)
+    return dict(
+        label=label,
+        config=runs[0]["config"],
+        seeds=[r["seed"] for r in runs],
+        device=runs[0]["device"],
+        test_acc_mean=acc_mean,
+        test_acc_std=acc_std,
+        backward_s_mean=bwd_mean,
+        backward_s_std=bwd_std,
+        epoch_s_mean=statistics.fmean(r["epoch_s"] for r in runs),
+        initial_widths=runs[0]["initial_widths"],
+        widths_mean=widths,
+        params_mean=statistics.fmean(r["params"] for r in runs),
+        runs=runs,
+    )
 
 
 def add_comparisons(summaries: list[dict]) -> list[dict]:
     """Adds each row's accuracy gap (points) and backward speedup against the dense baseline
     with the same optimizer, hidden size, depth, batch size and epochs: the one with the same
     learning rate and epsilon if there is one, else the one with the defaults (None if neither)."""
+
     def key(config, lr, eps):
-        return (config["optimizer"], config["hidden"], config["layers"], config["batch_size"],
-                config["epochs"], lr, eps)
+        return (
+            config["optimizer"],
+            config["hidden"],
+            config["layers"],
+            config["batch_size"],
+            config["epochs"],
+            lr,
+            eps,
+        )
 
     def lr_of(config):
         return config["lr"] if config["lr"] is not None else DEFAULT_LR[config["optimizer"]]
-    baselines = {key(s["config"], lr_of(s["config"]), s["config"].get("eps")): s
-                 for s in summaries if s["config"]["mode"] == "dense"}
+
+    baselines = {
+        key(s["config"], lr_of(s["config"]), s["config"].get("eps")): s
+        for s in summaries
+        if s["config"]["mode"] == "dense"
+    }
     for s in summaries:
         c = s["config"]
         base = baselines.get(key(c, lr_of(c), c.get("eps")))
@@ -281,8 +336,11 @@ def add_comparisons(summaries: list[dict]) -> list[dict]:
             base = baselines.get(key(c, DEFAULT_LR[c["optimizer"]], None))
         s["baseline"] = base["label"] if base else None
         s["gap_to_dense"] = s["test_acc_mean"] - base["test_acc_mean"] if base else None
-        s["speedup"] = (base["backward_s_mean"] / s["backward_s_mean"]
-                        if base and s["backward_s_mean"] > 0 else None)
+        s["speedup"] = (
+            base["backward_s_mean"] / s["backward_s_mean"]
+            if base and s["backward_s_mean"] > 0
+            else None
+        )
     return summaries
 
 
@@ -305,14 +363,18 @@ def run_experiment(configs, dataset, seeds=(0, 1, 2), device="cpu", progress=Tru
 
                 def on_epoch(record):
                     bar.update(1)
-                    bar.set_postfix(acc=f"{record['test_acc']:.1f}%",
-                                    width="/".join(map(str, record["widths"])))
+                    bar.set_postfix(
+                        acc=f"{record['test_acc']:.1f}%", width="/".join(map(str, record["widths"]))
+                    )
+
                 runs.append(train_one(config, dataset, seed, device, on_epoch))
             summary = summarize(config.label, runs)
             summaries.append(summary)
-            bar.write(f"{config.label}: test accuracy {summary['test_acc_mean']:.2f} ± "
-                      f"{summary['test_acc_std']:.2f}%, backward {summary['backward_s_mean']:.3f} "
-                      f"s/epoch, hidden {'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}")
+            bar.write(
+                f"{config.label}: test accuracy {summary['test_acc_mean']:.2f} ± "
+                f"{summary['test_acc_std']:.2f}%, backward {summary['backward_s_mean']:.3f} "
+                f"s/epoch, hidden {'/'.join(f'{w:.0f}' for w in summary['widths_mean'])}"
+            )
     finally:
         bar.close()
     return add_comparisons(summaries)
@@ -322,8 +384,14 @@ def progress_bar(total: int, enabled: bool, unit: str = "epoch"):
     return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
-def benchmark_backward(width: int = 2048, batch: int = 256, ks=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
-                       modes=MODES, device="cpu", repeats: int = 7) -> list[dict]:
+def benchmark_backward(
+    width: int = 2048,
+    batch: int = 256,
+    ks=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+    modes=MODES,
+    device="cpu",
+    repeats: int = 7,
+) -> list[dict]:
     """Median time of ``loss.backward()`` through one ``width x width`` linear layer (batch
     ``batch``): the dense ``nn.Linear`` and meProp (row-sparse gradient) at each ``k`` ratio."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -342,15 +410,26 @@ def benchmark_backward(width: int = 2048, batch: int = 256, ks=(0.01, 0.02, 0.05
     for mode in modes:
         for ratio in ks:
             layer = MeLinear.from_linear(dense, k=ratio, mode=mode, grad="sparse")
-            rows.append(dict(mode=mode, k=layer.k_count, k_ratio=ratio, backward_s=time_layer(layer)))
+            rows.append(
+                dict(mode=mode, k=layer.k_count, k_ratio=ratio, backward_s=time_layer(layer))
+            )
     for row in rows:
-        row.update(width=width, batch=batch, device=str(device),
-                   speedup=rows[0]["backward_s"] / row["backward_s"])
+        row.update(
+            width=width,
+            batch=batch,
+            device=str(device),
+            speedup=rows[0]["backward_s"] / row["backward_s"],
+        )
     return rows
 
 
-def demo_configs(epochs: int = 15, hidden: int = 500, k_ratio: float = 0.05, batch_size: int = 10,
-                 k_sweep=(0.01, 0.02, 0.1, 0.25)):
+def demo_configs(
+    epochs: int = 15,
+    hidden: int = 500,
+    k_ratio: float = 0.05,
+    batch_size: int = 10,
+    k_sweep=(0.01, 0.02, 0.1, 0.25),
+):
     """The runs behind ``mebp demo``: ``(main, sweep)`` lists of TrainConfig.
 
     main: per optimizer (AdaGrad lr 0.1, Adam lr 1e-3) the dense baseline, meProp unified and
@@ -367,13 +446,33 @@ def demo_configs(epochs: int = 15, hidden: int = 500, k_ratio: float = 0.05, bat
         for mode in MODES:
             main.append(TrainConfig(mode=mode, k=k_ratio, optimizer=optimizer, **common))
             if optimizer == "adam":
-                main.append(TrainConfig(mode=mode, k=k_ratio, optimizer=optimizer, sparse_grad=True,
-                                        **common))
+                main.append(
+                    TrainConfig(
+                        mode=mode, k=k_ratio, optimizer=optimizer, sparse_grad=True, **common
+                    )
+                )
             if optimizer == "adam" and mode == "per_example":
-                main.append(TrainConfig(mode=mode, k=k_ratio, optimizer=optimizer, sparse_grad=True,
-                                        lr=1e-2, eps=1e-3, **common))
-        main.append(TrainConfig(mode="unified", k=k_ratio, optimizer=optimizer, simplify=True,
-                                sparse_grad=optimizer == "adam", **common))
+                main.append(
+                    TrainConfig(
+                        mode=mode,
+                        k=k_ratio,
+                        optimizer=optimizer,
+                        sparse_grad=True,
+                        lr=1e-2,
+                        eps=1e-3,
+                        **common,
+                    )
+                )
+        main.append(
+            TrainConfig(
+                mode="unified",
+                k=k_ratio,
+                optimizer=optimizer,
+                simplify=True,
+                sparse_grad=optimizer == "adam",
+                **common,
+            )
+        )
     sweep, counts = [], {resolve_k(k_ratio, hidden)}
     for ratio in k_sweep:
         config = TrainConfig(mode="unified", k=ratio, optimizer="adagrad", **common)
@@ -383,7 +482,23 @@ def demo_configs(epochs: int = 15, hidden: int = 500, k_ratio: float = 0.05, bat
     return main, sweep
 
 
-__all__ = ["DEFAULT_LR", "OPTIMIZERS", "TRAIN_MODES", "TrainConfig", "add_comparisons",
-           "benchmark_backward", "build_mlp", "count_parameters", "demo_configs", "evaluate",
-           "hidden_widths", "make_optimizer", "mean_std", "progress_bar", "resolve_device",
-           "run_experiment", "summarize", "train_one"]
+__all__ = [
+    "DEFAULT_LR",
+    "OPTIMIZERS",
+    "TRAIN_MODES",
+    "TrainConfig",
+    "add_comparisons",
+    "benchmark_backward",
+    "build_mlp",
+    "count_parameters",
+    "demo_configs",
+    "evaluate",
+    "hidden_widths",
+    "make_optimizer",
+    "mean_std",
+    "progress_bar",
+    "resolve_device",
+    "run_experiment",
+    "summarize",
+    "train_one",
+]

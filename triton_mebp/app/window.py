@@ -8,6 +8,7 @@ CoNLL-U file, picks the epoch by accuracy on a held-out slice of the training se
 separate development file) and reports the test accuracy at that epoch, as the papers' reference
 code selects by development accuracy.
 """
+
 import collections
 import dataclasses
 import math
@@ -39,7 +40,9 @@ def word_shape(form: str) -> str:
     ``"e-mail"`` -> ``"x-x"`` (runs of one character class collapse to one symbol)."""
     symbols = []
     for char in form:
-        symbol = "X" if char.isupper() else "x" if char.isalpha() else "d" if char.isdigit() else char
+        symbol = (
+            "X" if char.isupper() else "x" if char.isalpha() else "d" if char.isdigit() else char
+        )
         if not symbols or symbols[-1] != symbol:
             symbols.append(symbol)
     return "".join(symbols)[:6]
@@ -54,6 +57,7 @@ def token_features(form: str) -> tuple[str, str, str]:
 class WindowVocabulary:
     """Feature and tag indices from training sentences only; a feature value seen fewer than
     ``min_count`` times maps to the unknown entry (index 1), so that entry is trained too."""
+
     values: dict = field(default_factory=dict)  # kind -> list of values
     tags: list = field(default_factory=list)
 
@@ -68,8 +72,10 @@ class WindowVocabulary:
             for form in forms:
                 for kind, value in zip(KINDS, token_features(form)):
                     counts[kind][value] += 1
-        values = {kind: [BOUNDARY, UNKNOWN] + sorted(v for v, n in c.items() if n >= min_count)
-                  for kind, c in counts.items()}
+        values = {
+            kind: [BOUNDARY, UNKNOWN] + sorted(v for v, n in c.items() if n >= min_count)
+            for kind, c in counts.items()
+        }
         return cls(values, sorted({t for _, tags in sentences for t in tags}))
 
     def sizes(self) -> list[int]:
@@ -81,11 +87,13 @@ class WindowVocabulary:
         rows, tags = [], []
         width = 2 * WINDOW + 1
         for forms, sentence_tags in sentences:
-            ids = [[self.index[kind].get(value, 1) for kind, value in zip(KINDS, token_features(f))]
-                   for f in forms]
+            ids = [
+                [self.index[kind].get(value, 1) for kind, value in zip(KINDS, token_features(f))]
+                for f in forms
+            ]
             padded = [[0] * len(KINDS)] * WINDOW + ids + [[0] * len(KINDS)] * WINDOW
             for position in range(len(forms)):
-                window = padded[position:position + width]
+                window = padded[position : position + width]
                 rows.append([window[w][kind] for kind in range(len(KINDS)) for w in range(width)])
             tags += [self.tag_index.get(t, UNSEEN_TAG) for t in sentence_tags]
         return torch.tensor(rows, dtype=torch.int64), torch.tensor(tags, dtype=torch.int64)
@@ -95,8 +103,9 @@ class WindowTagger(nn.Module):
     """Embeddings of the window's word, suffix and shape features, concatenated, then ``mlp``
     (an ``nn.Sequential``: hidden ReLU layers, a linear output)."""
 
-    def __init__(self, sizes, n_tags, *, dims=(50, 20, 10), hidden=500, layers=2,
-                 activation="relu"):
+    def __init__(
+        self, sizes, n_tags, *, dims=(50, 20, 10), hidden=500, layers=2, activation="relu"
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -120,8 +129,8 @@ def accuracy(model, features, tags, batch_size: int = 4096) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(tags), batch_size):
-        predicted = model(features[start:start + batch_size]).argmax(1)
-        correct += int((predicted == tags[start:start + batch_size]).sum())
+        predicted = model(features[start : start + batch_size]).argmax(1)
+        correct += int((predicted == tags[start : start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / max(len(tags), 1)
 
@@ -140,6 +149,7 @@ class WindowConfig:
     optimizer's step of each hidden weight row by the fraction of the batch's examples that
     selected the row (per-example mode: a row picked by 5 of 100 examples moves 5% of the step).
     ``activation``: of the hidden layers, ``relu`` or ``tanh``."""
+
     mode: str = "unified"
     k: float = 0.05
     optimizer: str = "adam"
@@ -160,7 +170,9 @@ class WindowConfig:
         if self.mode not in WINDOW_MODES:
             raise ValueError(f"mode must be one of {WINDOW_MODES}, got {self.mode!r}")
         if self.optimizer not in WINDOW_OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {WINDOW_OPTIMIZERS}, got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {WINDOW_OPTIMIZERS}, got {self.optimizer!r}"
+            )
         for name in ("hidden", "layers", "epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,13 +183,17 @@ class WindowConfig:
             resolve_k(self.k, self.hidden, "the hidden layers")
         counted = self.row_scale or self.step_scale
         if (self.simplify or counted) and self.mode == "dense":
-            raise ValueError("simplify, row_scale and step_scale need a meProp mode (unified or "
-                             "per_example)")
+            raise ValueError(
+                "simplify, row_scale and step_scale need a meProp mode (unified or per_example)"
+            )
         if self.simplify and counted:
-            raise ValueError("simplify uses the hit counters that row_scale and step_scale use: "
-                             "choose one")
+            raise ValueError(
+                "simplify uses the hit counters that row_scale and step_scale use: choose one"
+            )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip!r}")
 
@@ -200,35 +216,63 @@ def split_held_out(sentences, fraction: float = 0.1):
     return [s for i, s in enumerate(sentences) if i % step != step - 1], held
 
 
-def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed: int,
-                 device="cpu", on_epoch=None) -> dict:
+def train_window(
+    config: WindowConfig,
+    data: dict,
+    vocab: WindowVocabulary,
+    seed: int,
+    device="cpu",
+    on_epoch=None,
+) -> dict:
     """Trains one tagger; ``data`` maps "train", "held_out" and optionally "test" to encoded
     ``(features, tags)``. Returns per-epoch records and the test accuracy at the epoch with the
     best held-out accuracy (the first such epoch; with meSimp, among the epochs after the last
     prune, so that the reported model is the simplified one)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = WindowTagger(vocab.sizes(), len(vocab.tags), hidden=config.hidden, layers=config.layers,
-                         activation=config.activation)
+    model = WindowTagger(
+        vocab.sizes(),
+        len(vocab.tags),
+        hidden=config.hidden,
+        layers=config.layers,
+        activation=config.activation,
+    )
     row_sparse = config.optimizer == "rowadam"
     if config.mode != "dense":
-        model.mlp = convert(model.mlp, k=config.k_count, mode=config.mode,
-                            grad="sparse" if row_sparse else "dense",
-                            count_hits=config.row_scale or config.step_scale, inplace=True)
-    counted = [m for m in model.mlp.modules() if isinstance(m, MeLinear)] \
-        if config.row_scale or config.step_scale else []
+        model.mlp = convert(
+            model.mlp,
+            k=config.k_count,
+            mode=config.mode,
+            grad="sparse" if row_sparse else "dense",
+            count_hits=config.row_scale or config.step_scale,
+            inplace=True,
+        )
+    counted = (
+        [m for m in model.mlp.modules() if isinstance(m, MeLinear)]
+        if config.row_scale or config.step_scale
+        else []
+    )
     model.to(device)
-    optimizer = make_optimizer("adagrad" if config.optimizer == "adagrad" else "adam",
-                               model.parameters(), config.learning_rate, row_sparse)
+    optimizer = make_optimizer(
+        "adagrad" if config.optimizer == "adagrad" else "adam",
+        model.parameters(),
+        config.learning_rate,
+        row_sparse,
+    )
     simplifier = None
     if config.simplify:
         from ..simplify import Simplifier
-        simplifier = Simplifier(model.mlp, threshold=config.threshold, optimizer=optimizer,
-                                min_width=config.k_count)
+
+        simplifier = Simplifier(
+            model.mlp, threshold=config.threshold, optimizer=optimizer, min_width=config.k_count
+        )
     prune_epochs = math.ceil(config.epochs * config.prune_fraction) if config.simplify else 0
     x, y = (t.to(device) for t in data["train"])
-    evaluated = {name: tuple(t.to(device) for t in data[name]) for name in ("held_out", "test")
-                 if name in data}
+    evaluated = {
+        name: tuple(t.to(device) for t in data[name])
+        for name in ("held_out", "test")
+        if name in data
+    }
     order = torch.Generator().manual_seed(seed)
     records = []
     for epoch in range(1, config.epochs + 1):
@@ -236,7 +280,7 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
         permutation = torch.randperm(len(y), generator=order).to(device)
         loss_sum, backward_s, started = torch.zeros((), device=device), 0.0, time.perf_counter()
         for start in range(0, len(y), config.batch_size):
-            batch = permutation[start:start + config.batch_size]
+            batch = permutation[start : start + config.batch_size]
             for layer in counted:
                 layer.reset_hits()
             loss = F.cross_entropy(model(x[batch]), y[batch])
@@ -247,7 +291,9 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
                     _divide_rows(layer.weight, layer.hits)
             if config.clip is not None:
                 _clip(model.parameters(), config.clip)
-            before = [layer.weight.detach().clone() for layer in counted] if config.step_scale else []
+            before = (
+                [layer.weight.detach().clone() for layer in counted] if config.step_scale else []
+            )
             optimizer.step()
             with torch.no_grad():
                 for layer, old in zip(counted, before):
@@ -257,8 +303,13 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
         train_s = time.perf_counter() - started
         if simplifier is not None and epoch <= prune_epochs:
             simplifier.prune()
-        record = dict(epoch=epoch, train_loss=float(loss_sum) / len(y), backward_s=backward_s,
-                      train_s=train_s, widths=hidden_widths(model.mlp))
+        record = dict(
+            epoch=epoch,
+            train_loss=float(loss_sum) / len(y),
+            backward_s=backward_s,
+            train_s=train_s,
+            widths=hidden_widths(model.mlp),
+        )
         for name, (features, tags) in evaluated.items():
             record[f"{name}_acc"] = accuracy(model, features, tags)
         records.append(record)
@@ -266,12 +317,18 @@ def train_window(config: WindowConfig, data: dict, vocab: WindowVocabulary, seed
             on_epoch(record)
     eligible = records[prune_epochs:] or records
     best = max(eligible, key=lambda r: (r["held_out_acc"], -r["epoch"]))
-    return dict(seed=seed, config=dataclasses.asdict(config), best_epoch=best["epoch"],
-                held_out_acc=best["held_out_acc"], test_acc=best.get("test_acc"),
-                last_test_acc=records[-1].get("test_acc"), widths=best["widths"],
-                backward_s_per_epoch=statistics.median(r["backward_s"] for r in records),
-                train_s_per_epoch=statistics.median(r["train_s"] for r in records),
-                epochs=records)
+    return dict(
+        seed=seed,
+        config=dataclasses.asdict(config),
+        best_epoch=best["epoch"],
+        held_out_acc=best["held_out_acc"],
+        test_acc=best.get("test_acc"),
+        last_test_acc=records[-1].get("test_acc"),
+        widths=best["widths"],
+        backward_s_per_epoch=statistics.median(r["backward_s"] for r in records),
+        train_s_per_epoch=statistics.median(r["train_s"] for r in records),
+        epochs=records,
+    )
 
 
 def _divide_rows(weight, counts):
@@ -282,8 +339,11 @@ def _divide_rows(weight, counts):
     if grad.layout == torch.sparse_coo:
         grad = grad.coalesce()
         weight.grad = torch.sparse_coo_tensor(
-            grad.indices(), grad.values() * scale[grad.indices()[0]].unsqueeze(1), grad.shape,
-            is_coalesced=True)
+            grad.indices(),
+            grad.values() * scale[grad.indices()[0]].unsqueeze(1),
+            grad.shape,
+            is_coalesced=True,
+        )
     else:
         grad.mul_(scale.unsqueeze(1))
 
@@ -295,8 +355,9 @@ def _clip(params, limit):
             continue
         if grad.layout == torch.sparse_coo:
             grad = grad.coalesce()
-            param.grad = torch.sparse_coo_tensor(grad.indices(), grad.values().clamp(-limit, limit),
-                                                 grad.shape, is_coalesced=True)
+            param.grad = torch.sparse_coo_tensor(
+                grad.indices(), grad.values().clamp(-limit, limit), grad.shape, is_coalesced=True
+            )
         else:
             grad.clamp_(-limit, limit)
 
@@ -317,9 +378,14 @@ def load_window_data(train_path, test_path=None, dev_path=None, held_out_fractio
         sets["test"] = read_conllu(test_path)
     vocab = WindowVocabulary.from_sentences(train)
     data = {name: vocab.encode(s) for name, s in sets.items()}
-    counts = {f"{name}_{unit}": n for name, s in sets.items()
-              for unit, n in (("sentences", len(s)), ("tokens", sum(len(f) for f, _ in s)))}
-    counts.update({f"{kind}_values": n for kind, n in zip(KINDS, vocab.sizes())}, tags=len(vocab.tags))
+    counts = {
+        f"{name}_{unit}": n
+        for name, s in sets.items()
+        for unit, n in (("sentences", len(s)), ("tokens", sum(len(f) for f, _ in s)))
+    }
+    counts.update(
+        {f"{kind}_values": n for kind, n in zip(KINDS, vocab.sizes())}, tags=len(vocab.tags)
+    )
     return data, vocab, counts
 
 
@@ -329,6 +395,7 @@ def summarize_window(runs) -> dict:
         if not values:
             return None, None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
     summary = dict(config=runs[0]["config"], seeds=[r["seed"] for r in runs], runs=runs)
     for key in ("test_acc", "held_out_acc", "last_test_acc", "best_epoch", "backward_s_per_epoch"):
         summary[key], summary[key + "_std"] = mean_std([r[key] for r in runs])
@@ -336,5 +403,15 @@ def summarize_window(runs) -> dict:
     return summary
 
 
-__all__ = ["WindowConfig", "WindowTagger", "WindowVocabulary", "accuracy", "load_window_data",
-           "split_held_out", "summarize_window", "token_features", "train_window", "word_shape"]
+__all__ = [
+    "WindowConfig",
+    "WindowTagger",
+    "WindowVocabulary",
+    "accuracy",
+    "load_window_data",
+    "split_held_out",
+    "summarize_window",
+    "token_features",
+    "train_window",
+    "word_shape",
+]

@@ -16,6 +16,7 @@ Used by the sweep, its LSTM section and every script in ``perf/``.
 - ``CsvSink`` appends rows (resumable: it knows which tasks a file already holds);
   ``write_rows`` writes a whole file. Both stamp rows with ``environment(device)`` and the time.
 """
+
 import csv
 import datetime
 import os
@@ -28,17 +29,56 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-COLUMNS = ["kernel", "provider", "mode", "grad", "dtype", "batch", "in_features", "out_features",
-           "shape", "k", "metric", "median_ms", "q20_ms", "q80_ms", "tflops", "gbps", "config",
-           "device", "torch", "triton", "triton_mebp", "commit", "timestamp"]
+COLUMNS = [
+    "kernel",
+    "provider",
+    "mode",
+    "grad",
+    "dtype",
+    "batch",
+    "in_features",
+    "out_features",
+    "shape",
+    "k",
+    "metric",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "tflops",
+    "gbps",
+    "config",
+    "device",
+    "torch",
+    "triton",
+    "triton_mebp",
+    "commit",
+    "timestamp",
+]
 ENVIRONMENT = ("device", "torch", "triton", "triton_mebp", "commit", "timestamp")
 QUANTILES = (0.5, 0.2, 0.8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Layouts written before this harness, read (and upgraded on append) as COLUMNS.
 _OLD_SWEEP = [c for c in COLUMNS if c not in ("shape", "triton_mebp")]
-_OLD_LSTM = ["kernel", "provider", "metric", "dtype", "seq", "batch", "input", "hidden", "layers",
-             "k", "median_ms", "q20_ms", "q80_ms", "device", "torch", "timestamp", "commit"]
+_OLD_LSTM = [
+    "kernel",
+    "provider",
+    "metric",
+    "dtype",
+    "seq",
+    "batch",
+    "input",
+    "hidden",
+    "layers",
+    "k",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "device",
+    "torch",
+    "timestamp",
+    "commit",
+]
 
 
 class Timing(NamedTuple):
@@ -49,8 +89,15 @@ class Timing(NamedTuple):
 
 # ---------------------------------------------------------------- timing
 
-def measure(fn: Callable[[], object], device, *, min_run_time: float = 0.2, warmup_ms: int = 25,
-            rep_ms: int = 100) -> Timing:
+
+def measure(
+    fn: Callable[[], object],
+    device,
+    *,
+    min_run_time: float = 0.2,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+) -> Timing:
     """Median, 20% and 80% quantile of one call of ``fn`` in milliseconds, after a warm-up call
     (compiles, autotunes, allocates). ``min_run_time``: CPU seconds; ``warmup_ms``/``rep_ms``:
     ``do_bench``'s warm-up and repeat time on CUDA."""
@@ -58,22 +105,33 @@ def measure(fn: Callable[[], object], device, *, min_run_time: float = 0.2, warm
     fn()
     if device.type == "cuda":
         import triton.testing
+
         torch.cuda.synchronize(device)
-        median, q20, q80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-                                                   quantiles=list(QUANTILES))
+        median, q20, q80 = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)
+        )
         return Timing(float(median), float(q20), float(q80))
     return summarize(_cpu_blocks(fn, min_run_time))
 
 
-def measure_side_by_side(fns: dict, device, *, min_run_time: float = 0.5, rounds: int = 5,
-                         warmup_ms: int = 25, rep_ms: int = 100) -> dict:
+def measure_side_by_side(
+    fns: dict,
+    device,
+    *,
+    min_run_time: float = 0.5,
+    rounds: int = 5,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+) -> dict:
     """``{name: Timing}`` of several closures timed together. On the CPU each gets
     ``min_run_time`` seconds in total, spread over ``rounds`` interleaved rounds (robust to a
     shared machine's changing load); on CUDA each goes through ``do_bench`` once."""
     device = torch.device(device)
     if device.type == "cuda":
-        return {name: measure(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-                for name, fn in fns.items()}
+        return {
+            name: measure(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            for name, fn in fns.items()
+        }
     for fn in fns.values():
         fn()
     blocks: dict = {name: [] for name in fns}
@@ -86,6 +144,7 @@ def measure_side_by_side(fns: dict, device, *, min_run_time: float = 0.5, rounds
 def _cpu_blocks(fn, min_run_time: float) -> list:
     """Milliseconds per call of each block ``torch.utils.benchmark`` measured."""
     from torch.utils import benchmark
+
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
 
@@ -99,6 +158,7 @@ def summarize(times) -> Timing:
 
 
 # ---------------------------------------------------------------- where and with what
+
 
 def git_commit(root: Path | None = None) -> str:
     """The checked-out commit, read from ``.git`` without running git ("unknown" if none);
@@ -172,8 +232,14 @@ def triton_version() -> str:
 def environment(device) -> dict:
     """The columns every row carries, except the time (stamped when the row is written)."""
     from .. import __version__
-    return dict(device=device_name(device), torch=torch.__version__, triton=triton_version(),
-                triton_mebp=__version__, commit=git_commit())
+
+    return dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        triton=triton_version(),
+        triton_mebp=__version__,
+        commit=git_commit(),
+    )
 
 
 def dtype_label(dtype: torch.dtype) -> str:
@@ -195,6 +261,7 @@ def now() -> str:
 
 
 # ---------------------------------------------------------------- the CSV
+
 
 def read_rows(path) -> list[dict]:
     """Rows of a harness CSV as dicts of ``COLUMNS`` (older sweep and LSTM layouts upgraded);
@@ -220,18 +287,34 @@ def _upgrade(fields):
     if fields == _OLD_SWEEP:
         return lambda r: {c: r.get(c, "") for c in COLUMNS}
     if fields == _OLD_LSTM:
+
         def lstm(r):
             provider = r["provider"]
-            mode = provider[len("mebp-"):] if provider in ("mebp-unified", "mebp-per_example") else ""
+            mode = (
+                provider[len("mebp-") :] if provider in ("mebp-unified", "mebp-per_example") else ""
+            )
             out = {c: "" for c in COLUMNS}
-            out.update(kernel=r["kernel"], provider=provider, mode=mode,
-                       dtype=dtype_label(getattr(torch, r["dtype"])),
-                       batch=r["batch"], in_features=r["input"], out_features=str(4 * int(r["hidden"])),
-                       shape=shape_text(seq=r["seq"], hidden=r["hidden"], layers=r["layers"]),
-                       k=r["k"], metric=r["metric"], median_ms=r["median_ms"], q20_ms=r["q20_ms"],
-                       q80_ms=r["q80_ms"], device=r["device"], torch=r["torch"],
-                       commit=r["commit"], timestamp=r["timestamp"])
+            out.update(
+                kernel=r["kernel"],
+                provider=provider,
+                mode=mode,
+                dtype=dtype_label(getattr(torch, r["dtype"])),
+                batch=r["batch"],
+                in_features=r["input"],
+                out_features=str(4 * int(r["hidden"])),
+                shape=shape_text(seq=r["seq"], hidden=r["hidden"], layers=r["layers"]),
+                k=r["k"],
+                metric=r["metric"],
+                median_ms=r["median_ms"],
+                q20_ms=r["q20_ms"],
+                q80_ms=r["q80_ms"],
+                device=r["device"],
+                torch=r["torch"],
+                commit=r["commit"],
+                timestamp=r["timestamp"],
+            )
             return out
+
         return lstm
     return None
 
@@ -243,7 +326,9 @@ def _stamp(rows: Iterable[dict], env: dict | None, columns=COLUMNS) -> list[dict
         unknown = set(r) - set(columns)
         if unknown:
             raise ValueError(f"columns {sorted(unknown)} are not in the schema {columns}")
-        r = {c: r.get(c, "") for c in columns} | {k: v for k, v in (env or {}).items() if not r.get(k)}
+        r = {c: r.get(c, "") for c in columns} | {
+            k: v for k, v in (env or {}).items() if not r.get(k)
+        }
         r = {c: "" if v is None else str(v) for c, v in r.items()}  # as read back from the file
         if not r["timestamp"]:
             r["timestamp"] = stamp

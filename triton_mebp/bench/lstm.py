@@ -18,6 +18,7 @@ run interleaved, round after round (robust to a shared machine's changing load);
 triton.testing.do_bench. Rows in the harness's CSV schema (``kernel`` = "lstm", ``in_features``
 the input size, ``out_features`` the 4H gates that k is counted in, ``shape`` the rest).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def _layer_closures(lstm, x, onednn=True):
 
     def backward():
         torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+
     return forward, backward
 
 
@@ -57,8 +59,13 @@ def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
+
     w_ih, w_hh = rand(4 * hidden, n_in), rand(4 * hidden, hidden)
-    x, h_prev, dgates = rand(seq, batch, n_in), rand(seq, batch, hidden), rand(seq, batch, 4 * hidden)
+    x, h_prev, dgates = (
+        rand(seq, batch, n_in),
+        rand(seq, batch, hidden),
+        rand(seq, batch, 4 * hidden),
+    )
     ops = backend.ops_for(x)
 
     def dense():
@@ -76,17 +83,34 @@ def _product_closures(seq, batch, n_in, hidden, k, device, dtype):
                 kept.append(values)
                 idx.append(i)
             deferred_products(ops, mode, torch.stack(kept), torch.stack(idx), x, h_prev, w_ih, w_hh)
+
         return run
 
-    return {"dense": dense,
-            "unified": sparse("unified", ops.unified_select,
-                              lambda dc, i: ops.gathered_input_grad(dc, w_hh, i)),
-            "per_example": sparse("per_example", ops.per_example_select,
-                                  lambda v, i: ops.per_example_input_grad(v, i, w_hh))}
+    return {
+        "dense": dense,
+        "unified": sparse(
+            "unified", ops.unified_select, lambda dc, i: ops.gathered_input_grad(dc, w_hh, i)
+        ),
+        "per_example": sparse(
+            "per_example",
+            ops.per_example_select,
+            lambda v, i: ops.per_example_input_grad(v, i, w_hh),
+        ),
+    }
 
 
-def run(seq=30, batch=32, n_in=100, hidden=500, layers=1, k=0.05, device="cpu",
-        dtype=torch.float32, min_run_time=0.5, modes=("unified", "per_example")):
+def run(
+    seq=30,
+    batch=32,
+    n_in=100,
+    hidden=500,
+    layers=1,
+    k=0.05,
+    device="cpu",
+    dtype=torch.float32,
+    min_run_time=0.5,
+    modes=("unified", "per_example"),
+):
     """Measures every provider and metric; returns rows of the harness's columns."""
     device = torch.device(device)
     k_count = resolve_k(k, 4 * hidden, "the LSTM gates")
@@ -96,42 +120,69 @@ def run(seq=30, batch=32, n_in=100, hidden=500, layers=1, k=0.05, device="cpu",
     providers = {"nn.LSTM": dense, "mebp-dense": MeLSTM.from_lstm(dense, k=1.0)}
     for mode in modes:
         providers[f"mebp-{mode}"] = MeLSTM.from_lstm(dense, k=k_count, mode=mode)
-    base = dict(kernel="lstm", dtype=harness.dtype_label(dtype), batch=batch, in_features=n_in,
-                out_features=4 * hidden, shape=harness.shape_text(seq=seq, hidden=hidden, layers=layers),
-                **harness.environment(device), timestamp=harness.now())
+    base = dict(
+        kernel="lstm",
+        dtype=harness.dtype_label(dtype),
+        batch=batch,
+        in_features=n_in,
+        out_features=4 * hidden,
+        shape=harness.shape_text(seq=seq, hidden=hidden, layers=layers),
+        **harness.environment(device),
+        timestamp=harness.now(),
+    )
     rows = []
 
     def add(provider, metric, kk, timing):
-        mode = provider[len("mebp-"):] if provider in ("mebp-unified", "mebp-per_example") else ""
-        rows.append(dict(base, provider=provider, mode=mode, metric=metric, k=kk,
-                         **harness.timing_fields(timing)))
+        mode = provider[len("mebp-") :] if provider in ("mebp-unified", "mebp-per_example") else ""
+        rows.append(
+            dict(
+                base,
+                provider=provider,
+                mode=mode,
+                metric=metric,
+                k=kk,
+                **harness.timing_fields(timing),
+            )
+        )
+
     closures = {provider: _layer_closures(lstm, x) for provider, lstm in providers.items()}
     if device.type == "cpu":
-        closures = {"nn.LSTM": closures["nn.LSTM"],
-                    "nn.LSTM-no-onednn": _layer_closures(dense, x, onednn=False),
-                    **{p: c for p, c in closures.items() if p != "nn.LSTM"}}
+        closures = {
+            "nn.LSTM": closures["nn.LSTM"],
+            "nn.LSTM-no-onednn": _layer_closures(dense, x, onednn=False),
+            **{p: c for p, c in closures.items() if p != "nn.LSTM"},
+        }
     for metric, which in (("forward", 0), ("backward", 1)):
-        timings = harness.measure_side_by_side({p: c[which] for p, c in closures.items()}, device,
-                                               min_run_time=min_run_time)
+        timings = harness.measure_side_by_side(
+            {p: c[which] for p, c in closures.items()}, device, min_run_time=min_run_time
+        )
         for provider, timing in timings.items():
             sparse = provider.startswith("mebp-") and provider != "mebp-dense"
             add(provider, metric, k_count if sparse else 4 * hidden, timing)
     products = _product_closures(seq, batch, n_in, hidden, k_count, device, dtype)
     products = {"dense": products["dense"], **{f"mebp-{m}": products[m] for m in modes}}
-    for provider, timing in harness.measure_side_by_side(products, device, min_run_time=min_run_time).items():
+    for provider, timing in harness.measure_side_by_side(
+        products, device, min_run_time=min_run_time
+    ).items():
         add(provider, "products", 4 * hidden if provider == "dense" else k_count, timing)
     return rows
 
 
 def table(rows) -> str:
     """Median milliseconds per provider and metric, with the speedup over the dense reference."""
-    ref = {(r["metric"]): float(r["median_ms"]) for r in rows if r["provider"] in ("nn.LSTM", "dense")}
-    lines = [f"{'provider':18} {'metric':9} {'k':>5} {'median ms':>10} {'q20-q80 ms':>17} "
-             f"{'vs dense':>8}"]
+    ref = {
+        (r["metric"]): float(r["median_ms"]) for r in rows if r["provider"] in ("nn.LSTM", "dense")
+    }
+    lines = [
+        f"{'provider':18} {'metric':9} {'k':>5} {'median ms':>10} {'q20-q80 ms':>17} "
+        f"{'vs dense':>8}"
+    ]
     for r in rows:
         speedup = ref[r["metric"]] / float(r["median_ms"])
-        lines.append(f"{r['provider']:18} {r['metric']:9} {r['k']:>5} {float(r['median_ms']):10.3f} "
-                     f"{float(r['q20_ms']):8.3f}-{float(r['q80_ms']):<8.3f} {speedup:7.2f}x")
+        lines.append(
+            f"{r['provider']:18} {r['metric']:9} {r['k']:>5} {float(r['median_ms']):10.3f} "
+            f"{float(r['q20_ms']):8.3f}-{float(r['q80_ms']):<8.3f} {speedup:7.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -145,18 +196,32 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=float, default=0.05, help="ratio of the 4H gate width")
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="append the rows to this CSV (the benchmark harness's columns)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="append the rows to this CSV (the benchmark harness's columns)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     all_rows = []
     for device in devices:
-        rows = run(args.seq, args.batch, args.input, args.hidden, args.layers, args.k, device,
-                   min_run_time=args.min_run_time)
-        print(f"{rows[0]['device']}: seq {args.seq}, batch {args.batch}, input {args.input}, "
-              f"hidden {args.hidden}, layers {args.layers}, k {args.k}")
+        rows = run(
+            args.seq,
+            args.batch,
+            args.input,
+            args.hidden,
+            args.layers,
+            args.k,
+            device,
+            min_run_time=args.min_run_time,
+        )
+        print(
+            f"{rows[0]['device']}: seq {args.seq}, batch {args.batch}, input {args.input}, "
+            f"hidden {args.hidden}, layers {args.layers}, k {args.k}"
+        )
         print(table(rows))
         all_rows += rows
     if args.csv:

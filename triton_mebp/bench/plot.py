@@ -11,6 +11,7 @@ device, into ``perf/charts/``:
 - ``roofline-DEVICE.png``: achieved FLOP rate against arithmetic intensity for every kernel, under
   the device's measured copy bandwidth and matmul rate.
 """
+
 import csv
 import glob
 import re
@@ -25,6 +26,7 @@ def load(paths, skipped=None) -> list[dict]:
     """Rows of the sweep CSVs (older layouts read too); a file of another kind (or not CSV text)
     is named and left out: printed, or appended to ``skipped`` if given."""
     from .harness import read_rows
+
     rows = []
     for path in paths:
         try:
@@ -44,8 +46,10 @@ def latest_per_device(rows):
     for r in rows:
         if r["device"] not in newest or r["timestamp"] > newest[r["device"]][1]:
             newest[r["device"]] = (r["commit"], r["timestamp"])
-    return {device: [r for r in rows if r["device"] == device and r["commit"] == commit]
-            for device, (commit, _) in newest.items()}
+    return {
+        device: [r for r in rows if r["device"] == device and r["commit"] == commit]
+        for device, (commit, _) in newest.items()
+    }
 
 
 def slug(device: str) -> str:
@@ -63,8 +67,11 @@ def speedups(rows, metric):
 
     ``low``/``high`` combine the quantiles: dense q20 over meProp q80, dense q80 over meProp q20.
     """
-    dense = {(_shape(r), r["dtype"]): r for r in rows
-             if r["kernel"] == "layer" and r["provider"] == "dense" and r["metric"] == metric}
+    dense = {
+        (_shape(r), r["dtype"]): r
+        for r in rows
+        if r["kernel"] == "layer" and r["provider"] == "dense" and r["metric"] == metric
+    }
     curves = defaultdict(list)
     for r in rows:
         if r["kernel"] != "layer" or r["provider"] == "dense" or r["metric"] != metric:
@@ -74,21 +81,29 @@ def speedups(rows, metric):
             continue
         ratio = int(r["k"]) / int(r["out_features"])
         curves[(_shape(r), r["dtype"], r["provider"], r["mode"], r["grad"])].append(
-            (ratio, float(base["median_ms"]) / float(r["median_ms"]),
-             float(base["q20_ms"]) / float(r["q80_ms"]), float(base["q80_ms"]) / float(r["q20_ms"])))
+            (
+                ratio,
+                float(base["median_ms"]) / float(r["median_ms"]),
+                float(base["q20_ms"]) / float(r["q80_ms"]),
+                float(base["q80_ms"]) / float(r["q20_ms"]),
+            )
+        )
     return {key: sorted(points) for key, points in curves.items()}
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def _plain_log_ticks(ax, xs):
     """Ticks at the measured k ratios and plain numbers on a log-log panel."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     if xs:
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:.3g}" for x in xs], fontsize=7)
@@ -103,8 +118,9 @@ def plot_speedup(rows, device, path):
     metrics = [m for m in ("backward", "step-sgd") if speedups(rows, m)]
     if not shapes or not metrics:
         return None
-    fig, axes = plt.subplots(len(metrics), len(shapes), figsize=(4.2 * len(shapes), 3.6 * len(metrics)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(metrics), len(shapes), figsize=(4.2 * len(shapes), 3.6 * len(metrics)), squeeze=False
+    )
     for i, metric in enumerate(metrics):
         curves = speedups(rows, metric)
         for j, shape in enumerate(shapes):
@@ -117,9 +133,18 @@ def plot_speedup(rows, device, path):
                     continue
                 _, dtype, provider, mode, grad = key
                 x = [p[0] for p in points]
-                ax.errorbar(x, [p[1] for p in points],
-                            yerr=[[max(p[1] - p[2], 0) for p in points], [max(p[3] - p[1], 0) for p in points]],
-                            marker="o", ms=3, capsize=2, label=f"{provider} {mode} {grad} {dtype}")
+                ax.errorbar(
+                    x,
+                    [p[1] for p in points],
+                    yerr=[
+                        [max(p[1] - p[2], 0) for p in points],
+                        [max(p[3] - p[1], 0) for p in points],
+                    ],
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=f"{provider} {mode} {grad} {dtype}",
+                )
             ax.axhline(1.0, color="grey", lw=0.6)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -145,9 +170,10 @@ def plot_breakdown(rows, device, path, target=0.05):
         return None
     cols = min(4, len(shapes))
     rows_of_panels = -(-len(shapes) // cols)
-    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(3.6 * cols + 1, 4.6 * rows_of_panels),
-                             squeeze=False)
-    for ax in axes.flat[len(shapes):]:
+    fig, axes = plt.subplots(
+        rows_of_panels, cols, figsize=(3.6 * cols + 1, 4.6 * rows_of_panels), squeeze=False
+    )
+    for ax in axes.flat[len(shapes) :]:
         ax.set_visible(False)
     for ax, (shape, dtype) in zip(axes.flat, shapes):
         of_shape = [r for r in kernel_rows if _shape(r) == shape and r["dtype"] == dtype]
@@ -157,7 +183,11 @@ def plot_breakdown(rows, device, path, target=0.05):
         for r in of_shape:
             if r["provider"] != "dense" and int(r["k"]) / shape[2] != chosen:
                 continue
-            name = "dense" if r["provider"] == "dense" else f"{r['provider']}\n{r['mode']}\n{r['grad']}"
+            name = (
+                "dense"
+                if r["provider"] == "dense"
+                else f"{r['provider']}\n{r['mode']}\n{r['grad']}"
+            )
             groups[name][r["kernel"]] = float(r["median_ms"])
         names = sorted(groups, key=lambda n: (n != "dense", n))
         bottoms = [0.0] * len(names)
@@ -180,7 +210,9 @@ def plot_breakdown(rows, device, path, target=0.05):
 
 def ceilings(rows):
     """(bandwidth GB/s, {dtype: TFLOP/s}) measured by the sweep, best of the rows."""
-    bandwidth = max((float(r["gbps"]) for r in rows if r["kernel"] == "copy" and r["gbps"]), default=None)
+    bandwidth = max(
+        (float(r["gbps"]) for r in rows if r["kernel"] == "copy" and r["gbps"]), default=None
+    )
     rates = defaultdict(float)
     for r in rows:
         if r["kernel"] == "matmul" and r["tflops"]:
@@ -190,23 +222,38 @@ def ceilings(rows):
 
 def plot_roofline(rows, device, path):
     plt = _plt()
-    points = [r for r in rows if r["kernel"] in KERNEL_ORDER + ("reduced_gemm", "layer")
-              and r["tflops"] and r["gbps"]]
+    points = [
+        r
+        for r in rows
+        if r["kernel"] in KERNEL_ORDER + ("reduced_gemm", "layer") and r["tflops"] and r["gbps"]
+    ]
     if not points:
         return None
     bandwidth, rates = ceilings(rows)
     fig, ax = plt.subplots(figsize=(7, 5))
-    markers = {"select": "v", "input_grad": "o", "weight_grad": "s", "update": "^", "reduced_gemm": "D",
-               "layer": "*"}
+    markers = {
+        "select": "v",
+        "input_grad": "o",
+        "weight_grad": "s",
+        "update": "^",
+        "reduced_gemm": "D",
+        "layer": "*",
+    }
     colors = {"dense": "tab:gray", "mebp-torch": "tab:blue", "mebp-triton": "tab:red"}
     seen = set()
     for r in points:
         flops_rate = float(r["tflops"]) * 1e12
         intensity = flops_rate / (float(r["gbps"]) * 1e9)
         label = f"{r['provider']} {r['kernel']}"
-        ax.scatter(intensity, flops_rate / 1e12, marker=markers[r["kernel"]],
-                   color=colors.get(r["provider"], "k"), s=18, alpha=0.7,
-                   label=None if label in seen else label)
+        ax.scatter(
+            intensity,
+            flops_rate / 1e12,
+            marker=markers[r["kernel"]],
+            color=colors.get(r["provider"], "k"),
+            s=18,
+            alpha=0.7,
+            label=None if label in seen else label,
+        )
         seen.add(label)
     intensities = [float(r["tflops"]) * 1e3 / float(r["gbps"]) for r in points]
     lo, hi = min(intensities) / 2, max(intensities) * 2
@@ -214,8 +261,12 @@ def plot_roofline(rows, device, path):
         for dtype, rate in rates.items():
             ridge = rate * 1e3 / bandwidth
             xs = [lo, ridge, max(hi, ridge * 2)]
-            ax.plot(xs, [min(x * bandwidth / 1e3, rate) for x in xs], lw=1,
-                    label=f"ceiling {dtype}: {bandwidth:.0f} GB/s, {rate:.3g} TFLOP/s")
+            ax.plot(
+                xs,
+                [min(x * bandwidth / 1e3, rate) for x in xs],
+                lw=1,
+                label=f"ceiling {dtype}: {bandwidth:.0f} GB/s, {rate:.3g} TFLOP/s",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
@@ -231,17 +282,26 @@ def plot_roofline(rows, device, path):
 
 def main(argv=None) -> int:
     from ..app.cli import CommandParser
+
     parser = CommandParser(prog="mebp plot", description=__doc__.split("\n")[0])
-    parser.add_argument("csv", nargs="*", type=Path, help="sweep CSVs (default perf/results/sweep-*.csv)")
+    parser.add_argument(
+        "csv", nargs="*", type=Path, help="sweep CSVs (default perf/results/sweep-*.csv)"
+    )
     parser.add_argument("--out", type=Path, default=Path("perf/charts"), help="folder for the PNGs")
-    parser.add_argument("--all-commits", action="store_true",
-                        help="plot every commit's rows, not only each device's latest")
+    parser.add_argument(
+        "--all-commits",
+        action="store_true",
+        help="plot every commit's rows, not only each device's latest",
+    )
     args = parser.parse_args(argv)
     paths = args.csv or [Path(p) for p in sorted(glob.glob("perf/results/sweep-*.csv"))]
     missing = [p for p in paths if not p.is_file()]
     if not paths or missing:
-        print(f"mebp plot: no sweep CSV found ({', '.join(map(str, missing)) or 'perf/results/sweep-*.csv'}); "
-              "run `mebp sweep` first", file=sys.stderr)
+        print(
+            f"mebp plot: no sweep CSV found ({', '.join(map(str, missing)) or 'perf/results/sweep-*.csv'}); "
+            "run `mebp sweep` first",
+            file=sys.stderr,
+        )
         return 2
     skipped = []
     rows = load(paths, skipped)
@@ -261,8 +321,11 @@ def main(argv=None) -> int:
     written = []
     for device, device_rows in sorted(by_device.items()):
         name = slug(device)
-        for kind, draw in (("speedup", plot_speedup), ("breakdown", plot_breakdown),
-                           ("roofline", plot_roofline)):
+        for kind, draw in (
+            ("speedup", plot_speedup),
+            ("breakdown", plot_breakdown),
+            ("roofline", plot_roofline),
+        ):
             result = draw(device_rows, device, args.out / f"{kind}-{name}.png")
             if result is not None:
                 written.append(result)

@@ -6,6 +6,7 @@ and charts next to this file; ``--table-only`` rewrites table-accuracy.md from r
 
     nice -n 10 python docs/demo/standardized/run.py
 """
+
 import json
 import os
 import sys
@@ -27,12 +28,16 @@ REUSED = ("standardized-adam", "standardized-rowadam")
 
 def accuracy_table(summaries) -> str:
     """The table without the timing columns (the rows were timed on differently loaded machines)."""
-    lines = ["| setting | test acc % (mean ± std) | vs dense (points) | hidden widths | params |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| setting | test acc % (mean ± std) | vs dense (points) | hidden widths | params |",
+        "|---|---|---|---|---|",
+    ]
     for s in summaries:
         gap = "baseline" if s["config"]["mode"] == "dense" else f"{s['gap_to_dense']:+.2f}"
-        lines.append(f"| {s['label']} | {s['test_acc_mean']:.2f} ± {s['test_acc_std']:.2f} | {gap} | "
-                     f"{'/'.join(f'{w:.0f}' for w in s['widths_mean'])} | {s['params_mean']:,.0f} |")
+        lines.append(
+            f"| {s['label']} | {s['test_acc_mean']:.2f} ± {s['test_acc_std']:.2f} | {gap} | "
+            f"{'/'.join(f'{w:.0f}' for w in s['widths_mean'])} | {s['params_mean']:,.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -60,12 +65,16 @@ def main():
             assert reused[config.label]["config"]["epochs"] == config.epochs, config.label
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"training {[c.label for c in todo]}; reusing {sorted(reused)}", flush=True)
-    trained = {s["label"]: s for s in run_experiment(todo, dataset, seeds=SEEDS, device="cpu",
-                                                     progress=False)}
+    trained = {
+        s["label"]: s
+        for s in run_experiment(todo, dataset, seeds=SEEDS, device="cpu", progress=False)
+    }
     summaries = add_comparisons([trained.get(c.label) or reused[c.label] for c in main_configs])
     meta = _meta(dataset, torch.device("cpu"), SEEDS, started_at)
-    meta["note"] = ("rows with 'reused_from' were trained earlier with 2 threads and are read from "
-                    "that folder; the others were trained by docs/demo/standardized/run.py")
+    meta["note"] = (
+        "rows with 'reused_from' were trained earlier with 2 threads and are read from "
+        "that folder; the others were trained by docs/demo/standardized/run.py"
+    )
     write_report(HERE, summaries, meta=meta)
     with open(os.path.join(HERE, "table-accuracy.md"), "w") as f:
         f.write(accuracy_table(summaries))
