@@ -6,6 +6,8 @@ import os
 import re
 import statistics
 
+from ..functional import resolve_k
+
 TABLE_COLUMNS = (
     "setting",
     "test acc % (mean ± std)",
@@ -164,9 +166,7 @@ def _k_percent(summary) -> float:
     c = summary["config"]
     if c["mode"] == "dense":
         return 100.0
-    k = c["k"]
-    count = k if isinstance(k, int) else max(1, round(k * c["hidden"]))
-    return 100.0 * min(count, c["hidden"]) / c["hidden"]
+    return 100.0 * resolve_k(c["k"], c["hidden"]) / c["hidden"]
 
 
 def _by_optimizer(summaries, predicate):
