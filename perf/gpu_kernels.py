@@ -11,7 +11,9 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    gathered operands; 5. ``dense``: dx, dW, db of the dense backward and a copy of dy (bandwidth);
    6. ``per_example``: its kernels; 7. ``layer``: the whole layer backward against dense;
    8. ``host``: host time of 50 backward calls without a sync; 9. ``check``: bf16 results of the
-   kernels against the PyTorch ops on the same tensors.
+   kernels against the PyTorch ops on the same tensors; 10. ``graph``: a training step of a
+   converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA graph
+   against eager steps.
 """
 
 import argparse
@@ -262,9 +264,81 @@ def main(argv=None):
         ):
             error = ((mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
             row("check", f"{name}: max rel. error", value=f"{error:.2e}", k=k)
+    # 10: one training step of a converted MLP, free of syncs and captured in a CUDA graph.
+    for name, value in graph_step_check(device):
+        row("graph", name, value=value, k="5%")
     handle.close()
     print(f"wrote {args.out}")
     return 0
+
+
+def _converted_mlp(device):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)
+    ).to(device)
+    model = mebp.convert(model, k=0.05, grad="sparse", skip_output=False)
+    return model, mebp.RowAdam(model.parameters(), lr=1e-3, capturable=True)
+
+
+def _train_step(model, optimizer, x, target):
+    F.mse_loss(model(x), target).backward()
+    optimizer.step()
+
+
+def graph_step_check(device):
+    """``(name, value)`` rows: a step under ``torch.cuda.set_sync_debug_mode("error")``, then the
+    same steps replayed from a CUDA graph against eager ones (largest parameter difference)."""
+    if device.type != "cuda":
+        return [("CUDA graph of a training step", "needs a CUDA GPU")]
+    results = []
+    torch.manual_seed(2)
+    xs = [torch.randn(256, 512, device=device) for _ in range(5)]
+    targets = [torch.randn(256, 512, device=device) for _ in range(5)]
+    with env(TRITON_MEBP_AUTOTUNE="0"):
+        eager, eager_opt = _converted_mlp(device)
+        for i in range(5):
+            eager_opt.zero_grad(set_to_none=True)
+            if i == 1:  # state exists after the first step
+                try:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                    _train_step(eager, eager_opt, xs[i], targets[i])
+                    verdict = "none"
+                except RuntimeError as error:
+                    verdict = f"sync: {str(error).splitlines()[0][:120]}"
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                results.append(("syncs in an eager step (RowAdam, grad=sparse)", verdict))
+            else:
+                _train_step(eager, eager_opt, xs[i], targets[i])
+        try:
+            model, optimizer = _converted_mlp(device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for i in range(2):  # warm-up: state, autotuning and caches settle
+                    optimizer.zero_grad(set_to_none=True)
+                    _train_step(model, optimizer, xs[i], targets[i])
+            torch.cuda.current_stream().wait_stream(side)
+            static_x, static_target = xs[2].clone(), targets[2].clone()
+            optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _train_step(model, optimizer, static_x, static_target)
+            for i in range(2, 5):
+                static_x.copy_(xs[i])
+                static_target.copy_(targets[i])
+                graph.replay()
+            torch.cuda.synchronize()
+            gap = max(
+                (a.detach() - b.detach()).abs().max().item()
+                for a, b in zip(model.parameters(), eager.parameters())
+            )
+            results.append(("CUDA graph: max |param - eager| after 5 steps", f"{gap:.3e}"))
+        except Exception as error:  # the check reports, the run goes on
+            results.append(("CUDA graph of a training step", f"failed: {error!r}"[:200]))
+    return results
 
 
 if __name__ == "__main__":

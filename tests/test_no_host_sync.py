@@ -4,6 +4,7 @@ wait for the device and forbid CUDA-graph capture). Checked on the CPU: those ca
 made from a file of ``triton_mebp`` or ``kernels/`` (the interpreter and PyTorch may make them
 internally, on the library's behalf)."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -58,14 +59,16 @@ def no_host_sync(monkeypatch):
         monkeypatch.setattr(torch, name, _guard(f"torch.{name}", getattr(torch, name)))
 
 
-def test_the_guard_catches_a_sync_in_library_code(no_host_sync):
-    from triton_mebp import optim
+def test_the_guard_catches_a_sync_in_library_code(no_host_sync, monkeypatch):
+    from triton_mebp import optim, torch_ops
+
+    monkeypatch.setattr(torch_ops, "host_reads_are_free", lambda tensor: True)
 
     grad = torch.sparse_coo_tensor(
         torch.tensor([[1, 1]]), torch.ones(2, 3), (4, 3), check_invariants=False
     )
     with pytest.raises(HostSync):
-        optim._row_sparse_parts(torch.zeros(4, 3), grad)  # checks the index range on the CPU
+        optim._row_sparse_parts(torch.zeros(4, 3), grad)  # checks the index range on the host
 
 
 @pytest.mark.parametrize("grad", ["dense", "sparse"])
@@ -110,3 +113,45 @@ def test_torch_ops_device_top_k_equals_the_cpu_path():
     scores[4, 3] = float("inf")
     for k in (1, 5, 12, 49, 50):
         assert torch.equal(torch_ops._top_k_on_device(scores, k), torch_ops._top_k(scores, k)), k
+
+
+def _mlp(grad):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(24, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48), torch.nn.Tanh()
+    )
+    return mebp.convert(model, k=0.1, grad=grad, skip_output=False).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "grad, optimizer",
+    [
+        ("dense", functools.partial(torch.optim.SGD, momentum=0.9)),
+        ("sparse", functools.partial(mebp.RowSGD, momentum=0.9)),
+        ("sparse", functools.partial(mebp.RowAdagrad, lr_decay=0.01, capturable=True)),
+        ("sparse", functools.partial(mebp.RowAdam, capturable=True)),
+    ],
+    ids=["SGD", "RowSGD", "RowAdagrad", "RowAdam"],
+)
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_a_training_step_makes_no_host_sync(request, backend_name, grad, optimizer):
+    """Forward, unified backward and optimizer step of a converted MLP: what a CUDA graph would
+    capture. The first step (state set-up) runs unguarded, as a capture's warm-up steps do."""
+    before = mebp.get_backend()
+    mebp.set_backend(backend_name)
+    try:
+        model = _mlp(grad)
+        opt = optimizer(model.parameters(), lr=0.05)
+        x, target = torch.randn(8, 24, device=DEVICE), torch.randn(8, 48, device=DEVICE)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), target).backward()
+            opt.step()
+
+        step()
+        weights = [p.detach().clone() for p in model.parameters()]
+        request.getfixturevalue("no_host_sync")
+        step()
+    finally:
+        mebp.set_backend(before)
+    assert all(not torch.equal(w, p) for w, p in zip(weights, model.parameters()))

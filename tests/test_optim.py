@@ -179,12 +179,17 @@ def test_every_row_selected_equals_torch_optim(any_backend, name):
         assert_close(a.detach(), b.detach(), dtype)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_dense_gradients_equal_torch_optim(name):
+@pytest.mark.parametrize(
+    "name, capturable",
+    [(name, False) for name in OPTIMIZERS] + [("adagrad", True), ("adam", True), ("adamw", True)],
+)
+def test_dense_gradients_equal_torch_optim(name, capturable):
+    """With ``capturable=True`` the step count is a tensor on the parameter's device."""
     cls, hp, torch_cls = OPTIMIZERS[name]
+    ours_hp = dict(hp, capturable=True) if capturable else hp
     a = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
     b = nn.Parameter(a.detach().clone())
-    ours, theirs = cls([a], **hp), torch_cls([b], **hp)
+    ours, theirs = cls([a], **ours_hp), torch_cls([b], **hp)
     for _ in range(5):
         g = torch.randn(4, 5, dtype=torch.float64)
         a.grad, b.grad = g.clone(), g.clone()

@@ -9,7 +9,13 @@ read nor written, and their state does not decay. Each such parameter keeps a pe
 gradients get exactly the update of the matching ``torch.optim`` class. See docs/optim.md.
 
 State layout (relied on by the model simplifier): per-element state tensors have the parameter's
-shape, ``row_step`` has shape ``(param.shape[0],)``, ``step`` is a 0-d float32 CPU tensor.
+shape, ``row_step`` has shape ``(param.shape[0],)``, ``step`` is a 0-d float32 CPU tensor (on the
+parameter's device with ``capturable=True``).
+
+CUDA graphs: a step reads nothing on the host once each parameter's state exists (after a warm-up
+step), for ``RowSGD`` always and for ``RowAdagrad``/``RowAdam``/``RowAdamW`` with
+``capturable=True`` (as in ``torch.optim``: the step count of parameters with dense gradients then
+lives on the device; row-sparse parameters count steps per row on the device anyway).
 """
 
 import math
@@ -18,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import backend
+from . import backend, torch_ops
 
 # What torch.optim optimizers take: parameters, or parameter groups (dicts with "params").
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -66,7 +72,7 @@ def _row_sparse_parts(param, grad):
         raise ValueError(f"gradient on {grad.device}, parameter on {param.device}")
     grad = grad.coalesce()  # sums duplicate rows; a new tensor, p.grad is left as it is
     rows = grad.indices()[0]
-    if not rows.is_cuda and rows.numel():  # on CUDA the check would cost a synchronisation
+    if torch_ops.host_reads_are_free(rows) and rows.numel():  # on a GPU it would cost a sync
         low, high = int(rows.min()), int(rows.max())
         if low < 0 or high >= param.shape[0]:
             raise ValueError(
@@ -110,7 +116,8 @@ class _RowOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} does not support complex parameters")
         state = self.state[param]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            on = param.device if group.get("capturable") else "cpu"
+            state["step"] = torch.zeros((), dtype=torch.float32, device=on)
             self._init_state(param, state, group)
         for name in self._per_element:
             if name in state and tuple(state[name].shape) != tuple(param.shape):
@@ -141,8 +148,8 @@ class _RowOptimizer(torch.optim.Optimizer):
             )
         if "row_step" not in state:
             # Dense steps so far updated every row.
-            state["row_step"] = torch.full(
-                (param.shape[0],), float(state["step"]), dtype=torch.float32, device=param.device
+            state["row_step"] = (
+                state["step"].to(param.device, torch.float32).expand(param.shape[0]).clone()
             )
         if tuple(state["row_step"].shape) != (param.shape[0],):
             raise ValueError(
@@ -239,8 +246,7 @@ class RowSGD(_RowOptimizer):
         )
 
     def _init_state(self, param, state, group):
-        if group["momentum"]:
-            self._buffer(param, state)
+        pass  # the momentum buffer comes with the first update: a dense one sets it to d_p
 
     def _adopt_stepless_state(self, state) -> bool:
         # torch.optim.SGD keeps only the momentum buffer (None without momentum); a buffer was
@@ -262,9 +268,9 @@ class RowSGD(_RowOptimizer):
     def _dense(self, param, grad, state, group):
         d_p = grad if group["weight_decay"] == 0 else grad.add(param, alpha=group["weight_decay"])
         if group["momentum"]:
-            buf = self._buffer(param, state)
-            if state["step"] == 0:
-                buf.copy_(d_p)
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d_p.detach().clone()
             else:
                 buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
             d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
@@ -299,6 +305,7 @@ class RowAdagrad(_RowOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        capturable: bool = False,
     ) -> None:
         _check_range("lr", lr)
         _check_range("lr_decay", lr_decay)
@@ -313,6 +320,7 @@ class RowAdagrad(_RowOptimizer):
                 weight_decay=weight_decay,
                 initial_accumulator_value=initial_accumulator_value,
                 eps=eps,
+                capturable=capturable,
             ),
         )
 
@@ -322,12 +330,16 @@ class RowAdagrad(_RowOptimizer):
         )
 
     def _dense(self, param, grad, state, group):
-        step = float(state["step"]) + 1
         if group["weight_decay"]:
             grad = grad.add(param, alpha=group["weight_decay"])
-        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
         state["sum"].addcmul_(grad, grad, value=1)
-        param.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-clr)
+        denom = state["sum"].sqrt().add_(group["eps"])
+        if group["capturable"]:  # the step count stays on the device
+            clr = group["lr"] / (1 + state["step"].double() * group["lr_decay"])
+            param.sub_(grad.div(denom).mul_(clr))
+        else:
+            clr = group["lr"] / (1 + float(state["step"]) * group["lr_decay"])
+            param.addcdiv_(grad, denom, value=-clr)
 
     def _rows(self, ops, param, rows, values, state, group):
         ops.row_adagrad_step(
@@ -360,6 +372,7 @@ class RowAdam(_RowOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check_range("lr", lr)
         _check_range("eps", eps)
@@ -369,7 +382,10 @@ class RowAdam(_RowOptimizer):
         _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         super().__init__(
-            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+            params,
+            dict(
+                lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, capturable=capturable
+            ),
         )
 
     def _init_state(self, param, state, group):
@@ -377,7 +393,6 @@ class RowAdam(_RowOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _dense(self, param, grad, state, group):
-        step = float(state["step"]) + 1
         lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
         if wd:
             if self._decoupled:
@@ -387,9 +402,14 @@ class RowAdam(_RowOptimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1**step)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        if group["capturable"]:  # the step count stays on the device
+            step = state["step"].double() + 1
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(group["eps"])
+            param.sub_(exp_avg.div(denom).mul_(lr / (1 - beta1**step)))
+        else:
+            step = float(state["step"]) + 1
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+            param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
     def _rows(self, ops, param, rows, values, state, group):
         beta1, beta2 = group["betas"]
@@ -424,8 +444,16 @@ class RowAdamW(RowAdam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        capturable: bool = False,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            capturable=capturable,
+        )
 
 
 def sgd_step_rows(params: Iterable[torch.Tensor], lr: float) -> None:
