@@ -3,6 +3,7 @@
 ``TRITON_MEBP_AUTOTUNE=0`` turns tuning off; under ``TRITON_INTERPRET=1`` it is always off.
 """
 
+import functools
 import inspect
 import os
 
@@ -30,6 +31,40 @@ def kernel_version() -> str:
     if version not in KERNEL_VERSIONS:
         raise ValueError(f"TRITON_MEBP_KERNELS must be one of {KERNEL_VERSIONS}, got {version!r}")
     return version
+
+
+PRODUCT_ROUTES = ("auto", "triton", "cublas")
+GATHERED_PRODUCTS = ("dx", "dw")
+# What "auto" takes: cuBLAS where the Triton kernel saves no copy (dW as k rows) or only the
+# k x M gather of W's rows (dx); the Triton kernel where cuBLAS would add a k x M temporary and
+# its scatter (dW into a dense gradient). A prediction until perf/gpu_kernels.py times both.
+AUTO_ROUTES = {("dx", False): "cublas", ("dw", False): "cublas", ("dw", True): "triton"}
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_products(value: str) -> dict:
+    if value in PRODUCT_ROUTES:
+        return dict.fromkeys(GATHERED_PRODUCTS, value)
+    choices = dict.fromkeys(GATHERED_PRODUCTS, "auto")
+    for part in value.split(","):
+        product, _, route = part.strip().partition("=")
+        if product not in GATHERED_PRODUCTS or route not in PRODUCT_ROUTES:
+            raise ValueError(
+                f"TRITON_MEBP_PRODUCTS must be one of {PRODUCT_ROUTES} or name a route per "
+                f"product, e.g. 'dx=cublas,dw=triton' (products {GATHERED_PRODUCTS}), "
+                f"got {value!r}"
+            )
+        choices[product] = route
+    return choices
+
+
+def product_route(product: str, scatter: bool = False) -> str:
+    """``TRITON_MEBP_PRODUCTS``: "triton" or "cublas" for the unified backward's gathered
+    ``product`` ("dx" or "dw"; ``scatter``: dW written into a dense gradient). "auto" (default)
+    takes ``AUTO_ROUTES``; "triton"/"cublas" set both products, "dx=...,dw=..." each. Read at
+    each call, so one process can time both routes."""
+    route = _parse_products(os.environ.get("TRITON_MEBP_PRODUCTS", "auto"))[product]
+    return AUTO_ROUTES[product, scatter and product == "dw"] if route == "auto" else route
 
 
 def tuning_enabled() -> bool:

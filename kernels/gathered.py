@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._checks import check_dtypes, check_indices
 from ._tiles import grouped_tile, padded_width
-from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket
+from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket, product_route
 
 
 @triton.jit
@@ -297,11 +297,15 @@ segment_rows = TunedKernel(
 def gathered_input_grad(
     dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor
 ) -> torch.Tensor:
-    """``dy_c @ weight[idx]`` (B x M) without copying the rows of ``weight``.
+    """``dy_c @ weight[idx]`` (B x M), in ``dy_c``'s dtype.
 
-    A ``dy_c`` from ``unified_select`` (v2) is read whole tiles at a time from its zero padding."""
+    The Triton kernel gathers the rows of ``weight`` inside (a ``dy_c`` from ``unified_select``
+    (v2) is read whole tiles at a time from its zero padding); the cuBLAS route
+    (``TRITON_MEBP_PRODUCTS``, ``_tuning.product_route``) copies them out first."""
     check_dtypes("gathered_input_grad", dy_c=dy_c, weight=weight)
     check_indices("gathered_input_grad", idx=idx)
+    if product_route("dx") == "cublas":
+        return torch.matmul(dy_c, weight.index_select(0, idx).to(dy_c.dtype))
     B, K = dy_c.shape
     K_loop = padded_width(dy_c)
     M = weight.shape[1]
@@ -334,9 +338,17 @@ def gathered_input_grad(
 def gathered_weight_grad(
     dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``dy_c.T @ x``: the k selected rows of dW (k x M), or written into ``out[idx]`` if given."""
+    """``dy_c.T @ x``: the k selected rows of dW (k x M), or written into ``out[idx]`` if given.
+
+    The Triton kernel stores the rows straight into ``out``; the cuBLAS route
+    (``TRITON_MEBP_PRODUCTS``) computes them apart and copies them in."""
     check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out)
     check_indices("gathered_weight_grad", idx=idx)
+    if product_route("dw", scatter=out is not None) == "cublas":
+        rows = torch.matmul(dy_c.t(), x.to(dy_c.dtype))
+        if out is None:
+            return rows
+        return out.index_copy_(0, idx.long(), rows.to(out.dtype))
     B, K = dy_c.shape
     K_loop = padded_width(dy_c)
     M = x.shape[1]

@@ -6,14 +6,17 @@ target shape, against cuBLAS and dense, v1 against v2, in the order of issue 13'
 
 Sections, each row written as soon as it is measured (a run cut short keeps what it did):
 1. ``kernels``: the unified path's operations (selection with db, dx, dW rows, dW into a dense
-   gradient) for v1 and v2 (``TRITON_MEBP_KERNELS``), autotuning off; 2. the same, tuned, with
-   the chosen configs; 3. ``k``: dx and dW at k = 410 and 416; 4. ``cublas``: torch.mm on the same
-   gathered operands; 5. ``dense``: dx, dW, db of the dense backward and a copy of dy (bandwidth);
-   6. ``per_example``: its kernels; 7. ``layer``: the whole layer backward against dense;
-   8. ``host``: host time of 50 backward calls without a sync; 9. ``check``: bf16 results of the
-   kernels against the PyTorch ops on the same tensors; 10. ``graph``: a training step of a
-   converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA graph
-   against eager steps.
+   gradient) for v1 and v2 (``TRITON_MEBP_KERNELS``) on the Triton kernels, autotuning off; 2. the
+   same, tuned, with the chosen configs; 3. ``k``: dx, dW rows and dW into a dense gradient at
+   k = 410 and 416 by each route of the library's launchers (``TRITON_MEBP_PRODUCTS``: the Triton
+   kernels, cuBLAS on the gathered operands, and what "auto" takes); 4. ``cublas``: torch.mm on
+   the same gathered operands, without the gather; 5. ``dense``: dx, dW, db of the dense backward
+   and a copy of dy (bandwidth); 6. ``per_example``: its kernels; 7. ``layer``: the whole layer
+   backward against dense (products by ``TRITON_MEBP_PRODUCTS``, default "auto"); 8. ``host``:
+   host time of 50 backward calls without a sync; 9. ``check``: bf16 results of the kernels and
+   of the cuBLAS route against the PyTorch ops on the same tensors; 10. ``graph``: a training step
+   of a converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA
+   graph against eager steps.
 """
 
 import argparse
@@ -39,6 +42,7 @@ COLUMNS = [
     "section",
     "name",
     "version",
+    "products",
     "tuned",
     "B",
     "M",
@@ -133,7 +137,9 @@ def main(argv=None):
     writer.writeheader()
     started = time.perf_counter()
 
-    def row(section, name, fn=None, value="", version="", tuned="", k="", config=False):
+    def row(
+        section, name, fn=None, value="", version="", tuned="", k="", config=False, products=""
+    ):
         t = harness.measure(fn, device, **timing) if fn is not None else None
         writer.writerow(
             dict(
@@ -141,6 +147,7 @@ def main(argv=None):
                 section=section,
                 name=name,
                 version=version,
+                products=products,
                 tuned=tuned,
                 k=k,
                 median_ms=f"{t.median_ms:.4f}" if t else "",
@@ -153,7 +160,7 @@ def main(argv=None):
         handle.flush()
         print(
             f"[{time.perf_counter() - started:6.1f}s] {section:11s} {name:28s} {version:3s} "
-            f"{tuned:5s} k={k} {t.median_ms if t else value}",
+            f"{products:6s} {tuned:5s} k={k} {t.median_ms if t else value}",
             flush=True,
         )
 
@@ -161,7 +168,11 @@ def main(argv=None):
     # 1, 2: the unified path's operations, v1 and v2, untuned then tuned.
     for tuned in ("0", "1"):
         for version in ("v1", "v2"):
-            with env(TRITON_MEBP_KERNELS=version, TRITON_MEBP_AUTOTUNE=tuned):
+            with env(
+                TRITON_MEBP_KERNELS=version,
+                TRITON_MEBP_AUTOTUNE=tuned,
+                TRITON_MEBP_PRODUCTS="triton",
+            ):
                 idx, dy_c, _ = ops.unified_select_and_bias(dy, k)
                 dense_out = torch.zeros_like(w)
                 for name, fn in (
@@ -173,28 +184,46 @@ def main(argv=None):
                         lambda: ops.gathered_weight_grad(dy_c, x, idx, out=dense_out),
                     ),
                 ):
-                    row("kernels", name, fn, version=version, tuned=tuned, k=k, config=True)
-    # 3: products at k and at a multiple of 16 (v2 pads both to the same width; v1 does not).
+                    row(
+                        "kernels",
+                        name,
+                        fn,
+                        version=version,
+                        tuned=tuned,
+                        k=k,
+                        config=True,
+                        products="triton",
+                    )
+    # 3: products at k and at a multiple of 16 (v2 pads both to the same width; v1 does not), by
+    # each route of the launchers: Triton kernels, cuBLAS on gathered operands, what auto takes.
     for version in ("v1", "v2"):
         for kk in ks:
-            with env(TRITON_MEBP_KERNELS=version, TRITON_MEBP_AUTOTUNE="1"):
-                idx, dy_c, _ = ops.unified_select_and_bias(dy, kk)
-                row(
-                    "k",
-                    "dx",
-                    lambda: ops.gathered_input_grad(dy_c, w, idx),
-                    version=version,
-                    tuned="1",
-                    k=kk,
-                )
-                row(
-                    "k",
-                    "dW rows",
-                    lambda: ops.gathered_weight_grad(dy_c, x, idx),
-                    version=version,
-                    tuned="1",
-                    k=kk,
-                )
+            for products in ("triton", "cublas", "auto"):
+                with env(
+                    TRITON_MEBP_KERNELS=version,
+                    TRITON_MEBP_AUTOTUNE="1",
+                    TRITON_MEBP_PRODUCTS=products,
+                ):
+                    idx, dy_c, _ = ops.unified_select_and_bias(dy, kk)
+                    dense_out = torch.zeros_like(w)
+                    for name, fn in (
+                        ("dx", lambda: ops.gathered_input_grad(dy_c, w, idx)),
+                        ("dW rows", lambda: ops.gathered_weight_grad(dy_c, x, idx)),
+                        (
+                            "dW into dense",
+                            lambda: ops.gathered_weight_grad(dy_c, x, idx, out=dense_out),
+                        ),
+                    ):
+                        row(
+                            "k",
+                            name,
+                            fn,
+                            version=version,
+                            tuned="1",
+                            k=kk,
+                            products=products,
+                            config=products != "cublas",
+                        )
     # 4: cuBLAS on the same gathered operands.
     idx, dy_c, _ = ops.unified_select_and_bias(dy, k)
     dense_c, w_rows = dy_c.contiguous(), w.index_select(0, idx)
@@ -237,6 +266,7 @@ def main(argv=None):
             lambda y=y: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True),
             version="v2",
             k=k,
+            products=os.environ.get("TRITON_MEBP_PRODUCTS", "auto"),
         )
     # 8: host time of 50 backward calls, no sync between them.
     y = layers["unified/sparse"]
@@ -257,13 +287,29 @@ def main(argv=None):
     same = torch.equal(idx.long(), idx_t.long())
     row("check", "same selection as torch", value=str(same), k=k)
     if same:
-        for name, mine, ref in (
-            ("dx", ops.gathered_input_grad(dy_c, w, idx), dy_c_t.float() @ w[idx_t].float()),
-            ("dW rows", ops.gathered_weight_grad(dy_c, x, idx), dy_c_t.float().t() @ x.float()),
-            ("db", db, dy.float().sum(0)),
-        ):
-            error = ((mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-            row("check", f"{name}: max rel. error", value=f"{error:.2e}", k=k)
+        for products in ("triton", "cublas"):
+            with env(TRITON_MEBP_PRODUCTS=products):
+                for name, mine, ref in (
+                    (
+                        "dx",
+                        ops.gathered_input_grad(dy_c, w, idx),
+                        dy_c_t.float() @ w[idx_t].float(),
+                    ),
+                    (
+                        "dW rows",
+                        ops.gathered_weight_grad(dy_c, x, idx),
+                        dy_c_t.float().t() @ x.float(),
+                    ),
+                    ("db", db, dy.float().sum(0)),
+                ):
+                    error = (mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+                    row(
+                        "check",
+                        f"{name}: max rel. error",
+                        value=f"{error.item():.2e}",
+                        k=k,
+                        products=products,
+                    )
     # 10: one training step of a converted MLP, free of syncs and captured in a CUDA graph.
     for name, value in graph_step_check(device):
         row("graph", name, value=value, k="5%")

@@ -247,15 +247,19 @@ def _calls(dtype_name, k):
 
 @contextlib.contextmanager
 def _kernel_version(version):
-    before = os.environ.get("TRITON_MEBP_KERNELS")
-    os.environ["TRITON_MEBP_KERNELS"] = version
+    """The kernels of ``version`` (TRITON_MEBP_KERNELS), the gathered products on them too
+    (TRITON_MEBP_PRODUCTS=triton: the report compiles Triton kernels, not cuBLAS calls)."""
+    names = ("TRITON_MEBP_KERNELS", "TRITON_MEBP_PRODUCTS")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(TRITON_MEBP_KERNELS=version, TRITON_MEBP_PRODUCTS="triton")
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TRITON_MEBP_KERNELS", None)
-        else:
-            os.environ["TRITON_MEBP_KERNELS"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_MEBP_AUTOTUNE", "0")
+# The gathered products on the Triton kernels unless a test picks cuBLAS (TRITON_MEBP_PRODUCTS).
+os.environ.setdefault("TRITON_MEBP_PRODUCTS", "triton")
 
 import triton_mebp as mebp  # noqa: E402  (after the interpreter switch)
 

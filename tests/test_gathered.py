@@ -118,3 +118,101 @@ def test_products_read_the_zero_padded_selection(B, M, N, k, dtype):
     expected = torch.zeros(N, M, dtype=torch.float64, device=DEVICE)
     expected[rows] = reference.t() @ x.double()
     assert_close(dense, expected, dtype)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The Triton kernels launched during the test, by name (they still run)."""
+    from triton_mebp.kernels._tuning import TunedKernel
+
+    names = []
+    original = TunedKernel.__getitem__
+
+    def recording(self, grid):
+        names.append(self.fn.__name__)
+        return original(self, grid)
+
+    monkeypatch.setattr(TunedKernel, "__getitem__", recording)
+    return names
+
+
+ROUTED = [
+    ("triton", {"dx": True, "dw": True, "dw dense": True}),
+    ("cublas", {"dx": False, "dw": False, "dw dense": False}),
+    ("auto", {"dx": False, "dw": False, "dw dense": True}),
+    ("dx=triton,dw=cublas", {"dx": True, "dw": False, "dw dense": False}),
+    ("dw=triton", {"dx": False, "dw": True, "dw dense": True}),
+]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("route,on_triton", ROUTED)
+def test_product_routes_agree(monkeypatch, launches, route, on_triton, dtype, padded):
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", route)
+    ops = backend.triton_ops()
+    B, M, N, k = 9, 33, 100, 7
+    dy = torch.randn(B, N, device=DEVICE).to(dtype)
+    x = torch.randn(B, M, device=DEVICE).to(dtype)
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    if padded:
+        idx, dy_c = ops.unified_select(dy, k)  # the [:, :k] view of zero-padded rows
+    else:
+        idx = distinct_indices(N, k, torch.int32)
+        dy_c = dy[:, idx.long()]
+    rows = idx.long()
+    reference = dy.double()[:, rows]
+    launches.clear()
+
+    dx = ops.gathered_input_grad(dy_c, w, idx)
+    assert_close(dx, reference @ w.double()[rows], dtype)
+    assert_close(dx, torch_ops.gathered_input_grad(dy_c, w, rows), dtype)
+    assert ("_gathered_rows_matmul_kernel" in launches) == on_triton["dx"]
+    launches.clear()
+
+    dw_rows = ops.gathered_weight_grad(dy_c, x, idx)
+    assert dw_rows.shape == (k, M) and dw_rows.dtype == dtype
+    assert_close(dw_rows, reference.t() @ x.double(), dtype)
+    assert ("_transposed_matmul_rows_kernel" in launches) == on_triton["dw"]
+    launches.clear()
+
+    dense = torch.full((N, M), 7.0, device=DEVICE, dtype=dtype)  # rows outside idx kept
+    assert ops.gathered_weight_grad(dy_c, x, idx, out=dense) is dense
+    expected = torch.full((N, M), 7.0, dtype=torch.float64, device=DEVICE)
+    expected[rows] = reference.t() @ x.double()
+    assert_close(dense, expected, dtype)
+    assert_close(dense, torch_ops.gathered_weight_grad(dy_c, x, rows, out=dense.clone()), dtype)
+    assert ("_transposed_matmul_rows_kernel" in launches) == on_triton["dw dense"]
+
+
+@pytest.mark.parametrize("route", ["triton", "cublas"])
+def test_product_routes_compute_in_the_gradients_dtype(monkeypatch, route):
+    """float32 weights and inputs with a float16 gradient (autocast): both routes compute in
+    float16 and return float16."""
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", route)
+    ops = backend.triton_ops()
+    B, M, N, k = 6, 20, 30, 5
+    idx = distinct_indices(N, k, torch.int64)
+    dy_c = torch.randn(B, k, device=DEVICE).half()
+    x, w = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE)
+    dx = ops.gathered_input_grad(dy_c, w, idx)
+    assert dx.dtype == torch.float16
+    assert_close(dx, dy_c.double() @ w.half().double()[idx], torch.float16)
+    dw = ops.gathered_weight_grad(dy_c, x, idx)
+    assert dw.dtype == torch.float16
+    assert_close(dw, dy_c.double().t() @ x.half().double(), torch.float16)
+
+
+@pytest.mark.parametrize("value", ["cuBLAS", "torch", "dx=cublas,dW=triton", "dx:cublas", ""])
+def test_a_bad_products_choice_is_named(monkeypatch, launches, value):
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", value)
+    ops = backend.triton_ops()
+    dy_c, w = torch.randn(3, 2, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    idx = torch.tensor([1, 3], device=DEVICE)
+    for call in (
+        lambda: ops.gathered_input_grad(dy_c, w, idx),
+        lambda: ops.gathered_weight_grad(dy_c, torch.randn(3, 4, device=DEVICE), idx),
+    ):
+        with pytest.raises(ValueError, match="TRITON_MEBP_PRODUCTS.*'auto', 'triton', 'cublas'"):
+            call()
+    assert launches == []

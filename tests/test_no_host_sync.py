@@ -72,8 +72,14 @@ def test_the_guard_catches_a_sync_in_library_code(no_host_sync, monkeypatch):
 
 
 @pytest.mark.parametrize("grad", ["dense", "sparse"])
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_unified_backward_makes_no_host_sync(no_host_sync, backend_name, grad):
+@pytest.mark.parametrize(
+    "backend_name,products", [("torch", ""), ("triton", "triton"), ("triton", "cublas")]
+)
+def test_unified_backward_makes_no_host_sync(
+    no_host_sync, monkeypatch, backend_name, products, grad
+):
+    if products:  # the Triton backend's gathered products: its kernels or cuBLAS
+        monkeypatch.setenv("TRITON_MEBP_PRODUCTS", products)
     before = mebp.get_backend()
     mebp.set_backend(backend_name)
     try:
