@@ -16,8 +16,11 @@ Two generations, chosen by ``TRITON_MEBP_KERNELS`` (see ``_tuning.kernel_version
   scores and bias sums, a second small pass adds the chunks in a fixed order (deterministic);
   the search takes 8 bits of the key per pass with ``tl.histogram`` (4 passes for float32 keys,
   2 for bfloat16 and 3 for float16 per-example keys, whose low bits are zero), with no separate
-  count pass; ``dy_c`` rows are padded with zero columns to a multiple of 64 (a ``[:, :k]`` view
-  of the padded buffer) so that the products load aligned tiles; hit counters use relaxed atomics.
+  count pass (from ``SPLIT_MIN_COLUMNS`` scores on, each pass's histogram is split over programs
+  taking slices of the scores, a one-program step adds them and chooses the digit, and the
+  compaction is split the same way, each slice writing at its own offset); ``dy_c`` rows are
+  padded with zero columns to a multiple of 64 (a ``[:, :k]`` view of the padded buffer) so that
+  the products load aligned tiles; hit counters use relaxed atomics.
 - v1: one score program per column block walking all rows, 4-bit radix passes and a count
   pass, an unpadded ``dy_c``, ``db`` by a separate ``dy.sum(0)``.
 """
@@ -85,6 +88,7 @@ def _select_row(
         above += tl.sum((key > threshold).to(tl.int32), axis=0)
     _compact_row(
         src_ptr,
+        0,
         n,
         stride,
         threshold,
@@ -105,6 +109,7 @@ def _select_row(
 @triton.jit
 def _compact_row(
     src_ptr,
+    first,
     n,
     stride,
     threshold,
@@ -120,11 +125,12 @@ def _compact_row(
     PASSES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Writes the positions with key > threshold and the first ``ties_wanted`` with key ==
-    threshold, ascending (one ordered pass). Keys are compared on their top 8 * PASSES bits."""
+    """Writes the positions ``first <= i < n`` with key > threshold and the first ``ties_wanted``
+    with key == threshold, ascending (one ordered pass). Keys are compared on their top
+    8 * PASSES bits."""
     n_selected = 0
     n_ties = 0
-    for start in range(0, n, BLOCK):
+    for start in range(first, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         raw, key = _load_keys(src_ptr, offs, n, stride)
         if PASSES < 4:
@@ -173,11 +179,19 @@ def _search_histogram(src_ptr, n, stride, k, PASSES: tl.constexpr, BLOCK: tl.con
             hist += tl.histogram(tl.where(match, (key >> shift) & 0xFF, 0), 256)
             outside += BLOCK - tl.sum(match.to(tl.int32), axis=0)
         hist -= tl.where(bins == 0, outside, 0)
-        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
-        digit = tl.max(tl.where(above + at_least >= k, bins, 0), axis=0)
-        above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        digit, above = _choose_digit(hist, above, k)
         threshold = threshold | (digit << shift)
     return threshold, above
+
+
+@triton.jit
+def _choose_digit(hist, above, k):
+    """The largest digit whose bin and the bins above it hold at least k keys with the ``above``
+    keys already above the prefix; and the new count of keys above the prefix extended by it."""
+    bins = tl.arange(0, 256)
+    at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
+    digit = tl.max(tl.where(above + at_least >= k, bins, 0), axis=0)
+    return digit, above + tl.sum(tl.where(bins > digit, hist, 0), axis=0)
 
 
 @triton.jit
@@ -338,6 +352,7 @@ def _unified_top_kernel(
     threshold, above = _search_histogram(scores_ptr, N, 1, k, 4, BLOCK)
     _compact_row(
         scores_ptr,
+        0,
         N,
         1,
         threshold,
@@ -405,6 +420,7 @@ def _per_example_top_kernel(
     threshold, above = _search_histogram(src, N, stride_n, k, PASSES, BLOCK)
     _compact_row(
         src,
+        0,
         N,
         stride_n,
         threshold,
@@ -418,6 +434,144 @@ def _per_example_top_kernel(
         True,
         True,
         PASSES,
+        BLOCK,
+    )
+
+
+@triton.jit
+def _slice_histogram_kernel(
+    scores_ptr, state_ptr, part_ptr, N, SLICE, PASS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Wide unified search, pass PASS, program p: the histogram of digit PASS (8 bits, from the
+    top) of the keys of ``scores[p * SLICE:(p + 1) * SLICE]`` that share the digits chosen so far
+    (``state[PASS]``), written to ``part[PASS, p, :]``."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    bins = tl.arange(0, 256)
+    shift = 24 - 8 * PASS
+    first = pid * SLICE
+    last = tl.minimum(first + SLICE, N)
+    prefix = 0
+    if PASS > 0:
+        prefix = tl.load(state_ptr + 2 * PASS)
+        # A slice without keys on the prefix (its bin of the last pass is empty) reads nothing.
+        on_prefix = tl.load(
+            part_ptr + ((PASS - 1) * programs + pid) * 256 + ((prefix >> (shift + 8)) & 0xFF)
+        )
+        last = tl.where(on_prefix > 0, last, first)
+    hist = tl.zeros([256], dtype=tl.int32)
+    outside = 0
+    for start in range(first, last, BLOCK):
+        _, key = _load_keys(scores_ptr, start + tl.arange(0, BLOCK), last, 1)
+        if PASS == 0:
+            match = key >= 0
+        else:
+            match = (key >> (shift + 8)) == (prefix >> (shift + 8))
+        # Keys off the prefix (and past the slice, key -1) land in bin 0 and are taken out.
+        hist += tl.histogram(tl.where(match, (key >> shift) & 0xFF, 0), 256)
+        outside += BLOCK - tl.sum(match.to(tl.int32), axis=0)
+    hist -= tl.where(bins == 0, outside, 0)
+    tl.store(part_ptr + (PASS * programs + pid) * 256 + bins, hist)
+
+
+@triton.jit
+def _slice_rows(part_ptr, PASS: tl.constexpr, programs, slices):
+    """``part[PASS, slices, :]``, zero for slices past the last."""
+    bins = tl.arange(0, 256)
+    return tl.load(
+        part_ptr + (PASS * programs + slices[:, None]) * 256 + bins[None, :],
+        mask=slices[:, None] < programs,
+        other=0,
+    )
+
+
+@triton.jit
+def _slice_digit_kernel(
+    part_ptr, state_ptr, slices_ptr, k, PROGRAMS, PASS: tl.constexpr, ROWS: tl.constexpr
+):
+    """Wide unified search, after pass PASS (one program): adds the slices' histograms (integer
+    sums: the same in any order), chooses the digit and writes the threshold so far and the count
+    of keys above it to ``state[PASS + 1]``. After the last pass, also each slice's output offset,
+    share of the ties at the threshold (the lowest slices first) and count of selected positions
+    to ``slices[p]``."""
+    bins = tl.arange(0, 256)
+    rows = tl.arange(0, ROWS)
+    threshold = 0
+    above = 0
+    if PASS > 0:
+        threshold = tl.load(state_ptr + 2 * PASS)
+        above = tl.load(state_ptr + 2 * PASS + 1)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, PROGRAMS, ROWS):
+        hist += tl.sum(_slice_rows(part_ptr, PASS, PROGRAMS, start + rows), axis=0)
+    digit, above = _choose_digit(hist, above, k)
+    threshold = threshold | (digit << (24 - 8 * PASS))
+    tl.store(state_ptr + 2 * PASS + 2, threshold)
+    tl.store(state_ptr + 2 * PASS + 3, above)
+    if PASS == 3:
+        ties_wanted = k - above
+        ties_before = 0
+        selected_before = 0
+        for start in range(0, PROGRAMS, ROWS):
+            slices = start + rows
+            # Keys above the threshold: above its digit in the first pass where they differ.
+            mine_above = tl.zeros([ROWS], dtype=tl.int32)
+            for p in tl.static_range(4):
+                chosen = (threshold >> (24 - 8 * p)) & 0xFF
+                counts = _slice_rows(part_ptr, p, PROGRAMS, slices)
+                mine_above += tl.sum(tl.where(bins[None, :] > chosen, counts, 0), axis=1)
+            counts = _slice_rows(part_ptr, 3, PROGRAMS, slices)
+            ties = tl.sum(tl.where(bins[None, :] == digit, counts, 0), axis=1)
+            ties_ahead = ties_before + tl.cumsum(ties, axis=0) - ties
+            taken = tl.minimum(tl.maximum(ties_wanted - ties_ahead, 0), ties)
+            selected = mine_above + taken
+            offset = selected_before + tl.cumsum(selected, axis=0) - selected
+            valid = slices < PROGRAMS
+            tl.store(slices_ptr + 3 * slices, offset, mask=valid)
+            tl.store(slices_ptr + 3 * slices + 1, taken, mask=valid)
+            tl.store(slices_ptr + 3 * slices + 2, selected, mask=valid)
+            ties_before += tl.sum(ties, axis=0)
+            selected_before += tl.sum(selected, axis=0)
+
+
+@triton.jit
+def _slice_compact_kernel(
+    scores_ptr,
+    state_ptr,
+    slices_ptr,
+    idx_ptr,
+    hits_ptr,
+    N,
+    SLICE,
+    hit_increment,
+    COUNT_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Wide unified search, last step, program p: the selected positions of slice p, ascending,
+    written from the slice's output offset on."""
+    pid = tl.program_id(0)
+    threshold = tl.load(state_ptr + 8)
+    offset = tl.load(slices_ptr + 3 * pid)
+    ties = tl.load(slices_ptr + 3 * pid + 1)
+    selected = tl.load(slices_ptr + 3 * pid + 2)
+    first = pid * SLICE
+    last = tl.where(selected > 0, tl.minimum(first + SLICE, N), first)
+    _compact_row(
+        scores_ptr,
+        first,
+        last,
+        1,
+        threshold,
+        ties,
+        idx_ptr + offset,
+        idx_ptr,
+        hits_ptr,
+        hit_increment,
+        False,
+        COUNT_HITS,
+        False,
+        False,
+        4,
         BLOCK,
     )
 
@@ -505,6 +659,19 @@ def _prefer_histogram_block(configs, named_args):
     return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
 
 
+def _slice_configs():
+    return [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((2048, 8), (1024, 4), (512, 4), (256, 2))
+    ]
+
+
+def _prefer_slice_block(configs, named_args):
+    width = pow2_bucket(named_args["SLICE"])
+    fitting = [c for c in configs if c.kwargs["BLOCK"] <= max(width, 256)]
+    return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
+
+
 scores_bias_partial = TunedKernel(
     _scores_bias_partial_kernel,
     [
@@ -530,6 +697,19 @@ unified_top = TunedKernel(
     prune=_prefer_histogram_block,
     in_place=["hits_ptr"],
 )
+slice_histogram = TunedKernel(
+    _slice_histogram_kernel, _slice_configs(), key=["SLICE"], prune=_prefer_slice_block
+)
+slice_digit = TunedKernel(
+    _slice_digit_kernel, [triton.Config({"ROWS": 8}, num_warps=4)], key=["PROGRAMS"]
+)
+slice_compact = TunedKernel(
+    _slice_compact_kernel,
+    _slice_configs(),
+    key=["SLICE"],
+    prune=_prefer_slice_block,
+    in_place=["hits_ptr"],
+)
 gather_padded = TunedKernel(
     _gather_padded_kernel,
     [
@@ -551,6 +731,36 @@ per_example_top = TunedKernel(
 SCORE_CHUNKS = 16
 # Bits of the selection key that can be non-zero per input dtype (|x| converted to float32).
 _KEY_PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
+
+
+# From this row width on, the unified search splits each pass over programs that each take a
+# slice of the scores (one program walking all the scores per pass is latency-bound there).
+SPLIT_MIN_COLUMNS = 32768
+# Scores per program of the split search (a multiple of 16: slices start aligned) and the most
+# programs (one program adds their histograms after each pass); wider rows get wider slices.
+SPLIT_SLICE = 2048
+SPLIT_MAX_PROGRAMS = 256
+
+
+def _split_slice(N: int) -> int:
+    return triton.cdiv(max(triton.cdiv(N, SPLIT_MAX_PROGRAMS), 1), SPLIT_SLICE) * SPLIT_SLICE
+
+
+def _top_columns_split(scores, k, idx, hits, hit_increment, count_hits):
+    """``unified_top`` over slices of the scores: 4 passes of a histogram per slice and a one-
+    program digit step each, then the compaction per slice; no value is read on the host."""
+    N = scores.shape[0]
+    slice_ = _split_slice(N)
+    programs = triton.cdiv(N, slice_)
+    part = torch.empty((4, programs, 256), dtype=torch.int32, device=scores.device)
+    state = torch.empty(10, dtype=torch.int32, device=scores.device)  # (threshold, above) x pass
+    slices = torch.empty((programs, 3), dtype=torch.int32, device=scores.device)
+    for pass_ in range(4):
+        slice_histogram[(programs,)](scores, state, part, N, slice_, PASS=pass_)
+        slice_digit[(1,)](part, state, slices, k, programs, PASS=pass_)
+    slice_compact[(programs,)](
+        scores, state, slices, idx, hits, N, slice_, hit_increment, COUNT_HITS=count_hits
+    )
 
 
 def _no_hits(device):
@@ -589,9 +799,11 @@ def _unified_select_v2(dy, k, hits):
     scores_bias_finish[lambda meta: (triton.cdiv(N, meta["BLOCK"]),)](part, scores, db, N, chunks)
     idx = torch.empty(k, dtype=torch.int64, device=dy.device)
     count = hits is not None
-    unified_top[(1,)](
-        scores, idx, hits if count else _no_hits(dy.device), N, k, B, COUNT_HITS=count
-    )
+    hits_arg = hits if count else _no_hits(dy.device)
+    if N >= SPLIT_MIN_COLUMNS:
+        _top_columns_split(scores, k, idx, hits_arg, B, count)
+    else:
+        unified_top[(1,)](scores, idx, hits_arg, N, k, B, COUNT_HITS=count)
     k_pad = padded_columns(k)
     padded = torch.empty((B, k_pad), dtype=dy.dtype, device=dy.device)
     if B > 0:

@@ -1,10 +1,12 @@
 """Static GPU report: what every kernel compiles to at the target shapes, without a GPU.
 
 Each launcher runs on ``meta`` tensors at the target shape (B = 4096, M = N = 8192, k = 410 and
-448) while its launches are recorded instead of run, so the report sees exactly the arguments,
-strides and constexprs the library passes. Each recorded launch is specialised as Triton's
-runtime does it (ints equal to 1 become constants, pointers and ints that are multiples of 16 get
-``tt.divisibility = 16``), compiled ahead of time for every autotune config and target, and read:
+448; the ``unified-wide`` call: the unified selection at N = 65536, where its search splits over
+programs) while its launches are recorded instead of run, so the report sees exactly the
+arguments, strides and constexprs the library passes. Each recorded launch is specialised as
+Triton's runtime does it (ints equal to 1 become constants, pointers and ints that are multiples
+of 16 get ``tt.divisibility = 16``), compiled ahead of time for every autotune config and target,
+and read:
 
 - ``ptxas -v`` (Triton's bundled ptxas, on the PTX for sm_90a / sm_80): registers, spill stores and
   loads, stack frame; shared memory (Triton's dynamic allocation, or ptxas's static count if more);
@@ -39,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 B, M, N = 4096, 8192, 8192
 KS = (410, 448)
+N_WIDE = 65536  # a vocabulary-sized layer: the unified search splits over programs
 DTYPES = ("bf16", "fp16", "fp32")
 TARGETS = (90, 80)
 SMS = 132  # H100 SXM; programs per SM are reported against it
@@ -161,6 +164,10 @@ def _calls(dtype_name, k):
 
         return run
 
+    def unified_wide():
+        with _kernel_version("v2"):
+            selection.unified_select_and_bias(t(B, N_WIDE), k, t(N_WIDE, dt=torch.int64))
+
     def per_example_v1():
         with _kernel_version("v1"):
             selection.per_example_select(t(B, N), k, t(N, dt=torch.int64))
@@ -234,6 +241,7 @@ def _calls(dtype_name, k):
     calls = {
         "unified": unified("v2"),
         "unified-v1": unified("v1"),
+        "unified-wide": unified_wide,
         "per_example": per_example,
         "per_example-v1": per_example_v1,
         "row_update": row_updates,
@@ -603,7 +611,7 @@ def main(argv=None):
     parser.add_argument(
         "--calls",
         nargs="*",
-        help="unified unified-v1 per_example per_example-v1 row_update inference",
+        help="unified unified-v1 unified-wide per_example per_example-v1 row_update inference",
     )
     parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))

@@ -253,6 +253,53 @@ def _specs():
             "label"
         ] == "hits=False":
             spec["configs"] = [0]
+    # The split search of wide unified selections: every config (scores are float32 whatever dy).
+    for pass_ in (0, 3):
+        specs += [
+            dict(
+                kernel=f"{SEL}:slice_histogram",
+                label=f"pass={pass_}",
+                signature={
+                    "scores_ptr": "*fp32",
+                    "state_ptr": "*i32",
+                    "part_ptr": "*i32",
+                    "N": "i32",
+                    "SLICE": "i32",
+                },
+                constexprs={"PASS": pass_},
+            ),
+            dict(
+                kernel=f"{SEL}:slice_digit",
+                label=f"pass={pass_}",
+                signature={
+                    "part_ptr": "*i32",
+                    "state_ptr": "*i32",
+                    "slices_ptr": "*i32",
+                    "k": "i32",
+                    "PROGRAMS": "i32",
+                },
+                constexprs={"PASS": pass_},
+            ),
+        ]
+    for count in (True, False):
+        specs.append(
+            dict(
+                kernel=f"{SEL}:slice_compact",
+                label=f"hits={count}",
+                signature={
+                    "scores_ptr": "*fp32",
+                    "state_ptr": "*i32",
+                    "slices_ptr": "*i32",
+                    "idx_ptr": "*i64",
+                    "hits_ptr": "*i64",
+                    "N": "i32",
+                    "SLICE": "i32",
+                    "hit_increment": "i32",
+                },
+                constexprs={"COUNT_HITS": count},
+                **({} if count else {"configs": [0]}),
+            )
+        )
     return specs
 
 

@@ -91,6 +91,28 @@ def test_unified_backward_makes_no_host_sync(
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
 
 
+def test_wide_unified_selection_makes_no_host_sync(no_host_sync, monkeypatch):
+    # The split search of wide layers (several programs per pass), lowered to this layer's width.
+    from triton_mebp.kernels import selection
+
+    monkeypatch.setattr(selection, "SPLIT_MIN_COLUMNS", 64)
+    monkeypatch.setattr(selection, "SPLIT_SLICE", 16)
+    widths = []
+    original = selection._top_columns_split
+    monkeypatch.setattr(
+        selection, "_top_columns_split", lambda s, *a: widths.append(len(s)) or original(s, *a)
+    )
+    before = mebp.get_backend()
+    mebp.set_backend("triton")
+    try:
+        layer = mebp.MeLinear(40, 70, k=9, count_hits=True).to(DEVICE)
+        layer(torch.randn(6, 40, device=DEVICE)).square().sum().backward()
+    finally:
+        mebp.set_backend(before)
+    assert widths == [70]
+    assert layer.weight.grad is not None and layer.bias.grad is not None
+
+
 @pytest.mark.parametrize("mode", ["unified", "per_example"])
 def test_row_sparse_gradients_stay_coalesced_through_accumulation(any_backend, mode):
     layer = mebp.MeLinear(12, 30, k=4, mode=mode, grad="sparse").to(DEVICE)

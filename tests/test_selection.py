@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES, assert_close
+from conftest import DEVICE, KERNEL_DTYPES, TOLERANCES, assert_close
 from reference import is_valid_topk
 from triton_mebp import backend, torch_ops
 
@@ -166,3 +166,100 @@ def test_per_example_nan_in_half_precision_keys(ops, dtype):
     assert idx[0].tolist() == [5, 7]
     assert 3 in idx[1].tolist()
     assert torch.equal(values[1:], dy[1:].gather(1, idx[1:].long()))
+
+
+# The wide unified search (several programs per pass, kernels/selection.py) at small sizes: slices
+# of 64 scores from 256 columns on. No tl.dot is involved, so bf16 runs in the interpreter too.
+SPLIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """The v2 kernels; yields the row widths the split search ran on."""
+    from triton_mebp.kernels import selection
+
+    monkeypatch.setenv("TRITON_MEBP_KERNELS", "v2")
+    widths = []
+    original = selection._top_columns_split
+
+    def spy(scores, *args):
+        widths.append(scores.shape[0])
+        return original(scores, *args)
+
+    monkeypatch.setattr(selection, "_top_columns_split", spy)
+    return widths
+
+
+@pytest.fixture
+def split_search(split_calls, monkeypatch):
+    """The split search from 256 columns on, in slices of 64 scores."""
+    from triton_mebp.kernels import selection
+
+    monkeypatch.setattr(selection, "SPLIT_MIN_COLUMNS", 256)
+    monkeypatch.setattr(selection, "SPLIT_SLICE", 64)
+    return split_calls
+
+
+def _check_against_torch_ops(dy, k):
+    """The kernels' (idx, dy_c, db, hits) equal the PyTorch path's (idx exactly)."""
+    B, N = dy.shape
+    hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    idx, dy_c, db = kernel_ops().unified_select_and_bias(dy, k, hits)
+    expected_hits = torch.zeros(N, dtype=torch.int64, device=DEVICE)
+    expected_idx, expected_dy_c, _ = torch_ops.unified_select_and_bias(dy, k, expected_hits)
+    assert torch.equal(idx, expected_idx)
+    torch.testing.assert_close(dy_c, expected_dy_c, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(hits, expected_hits)
+    expected_db = dy.double().sum(0)
+    torch.testing.assert_close(db.double(), expected_db, **TOLERANCES[dy.dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES)
+@pytest.mark.parametrize("N,k", [(256, 1), (300, 299), (300, 300), (1000, 31), (2100, 1050)])
+@pytest.mark.parametrize("data", ["random", "ties"])
+def test_split_search_selects_what_torch_ops_selects(split_search, data, N, k, dtype):
+    if data == "random":  # one row: the column scores are |dy| exactly, on both paths
+        dy = torch.randn(1, N, device=DEVICE).to(dtype)
+    else:  # few distinct small integers: many equal scores and zero columns, summed exactly
+        dy = torch.randint(-1, 2, (3, N), device=DEVICE).to(dtype)
+        dy[:, N // 3 :] = 0
+    _check_against_torch_ops(dy, k)
+    assert split_search == [N]
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 250, 397, 400])
+def test_split_search_orders_nan_inf_and_zeros_as_torch_ops(split_search, k):
+    dy = torch.zeros(2, 400, device=DEVICE)
+    dy[:, 100:300] = torch.randint(1, 4, (2, 200), device=DEVICE).float()
+    dy[0, [7, 333]] = float("nan")
+    dy[1, [20, 390]] = float("inf")
+    dy[1, 7] = float("-inf")
+    _check_against_torch_ops(dy, k)
+    assert split_search == [400]
+
+
+@pytest.mark.parametrize("max_programs", [3, 256])
+@pytest.mark.parametrize("k", [1, 77, 1999])
+def test_split_and_one_program_searches_agree(split_search, monkeypatch, max_programs, k):
+    from triton_mebp.kernels import selection
+
+    monkeypatch.setattr(selection, "SPLIT_MAX_PROGRAMS", max_programs)  # 3: slices of 704
+    dy = torch.randn(5, 2000, device=DEVICE)
+    dy[:, ::7] = dy[:, :1]  # equal columns straddling any threshold
+    dy[:, 1500:1600] = 0
+    hits = torch.zeros(2000, dtype=torch.int64, device=DEVICE)
+    split = kernel_ops().unified_select_and_bias(dy, k, hits)
+    assert split_search == [2000]
+    monkeypatch.setattr(selection, "SPLIT_MIN_COLUMNS", 10**9)
+    one_program = kernel_ops().unified_select_and_bias(dy, k)
+    assert split_search == [2000]
+    assert torch.equal(split[0], one_program[0])
+    assert is_valid_topk(dy.double().abs().sum(0), split[0], k)
+    assert torch.equal(hits.nonzero().flatten(), split[0]) and bool((hits[split[0]] == 5).all())
+
+
+def test_split_search_at_a_vocabulary_width(split_calls):
+    N = 65536  # the default split: 32 slices of 2048 scores
+    dy = torch.randint(-2, 3, (2, N), device=DEVICE).float()
+    _check_against_torch_ops(dy, 20000)
+    assert split_calls == [N]
