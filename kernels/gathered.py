@@ -410,37 +410,59 @@ def per_example_input_grad(
     return dx
 
 
+def _row_segments(idx: torch.Tensor, n_rows: int):
+    """The (example, slot) entries of ``idx`` ordered by row, without a host read.
+
+    Returns ``(order, seg)``: ``order`` the flat positions sorted by row, stably (within a row by
+    example, a fixed order, so the sums do not depend on scheduling), and ``seg`` (n_rows + 1) the
+    segment bounds: row r's entries are ``order[seg[r]:seg[r + 1]]`` (empty where none selected
+    r). The bounds are binary searches of ``0..n_rows`` in the sorted rows: no atomics."""
+    flat = idx.reshape(-1)
+    sorted_rows, order = torch.sort(flat, stable=True)
+    queries = torch.arange(n_rows + 1, dtype=flat.dtype, device=flat.device)
+    return order, torch.searchsorted(sorted_rows, queries)
+
+
+def _distinct_rows(seg: torch.Tensor):
+    """``(rows, seg)`` of the rows with a non-empty segment, ascending, and their bounds. Their
+    number sizes the result: the one host read of the per-example path (``grad="sparse"``)."""
+    present = seg[1:] > seg[:-1]
+    count = int(present.sum())
+    rows = torch.argsort((~present).to(torch.uint8), stable=True)[:count]  # present rows first
+    return rows, torch.cat((seg.index_select(0, rows), seg[-1:]))
+
+
 def per_example_weight_grad(
     values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int, dense: bool = False
 ):
     """Rows of dW touched by a per-example selection, each summed over its examples.
 
     Returns ``(rows, grad)``: the distinct selected rows ascending (int64) and their gradient
-    (len(rows) x M), or with ``dense=True`` the whole n_rows x M gradient, zero elsewhere.
+    (len(rows) x M); with ``dense=True``, ``(None, grad)`` with the whole n_rows x M gradient,
+    zero where nothing was selected. The entries are ordered by row on the device (a stable sort,
+    segment bounds by binary search) and one program sums each row's segment in a fixed order:
+    deterministic, no atomics. ``dense=True`` reads nothing on the host (no sync on a GPU, so a
+    step can be captured in a CUDA graph); the row-sparse result reads the number of distinct
+    rows once, since it sizes the result.
     """
     check_dtypes("per_example_weight_grad", values=values, x=x)
     check_indices("per_example_weight_grad", idx=idx)
     B, K = values.shape
     M = x.shape[1]
-    flat = idx.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(counts, 0, out=seg[1:])
-    examples = order // K
-    ordered_values = values.reshape(-1)[order]
-    scatter = dense
-    target = (
-        torch.zeros((n_rows, M), dtype=values.dtype, device=x.device)
-        if dense
-        else torch.empty((rows.numel(), M), dtype=values.dtype, device=x.device)
-    )
-    if rows.numel() > 0:
-        segment_rows[lambda meta: (rows.numel(), triton.cdiv(M, meta["BLOCK_M"]))](
+    order, seg = _row_segments(idx, n_rows)
+    rows = None
+    if not dense:
+        rows, seg = _distinct_rows(seg)
+    n_out = seg.numel() - 1
+    target = torch.empty((n_out, M), dtype=values.dtype, device=x.device)
+    if n_out > 0 and M > 0:
+        examples = order // K
+        ordered_values = values.reshape(-1)[order]
+        segment_rows[lambda meta: (n_out, triton.cdiv(M, meta["BLOCK_M"]))](
             seg,
             examples,
             ordered_values,
-            rows,
+            seg,  # unused without SCATTER
             x,
             target,
             M,
@@ -448,6 +470,6 @@ def per_example_weight_grad(
             x.stride(1),
             target.stride(0),
             target.stride(1),
-            SCATTER=scatter,
+            SCATTER=False,
         )
     return rows, target

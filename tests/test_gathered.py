@@ -60,7 +60,7 @@ def test_per_example_products(ops, B, M, N, dtype):
     assert torch.equal(rows.long().cpu(), touched.cpu())
     assert_close(grad_rows, full[touched], dtype)
     dense_rows, dense = ops.per_example_weight_grad(values, idx, x, N, dense=True)
-    assert torch.equal(dense_rows.long().cpu(), touched.cpu())
+    assert dense_rows is None  # the distinct rows would need a host read
     assert dense.shape == (N, M)
     assert_close(dense, full, dtype)
 

@@ -1,8 +1,8 @@
-"""The unified backward asks the device nothing: no ``.item()``, ``.tolist()``, ``.cpu()``,
-``nonzero``, ``unique`` or truth test of a tensor from the library's code (on a GPU each would
-wait for the device and forbid CUDA-graph capture). Checked on the CPU: those calls raise when
-made from a file of ``triton_mebp`` or ``kernels/`` (the interpreter and PyTorch may make them
-internally, on the library's behalf)."""
+"""The unified backward, and the per-example one with dense gradients, ask the device nothing:
+no ``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero``, ``unique`` or truth test of a tensor
+from the library's code (on a GPU each would wait for the device and forbid CUDA-graph capture).
+Checked on the CPU: those calls raise when made from a file of ``triton_mebp`` or ``kernels/``
+(the interpreter and PyTorch may make them internally, on the library's behalf)."""
 
 import functools
 import sys
@@ -111,6 +111,20 @@ def test_wide_unified_selection_makes_no_host_sync(no_host_sync, monkeypatch):
         mebp.set_backend(before)
     assert widths == [70]
     assert layer.weight.grad is not None and layer.bias.grad is not None
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_per_example_backward_with_dense_gradients_makes_no_host_sync(no_host_sync, backend_name):
+    before = mebp.get_backend()
+    mebp.set_backend(backend_name)
+    try:
+        layer = mebp.MeLinear(40, 70, k=9, mode="per_example", count_hits=True).to(DEVICE)
+        x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+        layer(x).square().sum().backward()
+    finally:
+        mebp.set_backend(before)
+    assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+    assert int(layer.hits.sum()) == 6 * 9
 
 
 @pytest.mark.parametrize("mode", ["unified", "per_example"])

@@ -13,7 +13,7 @@ Tensors of a dtype the kernels do not compute (float64) always take the PyTorch 
 
 import os
 import types
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 import torch
 from torch import Tensor
@@ -68,11 +68,22 @@ class Backend(Protocol):
         """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
         ...
 
+    @overload
+    def per_example_weight_grad(
+        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: Literal[False] = False
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def per_example_weight_grad(
+        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: Literal[True]
+    ) -> tuple[None, Tensor]: ...
+
     def per_example_weight_grad(
         self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
-        ``dense=True`` the whole n_rows x M gradient (zero rows where nothing was selected)."""
+    ) -> tuple[Tensor | None, Tensor]:
+        """``(rows, grad)``: the distinct selected rows ascending and their gradient rows (their
+        number read on the host once), or with ``dense=True`` ``(None, grad)`` with the whole
+        n_rows x M gradient (zero rows where nothing was selected), read nothing on the host."""
         ...
 
     # Row-sparse optimizer updates, in place on the rows ``idx`` (distinct) of a 2-D parameter

@@ -80,7 +80,7 @@ def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = Non
     """Per-row top-k of ``|dy|``: ``(values, idx)``, B x k, idx ascending within each row."""
     idx = _top_k(dy.abs(), k)
     if hits is not None:
-        hits += torch.bincount(idx.reshape(-1), minlength=hits.shape[0])
+        hits.index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))  # no host read
     return dy.gather(1, idx), idx
 
 
@@ -100,21 +100,36 @@ def per_example_input_grad(values, idx, weight):
     return F.embedding_bag(idx, weight, per_sample_weights=values, mode="sum")
 
 
+def _row_segments(idx, n_rows):
+    """``(order, seg)``: the flat entries of ``idx`` sorted by row, stably (within a row by
+    example), and the n_rows + 1 bounds of each row's segment, found without a host read."""
+    flat = idx.reshape(-1)
+    sorted_rows, order = torch.sort(flat, stable=True)
+    queries = torch.arange(n_rows + 1, dtype=flat.dtype, device=flat.device)
+    return order, torch.searchsorted(sorted_rows, queries)
+
+
+def _distinct_rows(seg):
+    """``(rows, starts)``: the rows with a non-empty segment, ascending, and where each starts;
+    their number is read on the host once (it sizes the row-sparse result)."""
+    present = seg[1:] > seg[:-1]
+    count = int(present.sum())
+    rows = torch.argsort((~present).to(torch.uint8), stable=True)[:count]  # present rows first
+    return rows, seg.index_select(0, rows)
+
+
 def per_example_weight_grad(values, idx, x, n_rows, dense=False):
     """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
-    ``dense=True`` the whole n_rows x M gradient (zero rows where nothing was selected).
+    ``dense=True`` ``(None, grad)`` with the whole n_rows x M gradient (zero rows where nothing
+    was selected, and no host read: no sync on a GPU).
 
     The (example, slot) pairs are sorted by row once; each row's gradient is then a weighted bag
-    of the input rows of the examples that selected it (an empty bag sums to zero).
+    of the input rows of the examples that selected it (an empty bag sums to zero). The
+    row-sparse result reads the number of distinct rows on the host once.
     """
     B, K = values.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    if dense:
-        counts = torch.zeros(n_rows, dtype=torch.int64, device=x.device).index_put_((rows,), counts)
-    starts = torch.zeros(counts.numel(), dtype=torch.int64, device=x.device)
-    torch.cumsum(counts[:-1], 0, out=starts[1:])
+    order, seg = _row_segments(idx, n_rows)
+    rows, starts = (None, seg[:-1]) if dense else _distinct_rows(seg)
     grad = F.embedding_bag(
         order // K, x, starts, per_sample_weights=values.reshape(-1)[order], mode="sum"
     )
