@@ -372,3 +372,117 @@ def test_sweep_fit_writes_the_model_of_one_commit(tmp_path):
     assert (
         sweep.main(["--fit", "--out", str(data), "--commit", "nope", "--model-out", str(out)]) == 2
     )
+
+
+# ---------------------------------------------------------------- per-example: masked-dense
+
+
+def nominal_per_example_and_masked(B, M, N, k, elem):
+    """The nominal model's per-example and masked-dense times (s, dense gradient), written out
+    from its description: the per-example products stream 2·B·k·M elements (a row of W and of x
+    per kept entry) plus ENTRY_BYTES per entry and compute 4·B·k·M FMA flops; the masked-dense
+    backward is the dense backward plus a zero fill of the B x N gradient and a scatter."""
+    f = est.NOMINAL["cuda"]
+    selection = elem * B * N + B * k * (elem + 8)
+    per_example = (
+        2 * f["overhead"]
+        + 4 * B * k * M / f["fma_flops"]
+        + (selection + elem * (2 * B * k * M + B * M + N * M) + B * k * est.ENTRY_BYTES)
+        / f["bandwidth"]
+    )
+    dense_traffic = elem * (B * N + 2 * B * M + 2 * N * M)
+    masked = (
+        3 * f["overhead"]
+        + 4 * B * M * N / f["flops"]
+        + (selection + elem * B * N + B * k * (elem + 8) + dense_traffic) / f["bandwidth"]
+    )
+    return per_example, masked
+
+
+@pytest.mark.parametrize("B,M,N", [(4096, 8192, 8192), (512, 4096, 4096), (1024, 2048, 8192)])
+def test_per_example_flips_to_masked_dense_at_the_nominal_break_even(tmp_path, B, M, N):
+    empty = write_sweep(tmp_path / "empty.csv", "cpu x", rate=1e11, shapes=())
+    margin = 1.1
+    # both times are linear in k: margin · per_example(k) = masked(k) at k*
+    p0, m0 = nominal_per_example_and_masked(B, M, N, 0, 2)
+    p1, m1 = nominal_per_example_and_masked(B, M, N, 1, 2)
+    k_star = (m0 - margin * p0) / (margin * (p1 - p0) - (m1 - m0))
+    assert 1 < k_star < N / 50  # per-example pays only below 2% of the width on a GPU
+    below, above = int(k_star), int(k_star) + 1
+
+    def choice(k):
+        return est.masked_dense_is_faster(B, M, N, k, "cuda", dtype=torch.bfloat16, data=empty)
+
+    assert not choice(below) and choice(above)
+    e = est.estimate(B, M, N, below, "per_example", "cuda", dtype=torch.bfloat16, data=empty)
+    expected = nominal_per_example_and_masked(B, M, N, below, 2)
+    assert (e.mebp_ms, e.masked_dense_ms) == pytest.approx([t * 1e3 for t in expected])
+
+
+def test_per_example_at_5_percent_on_a_gpu_runs_the_masked_dense_backward(tmp_path):
+    empty = write_sweep(tmp_path / "empty.csv", "cpu x", rate=1e11, shapes=())
+    for grad in ("dense", "sparse"):
+        e = est.estimate(
+            4096,
+            8192,
+            8192,
+            0.05,
+            "per_example",
+            "cuda",
+            dtype=torch.bfloat16,
+            grad=grad,
+            data=empty,
+        )
+        assert e.model == "nominal" and e.masked_dense_ms < e.mebp_ms
+        # memory-bound: 2·B·k·M bf16 elements of streamed rows at the nominal bandwidth
+        assert e.mebp_ms > 2 * 4096 * 410 * 8192 * 2 / est.NOMINAL["cuda"]["bandwidth"] * 1e3
+        assert est.masked_dense_is_faster(
+            4096, 8192, 8192, 0.05, "cuda", dtype=torch.bfloat16, grad=grad, data=empty
+        )
+    unified = est.estimate(4096, 8192, 8192, 0.05, "unified", "cuda", data=empty)
+    assert unified.masked_dense_ms is None and unified.speedup > 1
+
+
+def test_fitted_per_example_model_prices_the_masked_dense_backward():
+    """From a fit: the dense backward plus the per-example fit's selection terms and the zero
+    fill at the copy bandwidth; per-example wins at small k, the masked-dense GEMMs at large."""
+    (cpu,) = [d for d in est.shipped_model()["devices"] if d["kind"] == "cpu"]
+    (fit,) = [
+        f
+        for f in cpu["fits"]
+        if (f["metric"], f["mode"], f["grad"]) == ("backward", "per_example", "sparse")
+    ]
+    B, M, N, k = 256, 2048, 2048, 102
+    e = est.estimate(B, M, N, k, "per_example", "cpu", grad="sparse")
+    assert e.model == "shipped"
+    selection = fit["mebp"][1] * B * N + fit["mebp"][3] * B * k
+    fill = (4 * B * N + B * k * 12) / cpu["copy_bandwidth"] * 1e3
+    assert e.masked_dense_ms == pytest.approx(e.dense_ms + selection + fill)
+    assert not est.masked_dense_is_faster(B, M, N, 0.01, "cpu", grad="sparse")
+    assert est.masked_dense_is_faster(B, M, N, 0.5, "cpu", grad="sparse")
+
+
+def test_committed_break_even_file_is_the_models_answer(monkeypatch):
+    """perf/results/per-example-break-even.csv (cited by the README) is current: at each row's
+    k the decision flips, one below it does not."""
+    monkeypatch.delenv(est.DATA_ENV, raising=False)
+    path = ROOT / "perf" / "results" / "per-example-break-even.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["device"] for r in rows} == {"cuda", "cpu"}
+    for r in rows:
+        B, M, N = est._shape(r)
+        dtype = getattr(torch, r["dtype"])
+        options = dict(dtype=dtype, grad=r["grad"])
+
+        def faster_masked(k):
+            e = est.estimate(B, M, N, k, "per_example", r["device"], **options)
+            return e.masked_dense_ms <= e.mebp_ms
+
+        def auto(k):
+            return est.masked_dense_is_faster(B, M, N, k, r["device"], **options)
+
+        even, switch = int(r["break_even_k"]), int(r["auto_dense_from_k"])
+        assert faster_masked(even) and not faster_masked(even - 1), r
+        assert auto(switch) and not auto(switch - 1), r
+        assert r["model"] == ("nominal" if r["device"] == "cuda" else "shipped")

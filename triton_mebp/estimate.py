@@ -41,12 +41,22 @@ MODEL_FORMAT = 1
 SHIPPED = ("data", "speed_model.json")  # inside the package
 
 # Nominal device figures when no model covers the device: dense GEMM rate (FLOP/s), memory
-# bandwidth (B/s), fixed cost per backward (s), and the share of the GEMM rate the gathered
-# products reach.
+# bandwidth (B/s), fixed cost per backward (s), the share of the GEMM rate the gathered
+# products reach, and the rate of plain multiply-adds (FLOP/s: no tensor cores, no blocking),
+# at which the per-example products compute.
 NOMINAL = {
-    "cpu": dict(flops=1.0e11, bandwidth=1.0e10, overhead=5e-5, gathered_share=0.7),
-    "cuda": dict(flops=6.0e14, bandwidth=3.0e12, overhead=3e-5, gathered_share=0.6),
+    "cpu": dict(
+        flops=1.0e11, bandwidth=1.0e10, overhead=5e-5, gathered_share=0.7, fma_flops=2.5e10
+    ),
+    "cuda": dict(
+        flops=6.0e14, bandwidth=3.0e12, overhead=3e-5, gathered_share=0.6, fma_flops=6.0e13
+    ),
 }
+# Bytes moved per selected (example, column) entry of the per-example products besides the rows
+# they stream: the sort by row (keys and positions, read and written in a few passes), the
+# values and examples gathered in that order, the indices read by dx.
+ENTRY_BYTES = 64
+INDEX_BYTES = 8  # an int64 index
 
 
 def _dense_features(B, M, N):
@@ -75,6 +85,9 @@ class Estimate:
     mebp_ms: float
     model: str  # "data", "shipped" or "nominal": which model answered
     source: str  # what it was fitted to: device, commit, points (or the nominal kind)
+    # mode="per_example": the same gradient by dense products on the masked dy (the selection,
+    # a zeroed B x N gradient with the kept entries scattered in, two dense GEMMs); None otherwise
+    masked_dense_ms: float | None = None
 
 
 # ---------------------------------------------------------------- fitting
@@ -239,17 +252,45 @@ def _choose(
 
 
 def _nominal(kind, B, M, N, k, mode, grad, elem):
+    """(dense, meProp, masked-dense or None) times in ms from the nominal figures, a sum of
+    compute and memory-traffic terms.
+
+    Unified: gathered GEMMs at a share of the GEMM rate, one read of ``dy``, the inputs and
+    outputs. Per-example: no tensor cores, and every selected (example, column) entry streams a
+    row of ``W`` (for dx) and a row of ``x`` (for dW), M elements each, so the products move
+    ``2·B·k·M`` elements (caches may hold some of the rows: a GPU run measures how many) plus
+    ``ENTRY_BYTES`` per entry; the masked-dense alternative is the dense backward on a zeroed
+    ``B x N`` gradient with the kept entries scattered in, after the same selection.
+    """
     figures = NOMINAL[kind]
-    dense = (
-        figures["overhead"]
-        + 4.0 * B * M * N / figures["flops"]
-        + elem * (B * N + 2 * B * M + 2 * N * M) / figures["bandwidth"]
-    )
-    gathered = 4.0 * B * k * M / (figures["flops"] * figures["gathered_share"])
-    w_rows = N if grad == "dense" else (min(N, B * k) if mode == "per_example" else k)
-    traffic = elem * (B * N + 2 * B * M + k * M + w_rows * M)
-    mebp = 2 * figures["overhead"] + gathered + traffic / figures["bandwidth"]
-    return dense * 1e3, mebp * 1e3
+    bandwidth = figures["bandwidth"]
+    gemms = 4.0 * B * M * N / figures["flops"]
+    dense_traffic = elem * (B * N + 2 * B * M + 2 * N * M)
+    dense = figures["overhead"] + gemms + dense_traffic / bandwidth
+    if mode == "unified":
+        w_rows = N if grad == "dense" else k
+        gathered = 4.0 * B * k * M / (figures["flops"] * figures["gathered_share"])
+        traffic = elem * (B * N + 2 * B * M + k * M + w_rows * M)
+        mebp = 2 * figures["overhead"] + gathered + traffic / bandwidth
+        return dense * 1e3, mebp * 1e3, None
+    w_rows = N if grad == "dense" else min(N, B * k)
+    selection = elem * B * N + B * k * (elem + INDEX_BYTES)  # reads dy, writes values, indices
+    products = 4.0 * B * k * M / figures["fma_flops"]
+    traffic = selection + elem * (2 * B * k * M + B * M + w_rows * M) + B * k * ENTRY_BYTES
+    mebp = 2 * figures["overhead"] + products + traffic / bandwidth
+    # zero fill of the masked gradient, the scatter of the kept entries, then the dense products
+    masked_traffic = selection + elem * B * N + B * k * (elem + INDEX_BYTES) + dense_traffic
+    masked = 3 * figures["overhead"] + gemms + masked_traffic / bandwidth
+    return dense * 1e3, mebp * 1e3, masked * 1e3
+
+
+def _fitted_masked_dense(fit, dense_ms, B, N, k, elem, bandwidth):
+    """The masked-dense backward from a fitted per-example model: the dense backward, the
+    selection's terms of the meProp fit (its pass over ``dy`` and its per-entry work, which
+    also holds the per-entry work of the products: an upper bound) and the masked gradient
+    zero-filled and scattered at the copy bandwidth."""
+    selection = fit["mebp"][1] * B * N + fit["mebp"][3] * B * k
+    return dense_ms + selection + (elem * B * N + B * k * (elem + INDEX_BYTES)) / bandwidth * 1e3
 
 
 def estimate(
@@ -287,8 +328,9 @@ def estimate(
     paths = _data_paths(data)
     model, which = (_fitted(paths), "data") if paths else (shipped_model(), "shipped")
     chosen = _choose(model, kind, name, dtype_label, mode, grad, metric)
+    masked_ms = None
     if chosen is None:
-        dense_ms, mebp_ms = _nominal(
+        dense_ms, mebp_ms, masked_ms = _nominal(
             kind, batch, in_features, out_features, kept, mode, grad, dtype.itemsize
         )
         which, source = "nominal", f"nominal {kind} model"
@@ -310,14 +352,20 @@ def estimate(
         )
         if fill_bandwidth is not None:
             mebp_ms += out_features * in_features * dtype.itemsize / fill_bandwidth * 1e3
+        if mode == "per_example":
+            bandwidth = entry["copy_bandwidth"] or NOMINAL[kind]["bandwidth"]
+            masked_ms = _fitted_masked_dense(
+                fit, dense_ms, batch, out_features, kept, dtype.itemsize, bandwidth
+            )
     if kept == out_features:  # meProp runs the dense backward then
         mebp_ms = dense_ms
+        masked_ms = dense_ms if masked_ms is not None else None
     if dense_ms <= 0 or mebp_ms <= 0:
         raise RuntimeError(
             f"the cost model ({source}) predicts no time for this shape; "
             "the sweep data does not cover it"
         )
-    return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, which, source)
+    return Estimate(dense_ms / mebp_ms, dense_ms, mebp_ms, which, source, masked_ms)
 
 
 def estimate_speedup(
@@ -384,3 +432,37 @@ def mebp_is_faster(
         )
         >= margin
     )
+
+
+def masked_dense_is_faster(
+    batch: int,
+    in_features: int,
+    out_features: int,
+    k: int | float,
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    grad: str = "dense",
+    margin: float = 1.1,
+    data: str | Path | Iterable[str | Path] | None = None,
+) -> bool:
+    """Whether per-example meProp should compute its gradient by dense products on the masked
+    ``dy`` (the same gradient, at the GEMM rate): False only where its own products (a row of
+    ``W`` and of ``x`` per selected entry) are predicted at least ``margin`` times faster. What
+    ``MeLinear(mode="per_example", auto=True)`` asks; same inputs as ``estimate_speedup``.
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    predicted = estimate(
+        batch,
+        in_features,
+        out_features,
+        k,
+        "per_example",
+        device,
+        dtype=dtype,
+        grad=grad,
+        data=data,
+    )
+    masked = predicted.masked_dense_ms  # set for mode="per_example"
+    return masked is None or predicted.mebp_ms * margin > masked
