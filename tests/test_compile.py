@@ -70,6 +70,27 @@ def test_compiled_training_matches_eager(mode, grad):
         assert_close(compiled(batches[0]), eager(batches[0]), torch.float32)
 
 
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+def test_compiled_per_example_with_dense_products_matches_eager(monkeypatch, grad):
+    """MeLinear(auto=True) in per-example mode where the cost model picks the masked-dense
+    products: one graph, the same gradients and hit counts as eager."""
+    import triton_mebp.estimate as estimate
+
+    monkeypatch.setattr(estimate, "masked_dense_is_faster", lambda *a, **kw: True)
+    eager = make_mlp("per_example", grad)
+    for m in eager.modules():
+        if isinstance(m, mebp.MeLinear):
+            m.auto = True
+    batches = [torch.randn(5, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)]
+    eager(batches[0])  # the decisions made before compiling (a new one would recompile)
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
+    train_and_compare(eager, compiled_model, compiled, batches)
+    assert counter.frame_count == 1 and eager[0].hits.sum() > 0
+    assert [d[1] for d in compiled_model[0]._auto_decisions.values()] == [True]
+
+
 def test_inductor_compiles_a_training_step():
     eager = make_mlp("unified", "dense")
     compiled_model = copy.deepcopy(eager)
@@ -130,6 +151,7 @@ def op_samples():
                 False,
                 None,
                 None,
+                False,
                 None,
             ),
         ),
@@ -145,9 +167,27 @@ def op_samples():
                 True,
                 None,
                 None,
+                False,
                 None,
             ),
         ),
+        (
+            OPS.linear.default,
+            (
+                x,
+                w.clone().requires_grad_(),
+                torch.randn(N, requires_grad=True),
+                k,
+                "per_example",
+                "sparse",
+                False,
+                None,
+                None,
+                True,
+                None,
+            ),
+        ),
+        (OPS.selected_rows.default, (per_idx, N)),
         (OPS.linear_act.default, (x, w, torch.randn(N), "relu")),
         (OPS.fused_mlp.default, (x, w, torch.randn(N), *packed, 4, "tanh", "identity")),
     ]

@@ -8,7 +8,7 @@ from torch import nn
 
 import triton_mebp as mebp
 from conftest import DEVICE, assert_close
-from reference import mebp_reference, separated_grad
+from reference import mebp_reference, selection_mask, separated_grad
 
 
 def mlp(widths=(12, 40, 30, 5)):
@@ -210,9 +210,57 @@ def test_auto_decides_with_the_real_cost_model():
     dominates), a wide one at k = 1% gains a lot on the CPU (measured 10-40x in the sweep)."""
     tiny = mebp.MeLinear(16, 16, k=2, auto=True)
     tiny(torch.randn(3, 16)).sum().backward()
-    assert list(tiny._auto_decisions.values()) == [False]
+    assert list(tiny._auto_decisions.values()) == [(16, False)]  # k = width: dense backward
     assert (tiny.weight.grad.abs().sum(1) > 0).all()  # dense backward: every row
     wide = mebp.MeLinear(2048, 2048, k=0.01, auto=True)
     wide(torch.randn(256, 2048)).sum().backward()
-    assert list(wide._auto_decisions.values()) == [True]
+    assert list(wide._auto_decisions.values()) == [(20, False)]
     assert int((wide.weight.grad.abs().sum(1) > 0).sum()) == 20  # meProp: k rows
+
+
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+def test_auto_per_example_computes_meprops_gradient_densely_where_that_is_faster(
+    any_backend, monkeypatch, grad
+):
+    """Per-example mode never falls back to full back propagation: where its own products are
+    predicted slower it runs dense products on the masked dy, with the same gradient and hits."""
+    import triton_mebp.estimate as estimate
+    from triton_mebp import functional
+
+    asked, masked_runs = [], []
+    monkeypatch.setattr(
+        estimate, "masked_dense_is_faster", lambda *a, **kw: asked.append(a) or True
+    )
+    monkeypatch.setattr(estimate, "mebp_is_faster", None)  # unified mode's question: not asked
+    masked = functional._masked_dense_backward
+    monkeypatch.setattr(
+        functional,
+        "_masked_dense_backward",
+        lambda *a: masked_runs.append(1) or masked(*a),
+    )
+    B, M, N, k = 5, 7, 20, 4
+    layer = mebp.MeLinear(M, N, k=k, mode="per_example", grad=grad, auto=True, count_hits=True)
+    layer = layer.to(DEVICE)
+    x = torch.randn(B, M, device=DEVICE, requires_grad=True)
+    dy = separated_grad(B, N, "per_example", device=DEVICE)
+    layer(x).backward(dy)
+    assert asked == [(B, M, N, k)] and masked_runs == [1]
+    ref_dx, ref_dw, ref_db = mebp_reference(x.detach(), layer.weight.detach(), dy, k, "per_example")
+    assert_close(x.grad, ref_dx)
+    assert_close(layer.weight.grad.to_dense(), ref_dw)
+    assert_close(layer.bias.grad, ref_db)
+    mask = selection_mask(dy, k, "per_example")
+    if grad == "sparse":
+        rows = layer.weight.grad._indices()[0]
+        assert torch.equal(rows.cpu(), mask.any(0).nonzero().flatten())
+    assert torch.equal(layer.hits.cpu(), mask.sum(0)) and int(layer.refs) == B
+
+
+def test_auto_per_example_decides_with_the_real_cost_model():
+    """The CPU's shipped speed model (2-core sweep): the per-example products win at k = 1% of a
+    4096-wide layer at batch 512 and lose at 20% (docs: perf/results/per-example-break-even.csv)."""
+    x = torch.empty(512, 4096)
+    small = mebp.MeLinear(4096, 4096, k=0.01, mode="per_example", auto=True)
+    large = mebp.MeLinear.from_linear(small, k=0.2, mode="per_example", auto=True)
+    assert small._backward_plan(x) == (41, False)
+    assert large._backward_plan(x) == (819, True)

@@ -144,6 +144,8 @@ def _per_example_backward(dy, x, weight, ctx):
         dx, dw = x.new_zeros(x.shape), torch.zeros_like(weight)
         dw = dw.to_sparse() if ctx.grad == "sparse" else dw
         return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
+    if ctx.masked_dense:
+        return _masked_dense_backward(dy, values, idx, x, weight, ctx)
     dx = (
         OPS.per_example_input_grad.default(values, idx, weight) if ctx.needs_input_grad[0] else None
     )
@@ -154,6 +156,22 @@ def _per_example_backward(dy, x, weight, ctx):
         else:
             rows, grad_rows = OPS.per_example_weight_grad.default(values, idx, x, weight.shape[0])
             dw = _row_sparse(rows, grad_rows, weight.shape, weight)
+    return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
+
+
+def _masked_dense_backward(dy, values, idx, x, weight, ctx):
+    """Per-example meProp's gradient by dense products (cuBLAS on a GPU): the kept entries
+    scattered into a zeroed B x N gradient, then ``dx = dy_m W`` and ``dW = dy_mᵀ x``. The
+    per-example products stream a row of W and of x per kept entry, so on a GPU these GEMMs
+    win above a small k (``estimate.masked_dense_is_faster``)."""
+    kept = torch.zeros_like(dy).scatter_(1, idx, values)
+    dx = kept @ weight if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        dw = kept.t() @ x
+        if ctx.grad == "sparse":
+            rows = OPS.selected_rows.default(idx, weight.shape[0])
+            dw = _row_sparse(rows, dw.index_select(0, rows), weight.shape, weight)
     return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
 
 
@@ -205,9 +223,10 @@ def _forward(x, weight, bias, compute_dtype):
     return F.linear(x, weight, bias)
 
 
-def _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs):
+def _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense):
     ctx.save_for_backward(x, weight, hits, refs)
     ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
+    ctx.masked_dense = masked_dense
     ctx.has_bias = bias is not None
     ctx.bias_shape = None if bias is None else bias.shape
 
@@ -216,32 +235,28 @@ class MebpLinearFunction(torch.autograd.Function):
     """``y = x W^T + b``; backward keeps the top-k entries of ``dy`` by magnitude (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype):
-        _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs)
+    def forward(
+        ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense, compute_dtype
+    ):
+        _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense)
         return _forward(x, weight, bias, compute_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return (
-            *_backward(ctx, grad_output, *ctx.saved_tensors),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_backward(ctx, grad_output, *ctx.saved_tensors), *_NO_GRADS)
+
+
+_NO_GRADS = (None,) * 8  # k, mode, grad, sparse_bias, hits, refs, masked_dense, compute_dtype
 
 
 # The same layer as one operator for torch.compile and torch.export: its backward (the same
 # function) is traced by AOTAutograd, which, unlike Dynamo, accepts row-sparse gradients.
 library.define(
     "linear(Tensor x, Tensor weight, Tensor? bias, SymInt k, str mode, str grad, bool sparse_bias, "
-    "Tensor? hits, Tensor? refs, ScalarType? compute_dtype) -> Tensor",
-    lambda x, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype: _forward(
-        x, weight, bias, compute_dtype
+    "Tensor? hits, Tensor? refs, bool masked_dense, ScalarType? compute_dtype) -> Tensor",
+    lambda x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense, compute_dtype: (
+        _forward(x, weight, bias, compute_dtype)
     ),
 )
 
@@ -251,16 +266,7 @@ def _setup_linear(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_output):
-    return (
-        *_backward(ctx, grad_output, *ctx.saved_tensors),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (*_backward(ctx, grad_output, *ctx.saved_tensors), *_NO_GRADS)
 
 
 torch.library.register_autograd(
@@ -290,6 +296,17 @@ def mebp_linear(
     dense unless ``sparse_bias=True``. ``hits`` (int64, out_features) and ``refs`` (int64 scalar),
     if given, are counters updated in place by each backward: selections per neuron, examples seen.
     """
+    return _mebp_linear(
+        input, weight, bias, k, mode, grad, sparse_bias, hits, refs, False, stacklevel=3
+    )
+
+
+def _mebp_linear(
+    input, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense, stacklevel=2
+):
+    """``mebp_linear``, and with ``masked_dense=True`` per-example mode's gradient by dense
+    products on the masked ``dy`` (``_masked_dense_backward``), which ``MeLinear(auto=True)``
+    chooses where the cost model predicts it faster. ``stacklevel``: where a warning points."""
     check_options(mode, grad)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
@@ -321,7 +338,7 @@ def mebp_linear(
         warnings.warn(
             "grad='sparse' needs a leaf weight (a Parameter); this weight is computed "
             "in the graph, so its gradient is dense",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         grad = "dense"
     if not torch.is_grad_enabled():
@@ -334,7 +351,19 @@ def mebp_linear(
     compute_dtype = None
     if torch.is_autocast_enabled(input.device.type):
         compute_dtype = torch.get_autocast_dtype(input.device.type)
-    args = (input, weight, bias, k, mode, grad, sparse_bias, hits, refs, compute_dtype)
+    args = (
+        input,
+        weight,
+        bias,
+        k,
+        mode,
+        grad,
+        sparse_bias,
+        hits,
+        refs,
+        masked_dense,
+        compute_dtype,
+    )
     if torch.compiler.is_compiling():
         if getattr(weight, DISTRIBUTED_MARK, False):
             return _linear_outside_graph(*args)

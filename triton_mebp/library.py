@@ -215,6 +215,20 @@ define(
 )
 
 
+def _selected_rows_fake(idx, n_rows):
+    distinct = torch.library.get_ctx().new_dynamic_size()
+    return idx.new_empty(distinct, dtype=torch.int64)
+
+
+# The rows a per-example selection touched: the row-sparse weight gradient of the masked-dense
+# per-example backward (PyTorch ops on every device: one scatter of flags and one sort of N).
+define(
+    "selected_rows(Tensor idx, SymInt n_rows) -> Tensor",
+    torch_ops.selected_rows,
+    _selected_rows_fake,
+)
+
+
 # ---- row-sparse optimizer updates (in place on the rows idx of a parameter and its state) ----
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import check_options, mebp_linear, resolve_k
+from .functional import _mebp_linear, check_options, resolve_k
 
 
 class MeLinear(nn.Linear):
@@ -19,9 +19,11 @@ class MeLinear(nn.Linear):
     ``grad``: "dense" or "sparse" weight gradient. With ``count_hits=True`` every backward adds to
     the buffers ``hits`` (per output neuron: examples in which it was selected) and ``refs``
     (examples seen), the statistics that model simplification uses. With ``auto=True`` the layer
-    runs the dense backward for input shapes where the sweep's cost model
-    (``triton_mebp.estimate.mebp_is_faster``) predicts meProp would not be faster; the decision
-    is made once per batch size, dtype and device.
+    asks the sweep's cost model, once per batch size, dtype and device: in unified mode it runs
+    the dense backward where meProp is predicted no faster (``estimate.mebp_is_faster``); in
+    per-example mode it keeps meProp's gradient and hit counting and computes the products
+    densely on the masked ``dy`` where the per-example products are predicted slower
+    (``estimate.masked_dense_is_faster``: on a GPU above k of about half a percent).
     """
 
     hits: torch.Tensor
@@ -94,40 +96,45 @@ class MeLinear(nn.Linear):
         self.hits.zero_()
         self.refs.zero_()
 
-    def _backward_k(self, input) -> int:
-        """k for this input: the layer's k, or the full width where auto predicts no gain."""
+    def _backward_plan(self, input) -> tuple[int, bool]:
+        """``(k, masked_dense)`` for this input: the layer's k, or the full width where auto
+        predicts no gain (unified mode); whether per-example mode computes its gradient by dense
+        products on the masked ``dy``, where auto predicts that faster."""
         k = self.k_count
         if not self.auto or k == self.out_features:
-            return k
+            return k, False
         batch = input.numel() // max(self.in_features, 1)
         key = (batch, input.device, self.weight.dtype, k)
         if key not in self._auto_decisions:
-            from .estimate import mebp_is_faster
+            from . import estimate
 
-            self._auto_decisions[key] = batch > 0 and mebp_is_faster(
-                batch,
-                self.in_features,
-                self.out_features,
-                k,
-                self.mode,
-                device=input.device,
-                dtype=self.weight.dtype,
-                grad=self.grad,
-            )
-        return k if self._auto_decisions[key] else self.out_features
+            shape = (batch, self.in_features, self.out_features, k)
+            options = dict(device=input.device, dtype=self.weight.dtype, grad=self.grad)
+            if batch == 0:
+                decision = (self.out_features, False)
+            elif self.mode == "per_example":
+                decision = (k, estimate.masked_dense_is_faster(*shape, **options))
+            elif estimate.mebp_is_faster(*shape, self.mode, **options):
+                decision = (k, False)
+            else:
+                decision = (self.out_features, False)
+            self._auto_decisions[key] = decision
+        return self._auto_decisions[key]
 
     def forward(self, input):
         counting = self.count_hits and self.training
-        return mebp_linear(
+        k, masked_dense = self._backward_plan(input)
+        return _mebp_linear(
             input,
             self.weight,
             self.bias,
-            k=self._backward_k(input),
-            mode=self.mode,
-            grad=self.grad,
-            sparse_bias=self.sparse_bias,
-            hits=self.hits if counting else None,
-            refs=self.refs if counting else None,
+            k,
+            self.mode,
+            self.grad,
+            self.sparse_bias,
+            self.hits if counting else None,
+            self.refs if counting else None,
+            masked_dense,
         )
 
     def extra_repr(self) -> str:

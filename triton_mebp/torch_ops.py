@@ -118,6 +118,15 @@ def _distinct_rows(seg):
     return rows, seg.index_select(0, rows)
 
 
+def selected_rows(idx: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The distinct rows in ``idx`` (any shape, values in [0, n_rows)) ascending, int64; their
+    number is read on the host once (it sizes the result)."""
+    flat = idx.reshape(-1).long()
+    present = torch.zeros(n_rows, dtype=torch.bool, device=idx.device).index_fill_(0, flat, True)
+    count = int(present.sum())
+    return torch.argsort((~present).to(torch.uint8), stable=True)[:count]  # present rows first
+
+
 def per_example_weight_grad(values, idx, x, n_rows, dense=False):
     """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
     ``dense=True`` ``(None, grad)`` with the whole n_rows x M gradient (zero rows where nothing
