@@ -67,6 +67,16 @@ def product_route(product: str, scatter: bool = False) -> str:
     return AUTO_ROUTES[product, scatter and product == "dw"] if route == "auto" else route
 
 
+def tma_enabled() -> bool:
+    """``TRITON_MEBP_TMA``: "1" (default) lets the products read their dense operands through
+    TMA descriptors where the device and the operands allow it; "0" keeps the pointer kernels.
+    Read at each call, so one process can time both."""
+    value = os.environ.get("TRITON_MEBP_TMA", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"TRITON_MEBP_TMA must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 def tuning_enabled() -> bool:
     if interpreting():
         return False
@@ -92,6 +102,7 @@ class TunedKernel:
     and the tuner's own final run change the copies only, and no restoring copy sits in the
     timed region), then runs the chosen config once on the real tensors. Chosen configs are kept
     per key (the ``key`` arguments and the tensors' dtypes); later launches go straight to them.
+    A config's ``pre_hook`` runs before each launch with it, tuned or not.
     """
 
     def __init__(self, fn, configs, key, prune=None, reset_to_zero=None, in_place=None):
@@ -145,6 +156,8 @@ class TunedKernel:
             else:
                 config = self.pruned_configs(named_args)[0]
             self.last_config = config
+            if config.pre_hook is not None:  # e.g. TMA descriptors take the config's block shape
+                config.pre_hook({**named_args, **config.all_kwargs()})
             return self.fn[grid](
                 *args,
                 **kwargs,

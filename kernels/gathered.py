@@ -11,13 +11,24 @@ Per-example layout (values ``v`` and indices ``i``, both B x k):
   No atomics, so the result is deterministic.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..backend import interpreting
 from ._checks import check_dtypes, check_indices
 from ._tiles import grouped_tile, padded_width
-from ._tuning import SMEM_LIMIT, TunedKernel, input_precision, pow2_bucket, product_route
+from ._tuning import (
+    SMEM_LIMIT,
+    TunedKernel,
+    input_precision,
+    pow2_bucket,
+    product_route,
+    tma_enabled,
+)
 
 
 @triton.jit
@@ -117,6 +128,96 @@ def _transposed_matmul_rows_kernel(
             other=0.0,
         )
         acc = tl.dot(a_t, x.to(a_t.dtype), acc, input_precision=INPUT_PRECISION)
+    valid_k = offs_k < K_VALID
+    if SCATTER:
+        out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
+    else:
+        out_rows = offs_k.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_on + offs_m[None, :] * stride_om
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_k[:, None] & mask_m[None, :])
+
+
+# TMA variants (Hopper): the dense operands (dy_c; x in the dW product) come through tensor
+# descriptors, one bulk copy per tile, out-of-bounds parts zero-filled; the gathered rows of W and
+# the stored rows of dW stay on pointers (TMA cannot gather rows by an index list). The launchers
+# take them where ``_tma_readable`` allows, else the pointer kernels above.
+
+
+@triton.jit
+def _gathered_rows_matmul_tma_kernel(
+    a_desc,
+    w_ptr,
+    idx_ptr,
+    c_ptr,
+    B,
+    M,
+    K,
+    K_VALID,
+    B_BUCKET,
+    stride_wn,
+    stride_wm,
+    stride_cb,
+    stride_cm,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_B: tl.constexpr,
+):
+    """``_gathered_rows_matmul_kernel`` with ``a`` (B x K) read through ``a_desc``."""
+    pid_b, pid_m = grouped_tile(tl.program_id(0), B, M, BLOCK_B, BLOCK_M, GROUP_B)
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_b = offs_b < B
+    mask_m = offs_m < M
+    acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        valid_k = offs_k < K_VALID
+        rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
+        a = a_desc.load([pid_b * BLOCK_B, start])
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
+            mask=valid_k[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _transposed_matmul_rows_tma_kernel(
+    a_desc,
+    x_desc,
+    idx_ptr,
+    out_ptr,
+    B,
+    M,
+    K,
+    K_VALID,
+    B_BUCKET,
+    stride_on,
+    stride_om,
+    SCATTER: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """``_transposed_matmul_rows_kernel`` with ``a`` (B x K) and ``x`` (B x M) read through
+    ``a_desc`` and ``x_desc``."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        a = a_desc.load([start, pid_k * BLOCK_K])
+        x = x_desc.load([start, pid_m * BLOCK_M])
+        acc = tl.dot(a.T, x.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     valid_k = offs_k < K_VALID
     if SCATTER:
         out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
@@ -276,6 +377,46 @@ transposed_matmul_rows = TunedKernel(
     key=["B_BUCKET", "M", "K"],
     prune=_prune_dw,
 )
+
+
+def _tma_blocks_dx(nargs):
+    nargs["a_desc"].block_shape = [nargs["BLOCK_B"], nargs["BLOCK_K"]]
+
+
+def _tma_blocks_dw(nargs):
+    nargs["a_desc"].block_shape = [nargs["BLOCK_B"], nargs["BLOCK_K"]]
+    nargs["x_desc"].block_shape = [nargs["BLOCK_B"], nargs["BLOCK_M"]]
+
+
+def _with_pointers(named_args):
+    """The arguments of a TMA launch under the pointer kernel's names, for its pruner."""
+    named = dict(named_args)
+    for name in ("a", "x"):
+        if f"{name}_desc" in named:
+            named[f"{name}_ptr"] = named.pop(f"{name}_desc").base
+    return named
+
+
+def _tma_configs(configs, pre_hook):
+    """``configs`` whose pre_hook gives the descriptors the config's block shape."""
+    return [
+        triton.Config(c.kwargs, num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=pre_hook)
+        for c in configs
+    ]
+
+
+gathered_rows_matmul_tma = TunedKernel(
+    _gathered_rows_matmul_tma_kernel,
+    _tma_configs(gathered_rows_matmul.configs, _tma_blocks_dx),
+    key=["B_BUCKET", "M", "K"],
+    prune=lambda configs, named_args: _prune_dx(configs, _with_pointers(named_args)),
+)
+transposed_matmul_rows_tma = TunedKernel(
+    _transposed_matmul_rows_tma_kernel,
+    _tma_configs(transposed_matmul_rows.configs, _tma_blocks_dw),
+    key=["B_BUCKET", "M", "K"],
+    prune=lambda configs, named_args: _prune_dw(configs, _with_pointers(named_args)),
+)
 per_example_dx = TunedKernel(
     _per_example_dx_kernel,
     [
@@ -292,6 +433,38 @@ segment_rows = TunedKernel(
     ],
     key=["M"],
 )
+
+
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_readable(dy_c: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a product may read ``dy_c`` and ``others`` (2-D) through TMA descriptors: on a
+    GPU with TMA (Hopper or newer; also the interpreter and the static report's meta tensors),
+    ``dy_c`` in 16 bits (tensor-core products; in float32 the dx variant spills), each operand
+    with contiguous rows, a 16-byte aligned start and a row stride of a multiple of 16 bytes,
+    and ``TRITON_MEBP_TMA`` not "0"."""
+    if not tma_enabled() or dy_c.element_size() != 2:
+        return False
+    tensors = (dy_c, *others)
+    device = dy_c.device
+    if device.type == "cuda":
+        if not _has_tma(device.index if device.index is not None else torch.cuda.current_device()):
+            return False
+    elif not (interpreting() or device.type == "meta"):
+        return False
+    return all(
+        t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+def _descriptor(rows: torch.Tensor, width: int) -> TensorDescriptor:
+    """A TMA descriptor over the first ``width`` columns of the rows of ``rows`` (which may run
+    past its own columns, into zero padding); its block shape comes from the config's pre_hook."""
+    return TensorDescriptor(rows, [rows.shape[0], width], [rows.stride(0), 1], [1, 1])
 
 
 def gathered_input_grad(
@@ -312,9 +485,29 @@ def gathered_input_grad(
     dx = torch.empty((B, M), dtype=dy_c.dtype, device=dy_c.device)
     if B == 0:
         return dx
-    gathered_rows_matmul[
-        lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)
-    ](
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)
+
+    if _tma_readable(dy_c):
+        gathered_rows_matmul_tma[grid](
+            _descriptor(dy_c, K_loop),
+            weight,
+            idx,
+            dx,
+            B,
+            M,
+            K_loop,
+            K,
+            pow2_bucket(B),
+            weight.stride(0),
+            weight.stride(1),
+            dx.stride(0),
+            dx.stride(1),
+            INPUT_PRECISION=input_precision(dy_c.dtype),
+        )
+        return dx
+    gathered_rows_matmul[grid](
         dy_c,
         weight,
         idx,
@@ -359,9 +552,28 @@ def gathered_weight_grad(
         if not scatter:
             out.zero_()
         return out
-    transposed_matmul_rows[
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))
-    ](
+
+    def grid(meta):
+        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]))
+
+    if _tma_readable(dy_c, x):
+        transposed_matmul_rows_tma[grid](
+            _descriptor(dy_c, K_loop),
+            _descriptor(x, M),
+            idx,
+            out,
+            B,
+            M,
+            K_loop,
+            K,
+            pow2_bucket(B),
+            out.stride(0),
+            out.stride(1),
+            SCATTER=scatter,
+            INPUT_PRECISION=input_precision(dy_c.dtype),
+        )
+        return out
+    transposed_matmul_rows[grid](
         dy_c,
         x,
         idx,

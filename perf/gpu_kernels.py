@@ -9,14 +9,14 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    gradient) for v1 and v2 (``TRITON_MEBP_KERNELS``) on the Triton kernels, autotuning off; 2. the
    same, tuned, with the chosen configs; 3. ``k``: dx, dW rows and dW into a dense gradient at
    k = 410 and 416 by each route of the library's launchers (``TRITON_MEBP_PRODUCTS``: the Triton
-   kernels, cuBLAS on the gathered operands, and what "auto" takes); 4. ``cublas``: torch.mm on
-   the same gathered operands, without the gather; 5. ``dense``: dx, dW, db of the dense backward
-   and a copy of dy (bandwidth); 6. ``per_example``: its kernels; 7. ``layer``: the whole layer
-   backward against dense (products by ``TRITON_MEBP_PRODUCTS``, default "auto"); 8. ``host``:
-   host time of 50 backward calls without a sync; 9. ``check``: bf16 results of the kernels and
-   of the cuBLAS route against the PyTorch ops on the same tensors; 10. ``graph``: a training step
-   of a converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA
-   graph against eager steps.
+   kernels with and without TMA (``TRITON_MEBP_TMA``), cuBLAS on the gathered operands, and what
+   "auto" takes); 4. ``cublas``: torch.mm on the same gathered operands, without the gather;
+   5. ``dense``: dx, dW, db of the dense backward and a copy of dy (bandwidth); 6. ``per_example``:
+   its kernels; 7. ``layer``: the whole layer backward against dense (products by
+   ``TRITON_MEBP_PRODUCTS``, default "auto"); 8. ``host``: host time of 50 backward calls without
+   a sync; 9. ``check``: bf16 results of the kernels and of the cuBLAS route against the PyTorch
+   ops on the same tensors; 10. ``graph``: a training step of a converted MLP (RowAdam,
+   grad="sparse") under the sync debug mode, and replayed from a CUDA graph against eager steps.
 """
 
 import argparse
@@ -61,6 +61,11 @@ COLUMNS = [
 ]
 
 
+# The products' routes timed side by side (TRITON_MEBP_PRODUCTS, TRITON_MEBP_TMA): the Triton
+# kernels with TMA descriptors where they apply and without, cuBLAS, and what "auto" takes.
+ROUTES = (("triton", "1"), ("triton", "0"), ("cublas", "1"), ("auto", "1"))
+
+
 @contextlib.contextmanager
 def env(**values):
     before = {k: os.environ.get(k) for k in values}
@@ -89,6 +94,8 @@ def configs():
         selection.gather_padded,
         gathered.gathered_rows_matmul,
         gathered.transposed_matmul_rows,
+        gathered.gathered_rows_matmul_tma,
+        gathered.transposed_matmul_rows_tma,
         selection.per_example_top,
         selection.per_example_select_rows,
         gathered.per_example_dx,
@@ -198,11 +205,12 @@ def main(argv=None):
     # each route of the launchers: Triton kernels, cuBLAS on gathered operands, what auto takes.
     for version in ("v1", "v2"):
         for kk in ks:
-            for products in ("triton", "cublas", "auto"):
+            for products, tma in ROUTES:
                 with env(
                     TRITON_MEBP_KERNELS=version,
                     TRITON_MEBP_AUTOTUNE="1",
                     TRITON_MEBP_PRODUCTS=products,
+                    TRITON_MEBP_TMA=tma,
                 ):
                     idx, dy_c, _ = ops.unified_select_and_bias(dy, kk)
                     dense_out = torch.zeros_like(w)
@@ -221,7 +229,7 @@ def main(argv=None):
                             version=version,
                             tuned="1",
                             k=kk,
-                            products=products,
+                            products=products if tma == "1" else f"{products} tma=0",
                             config=products != "cublas",
                         )
     # 4: cuBLAS on the same gathered operands.

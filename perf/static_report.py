@@ -24,6 +24,7 @@ x dtype x k x target, written to ``perf/results/static-report-triton<version>.cs
 
 import argparse
 import contextlib
+import copy
 import csv
 import importlib
 import json
@@ -45,6 +46,8 @@ N_WIDE = 65536  # a vocabulary-sized layer: the unified search splits over progr
 DTYPES = ("bf16", "fp16", "fp32")
 TARGETS = (90, 80)
 SMS = 132  # H100 SXM; programs per SM are reported against it
+# Kernels the launchers take on sm_90+ only (TMA descriptors): not compiled for older targets.
+HOPPER_ONLY = ("gathered_rows_matmul_tma", "transposed_matmul_rows_tma")
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TRITON_TYPES = {
     "bfloat16": "bf16",
@@ -153,9 +156,9 @@ def _calls(dtype_name, k):
     def t(*shape, dt=dtype):
         return torch.empty(shape, dtype=dt, **meta)
 
-    def unified(version):
+    def unified(version, tma="1"):
         def run():
-            with _kernel_version(version):
+            with _kernel_version(version, tma):
                 dy, x, w = t(B, N), t(B, M), t(N, M)
                 idx, dy_c = selection.unified_select(dy, k, t(N, dt=torch.int64))[:2]
                 gathered.gathered_input_grad(dy_c, w, idx)
@@ -240,6 +243,7 @@ def _calls(dtype_name, k):
 
     calls = {
         "unified": unified("v2"),
+        "unified-pointer": unified("v2", tma="0"),
         "unified-v1": unified("v1"),
         "unified-wide": unified_wide,
         "per_example": per_example,
@@ -254,12 +258,15 @@ def _calls(dtype_name, k):
 
 
 @contextlib.contextmanager
-def _kernel_version(version):
+def _kernel_version(version, tma="1"):
     """The kernels of ``version`` (TRITON_MEBP_KERNELS), the gathered products on them too
-    (TRITON_MEBP_PRODUCTS=triton: the report compiles Triton kernels, not cuBLAS calls)."""
-    names = ("TRITON_MEBP_KERNELS", "TRITON_MEBP_PRODUCTS")
+    (TRITON_MEBP_PRODUCTS=triton: the report compiles Triton kernels, not cuBLAS calls), with
+    TMA descriptors where the launchers take them for Hopper (TRITON_MEBP_TMA=1) or not ("0")."""
+    names = ("TRITON_MEBP_KERNELS", "TRITON_MEBP_PRODUCTS", "TRITON_MEBP_TMA")
     before = {name: os.environ.get(name) for name in names}
-    os.environ.update(TRITON_MEBP_KERNELS=version, TRITON_MEBP_PRODUCTS="triton")
+    os.environ.update(
+        TRITON_MEBP_KERNELS=version, TRITON_MEBP_PRODUCTS="triton", TRITON_MEBP_TMA=tma
+    )
     try:
         yield
     finally:
@@ -281,6 +288,7 @@ def _aligned(tensor) -> bool:
 def specialise(fn, args, kwargs):
     """``(signature, constexprs, attrs)`` of a launch, as Triton's runtime specialises it."""
     import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
@@ -293,7 +301,10 @@ def specialise(fn, args, kwargs):
             continue
         value = bound[name]
         divisible = False
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, TensorDescriptor):  # a TMA descriptor: no divisibility attribute
+            dtype = TRITON_TYPES[str(value.base.dtype).replace("torch.", "")]
+            signature[name] = f"tensordesc<{dtype}[{', '.join(map(str, value.block_shape))}]>"
+        elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TRITON_TYPES[str(value.dtype).replace("torch.", "")]
             divisible = _aligned(value)
         elif isinstance(value, bool):
@@ -312,6 +323,19 @@ def specialise(fn, args, kwargs):
         if divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
+
+
+def _configured(tuned, config, args, kwargs):
+    """A launch's arguments as ``config``'s pre_hook leaves them (TMA descriptors take the
+    config's block shape), on copies of the descriptors."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if config.pre_hook is None:
+        return args, kwargs
+    args = [copy.copy(a) if isinstance(a, TensorDescriptor) else a for a in args]
+    kwargs = {n: copy.copy(a) if isinstance(a, TensorDescriptor) else a for n, a in kwargs.items()}
+    config.pre_hook({**dict(zip(tuned.fn.arg_names, args)), **kwargs, **config.all_kwargs()})
+    return args, kwargs
 
 
 def _programs(grid, config_kwargs):
@@ -338,7 +362,6 @@ def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=Fal
                     short = kernel.split(":")[1]
                     if kernels and short not in kernels:
                         continue
-                    signature, constexprs, attrs = specialise(tuned.fn, args, kwargs)
                     indices = range(len(tuned.configs))
                     if first_config:  # the config a launch without tuning takes
                         named = dict(zip(tuned.fn.arg_names, args), **kwargs)
@@ -346,7 +369,12 @@ def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=Fal
                         indices = [next(i for i, c in enumerate(tuned.configs) if c is first)]
                     for index in indices:
                         config = tuned.configs[index]
+                        signature, constexprs, attrs = specialise(
+                            tuned.fn, *_configured(tuned, config, args, kwargs)
+                        )
                         for target in targets:
+                            if target < 90 and short in HOPPER_ONLY:
+                                continue  # launched on Hopper only; older GPUs get the pointers
                             key = (
                                 call,
                                 kernel,
@@ -611,7 +639,8 @@ def main(argv=None):
     parser.add_argument(
         "--calls",
         nargs="*",
-        help="unified unified-v1 unified-wide per_example per_example-v1 row_update inference",
+        help="unified unified-pointer unified-v1 unified-wide per_example per_example-v1 row_update "
+        "inference",
     )
     parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))

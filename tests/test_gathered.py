@@ -136,6 +136,11 @@ def launches(monkeypatch):
     return names
 
 
+def _ran(launches, family):
+    """Whether a kernel of ``family`` (pointer or TMA variant) was launched."""
+    return any(name.startswith(family) for name in launches)
+
+
 ROUTED = [
     ("triton", {"dx": True, "dw": True, "dw dense": True}),
     ("cublas", {"dx": False, "dw": False, "dw dense": False}),
@@ -167,13 +172,13 @@ def test_product_routes_agree(monkeypatch, launches, route, on_triton, dtype, pa
     dx = ops.gathered_input_grad(dy_c, w, idx)
     assert_close(dx, reference @ w.double()[rows], dtype)
     assert_close(dx, torch_ops.gathered_input_grad(dy_c, w, rows), dtype)
-    assert ("_gathered_rows_matmul_kernel" in launches) == on_triton["dx"]
+    assert _ran(launches, "_gathered_rows_matmul") == on_triton["dx"]
     launches.clear()
 
     dw_rows = ops.gathered_weight_grad(dy_c, x, idx)
     assert dw_rows.shape == (k, M) and dw_rows.dtype == dtype
     assert_close(dw_rows, reference.t() @ x.double(), dtype)
-    assert ("_transposed_matmul_rows_kernel" in launches) == on_triton["dw"]
+    assert _ran(launches, "_transposed_matmul_rows") == on_triton["dw"]
     launches.clear()
 
     dense = torch.full((N, M), 7.0, device=DEVICE, dtype=dtype)  # rows outside idx kept
@@ -182,7 +187,7 @@ def test_product_routes_agree(monkeypatch, launches, route, on_triton, dtype, pa
     expected[rows] = reference.t() @ x.double()
     assert_close(dense, expected, dtype)
     assert_close(dense, torch_ops.gathered_weight_grad(dy_c, x, rows, out=dense.clone()), dtype)
-    assert ("_transposed_matmul_rows_kernel" in launches) == on_triton["dw dense"]
+    assert _ran(launches, "_transposed_matmul_rows") == on_triton["dw dense"]
 
 
 @pytest.mark.parametrize("route", ["triton", "cublas"])
@@ -215,4 +220,58 @@ def test_a_bad_products_choice_is_named(monkeypatch, launches, value):
     ):
         with pytest.raises(ValueError, match="TRITON_MEBP_PRODUCTS.*'auto', 'triton', 'cublas'"):
             call()
+    assert launches == []
+
+
+@pytest.mark.parametrize(
+    "layout,dtype,tma_dx,tma_dw",
+    [
+        ("padded", torch.float16, True, True),  # dy_c from the selection, x rows of 48 elements
+        ("padded", torch.bfloat16, True, True),
+        ("padded, x unaligned", torch.float16, True, False),  # x rows of 33: not 16-byte rows
+        ("unpadded", torch.float16, False, False),  # dy_c rows of 7 elements
+        ("padded, TRITON_MEBP_TMA=0", torch.float16, False, False),
+        ("padded", torch.float32, False, False),  # float32 products keep the pointer kernels
+    ],
+)
+def test_products_read_dense_operands_by_tma_where_they_can(
+    monkeypatch, launches, bf16_dot, layout, dtype, tma_dx, tma_dw
+):
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "triton")
+    monkeypatch.setenv("TRITON_MEBP_TMA", "0" if "TMA=0" in layout else "1")
+    ops = backend.triton_ops()
+    B, N, k = 19, 90, 7
+    M = 33 if "x unaligned" in layout else 48
+    dy = torch.randn(B, N, device=DEVICE).to(dtype)
+    x = torch.randn(B, M, device=DEVICE).to(dtype)
+    w = torch.randn(N, M, device=DEVICE).to(dtype)
+    if layout == "unpadded":
+        idx = distinct_indices(N, k, torch.int64)
+        dy_c = dy[:, idx]
+    else:
+        idx, dy_c = ops.unified_select(dy, k)
+    rows = idx.long()
+    reference = dy.double()[:, rows]
+    launches.clear()
+    assert_close(ops.gathered_input_grad(dy_c, w, idx), reference @ w.double()[rows], dtype)
+    assert ("_gathered_rows_matmul_tma_kernel" in launches) == tma_dx
+    assert _ran(launches, "_gathered_rows_matmul")
+    launches.clear()
+    assert_close(ops.gathered_weight_grad(dy_c, x, idx), reference.t() @ x.double(), dtype)
+    dense = torch.zeros(N, M, device=DEVICE, dtype=dtype)
+    ops.gathered_weight_grad(dy_c, x, idx, out=dense)
+    expected = torch.zeros(N, M, dtype=torch.float64, device=DEVICE)
+    expected[rows] = reference.t() @ x.double()
+    assert_close(dense, expected, dtype)
+    assert set(launches) == {
+        "_transposed_matmul_rows_tma_kernel" if tma_dw else "_transposed_matmul_rows_kernel"
+    }
+
+
+def test_a_bad_tma_choice_is_named(monkeypatch, launches):
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "triton")
+    monkeypatch.setenv("TRITON_MEBP_TMA", "yes")
+    dy_c, w = torch.randn(3, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="TRITON_MEBP_TMA must be '0' or '1'"):
+        backend.triton_ops().gathered_input_grad(dy_c, w, torch.tensor([1, 3, 4, 0]))
     assert launches == []

@@ -2,8 +2,9 @@
 
 The unified path at the target shape (B = 4096, M = N = 8192, k = 410, bf16, sm_90), each kernel's
 first config (the one used without tuning): no register spills, no scalar 2-byte loads of the
-matrix tiles, tensor-core (wgmma) instructions in the products. The v1 layout (an unpadded dy_c
-of 410 columns) is compiled too, and must show the scalar loads the report is there to catch.
+matrix tiles, tensor-core (wgmma) instructions in the products, whose dense operands come by TMA
+(and by 16-byte cp.async in the pointer kernels, TRITON_MEBP_TMA=0). The v1 layout (an unpadded
+dy_c of 410 columns) is compiled too, and must show the scalar loads the report is there to catch.
 """
 
 import json
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HOT = ("scores_bias_partial", "gather_padded", "gathered_rows_matmul", "transposed_matmul_rows")
 PRODUCTS = ("gathered_rows_matmul", "transposed_matmul_rows")
+TMA_PRODUCTS = ("gathered_rows_matmul_tma", "transposed_matmul_rows_tma")
+HOT = ("scores_bias_partial", "gather_padded", *TMA_PRODUCTS)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,11 @@ def rows():
             str(ROOT / "perf" / "static_report.py"),
             "--calls",
             "unified",
+            "unified-pointer",
             "unified-v1",
             "--kernels",
             *HOT,
+            *PRODUCTS,
             "--dtypes",
             "bf16",
             "--ks",
@@ -65,17 +69,24 @@ def test_every_hot_kernel_compiled(rows):
 
 def test_unified_kernels_do_not_spill(rows):
     for row in rows:
-        if row["call"] == "unified":
+        if row["call"] in ("unified", "unified-pointer"):
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
             assert 0 < row["registers"] <= 255, row
 
 
 def test_products_load_whole_aligned_tiles_on_tensor_cores(rows):
     for kernel in PRODUCTS:
-        for row in _mine(rows, "unified", kernel):
+        for row in _mine(rows, "unified-pointer", kernel):
             assert row["ld2"] == 0 and row["ld1"] == 0, row  # no scalar bf16 tile loads
             assert row["cp_async16"] > 0, row  # 16-byte async tile copies
             assert row["wgmma"] > 0, row
+    for kernel in TMA_PRODUCTS:
+        for row in _mine(rows, "unified", kernel):
+            assert row["ld2"] == 0 and row["ld1"] == 0, row
+            assert row["tma"] > 0, row  # dy_c (and x) tiles by TMA bulk copies
+            assert row["wgmma"] > 0, row
+    (dx,) = _mine(rows, "unified", "gathered_rows_matmul_tma")
+    assert dx["cp_async16"] > 0, dx  # the gathered rows of W stay on cp.async
 
 
 def test_score_pass_and_gather_move_vectors(rows):
@@ -89,6 +100,6 @@ def test_score_pass_and_gather_move_vectors(rows):
 def test_the_report_sees_the_unpadded_layout(rows):
     # v1 at k = 410: the 820-byte rows of dy_c force scalar 2-byte loads and more registers.
     (v1,) = _mine(rows, "unified-v1", "gathered_rows_matmul")
-    (v2,) = _mine(rows, "unified", "gathered_rows_matmul")
+    (v2,) = _mine(rows, "unified-pointer", "gathered_rows_matmul")
     assert v1["ld2"] > 0
     assert v2["registers"] < v1["registers"]
