@@ -13,10 +13,12 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    "auto" takes); 4. ``cublas``: torch.mm on the same gathered operands, without the gather;
    5. ``dense``: dx, dW, db of the dense backward and a copy of dy (bandwidth); 6. ``per_example``:
    its kernels; 7. ``layer``: the whole layer backward against dense (products by
-   ``TRITON_MEBP_PRODUCTS``, default "auto"); 8. ``host``: host time of 50 backward calls without
-   a sync; 9. ``check``: bf16 results of the kernels and of the cuBLAS route against the PyTorch
-   ops on the same tensors; 10. ``graph``: a training step of a converted MLP (RowAdam,
-   grad="sparse") under the sync debug mode, and replayed from a CUDA graph against eager steps.
+   ``TRITON_MEBP_PRODUCTS``, default "auto"), per-example also by dense products on the masked dy
+   (what auto=True runs above its predicted break-even, timed there too:
+   ``per_example_break_even.py``); 8. ``host``: host time of 50 backward calls without a sync;
+   9. ``check``: bf16 results of the kernels and of the cuBLAS route against the PyTorch ops on
+   the same tensors; 10. ``graph``: a training step of a converted MLP (RowAdam, grad="sparse")
+   under the sync debug mode, and replayed from a CUDA graph against eager steps.
 """
 
 import argparse
@@ -37,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton_mebp as mebp  # noqa: E402
 from triton_mebp import backend, torch_ops  # noqa: E402
 from triton_mebp.bench import harness  # noqa: E402
+from triton_mebp.functional import _mebp_linear  # noqa: E402
 
 COLUMNS = [
     "section",
@@ -267,13 +270,24 @@ def main(argv=None):
     for mode in ("unified", "per_example"):
         for grad in ("sparse", "dense"):
             layers[f"{mode}/{grad}"] = mebp.mebp_linear(xg, wg, bg, k=k, mode=mode, grad=grad)
+    # per-example meProp's gradient by dense products on the masked dy, here and at the predicted
+    # break-even k (nominal model: 0.51% of N), where it should tie with the per-example products
+    even = max(1, round(0.0051 * N))
+    per_example_ks = {f"per_example/{grad}": k for grad in ("sparse", "dense")}
+    for kk in (k, even):
+        for masked in (True, False):
+            if kk == k and not masked:
+                continue  # timed above
+            name = f"per_example/dense{'/masked-dense' if masked else ''} k={kk}"
+            call = (xg, wg, bg, kk, "per_example", "dense", False, None, None, masked)
+            layers[name], per_example_ks[name] = _mebp_linear(*call), kk
     for name, y in layers.items():
         row(
             "layer",
             name,
             lambda y=y: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True),
             version="v2",
-            k=k,
+            k=per_example_ks.get(name, k),
             products=os.environ.get("TRITON_MEBP_PRODUCTS", "auto"),
         )
     # 8: host time of 50 backward calls, no sync between them.
