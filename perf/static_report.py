@@ -10,6 +10,7 @@ and read:
 
 - ``ptxas -v`` (Triton's bundled ptxas, on the PTX for sm_90a / sm_80): registers, spill stores and
   loads, stack frame; shared memory (Triton's dynamic allocation, or ptxas's static count if more);
+  from these, the programs resident per SM and the waves of the grid on an H100 / A100;
 - the PTX: ``wgmma`` and ``mma.sync`` instructions; global loads and stores by width in bytes
   (``ld16`` = 16-byte vector loads, ``ld2`` = scalar 2-byte loads, ...); ``cp.async`` copies by size;
   TMA copies; global atomics and their memory order, shared-memory atomics.
@@ -46,6 +47,12 @@ N_WIDE = 65536  # a vocabulary-sized layer: the unified search splits over progr
 DTYPES = ("bf16", "fp16", "fp32")
 TARGETS = (90, 80)
 SMS = 132  # H100 SXM; programs per SM are reported against it
+# Per SM of the target's GPU (H100 SXM, A100): SMs, shared memory, registers, warps, programs.
+GPU_LIMITS = {
+    90: dict(sms=132, smem=228 * 1024, registers=65536, warps=64, programs=32),
+    80: dict(sms=108, smem=164 * 1024, registers=65536, warps=64, programs=32),
+}
+SMEM_RESERVED = 1024  # shared memory the driver reserves per program (sm_80 and later)
 # Kernels the launchers take on sm_90+ only (TMA descriptors): not compiled for older targets.
 HOPPER_ONLY = ("gathered_rows_matmul_tma", "transposed_matmul_rows_tma")
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -73,6 +80,8 @@ COLUMNS = [
     "num_stages",
     "programs",
     "programs_per_sm",
+    "resident_per_sm",
+    "waves",
     "ok",
     "registers",
     "spill_stores",
@@ -488,6 +497,24 @@ def read_ptx(ptx: str) -> dict:
     )
 
 
+def occupancy(target, programs, registers, num_warps, smem) -> dict:
+    """Programs resident per SM (limited by shared memory, registers, warps and the program
+    count) and the waves of the grid on the target's GPU (``GPU_LIMITS``): waves below 1 leave
+    SMs idle; a fraction above a whole number is a last, partly filled wave."""
+    limits = GPU_LIMITS[target]
+    if registers is None:  # ptxas printed no usage
+        return dict(resident_per_sm="", waves="")
+    warp_registers = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
+    resident = min(
+        limits["programs"],
+        limits["warps"] // num_warps,
+        limits["registers"] // (warp_registers * num_warps),
+        limits["smem"] // (smem + SMEM_RESERVED),
+    )
+    waves = programs / (resident * limits["sms"]) if resident else float("inf")
+    return dict(resident_per_sm=resident, waves=round(waves, 2))
+
+
 def _config_label(config):
     parts = [f"{k}={v}" for k, v in config.kwargs.items()]
     return " ".join(parts)
@@ -548,6 +575,11 @@ def compile_job(job) -> dict:
         # ptxas counts static shared memory only; Triton allocates its buffers dynamically.
         usage["smem"] = max(usage["smem"], compiled.metadata.shared)
         row.update(ok=True, **usage, **read_ptx(ptx), error="")
+        row.update(
+            occupancy(
+                job["target"], job["programs"], usage["registers"], config.num_warps, usage["smem"]
+            )
+        )
     except Exception as error:  # one failed compile is a row of the report, not the end of it
         row.update(ok=False, error=f"{type(error).__name__}: {error}"[:500].replace("\n", " "))
     return row
@@ -585,6 +617,16 @@ def run_jobs(jobs, workers):
                     programs=same["programs"],
                     programs_per_sm=round(same["programs"] / SMS, 2),
                 )
+                if row["ok"]:
+                    row.update(
+                        occupancy(
+                            same["target"],
+                            same["programs"],
+                            row["registers"],
+                            row["num_warps"],
+                            row["smem"],
+                        )
+                    )
                 yield row
     finally:
         if pool:

@@ -103,3 +103,27 @@ def test_the_report_sees_the_unpadded_layout(rows):
     (v2,) = _mine(rows, "unified-pointer", "gathered_rows_matmul")
     assert v1["ld2"] > 0
     assert v2["registers"] < v1["registers"]
+
+
+def test_product_grids_fill_an_h100(rows):
+    # At k = 410 each product's grid gives every one of the 132 SMs a program, with the programs
+    # resident per SM that shared memory and registers allow (split-K over B is not needed).
+    for kernel in TMA_PRODUCTS:
+        for row in _mine(rows, "unified", kernel):  # dW: into a dense gradient, and as rows
+            assert row["programs"] >= 132 and row["waves"] >= 0.9, row
+
+
+def test_occupancy_takes_the_tightest_limit():
+    sys.path.insert(0, str(ROOT / "perf"))
+    try:
+        import static_report
+    finally:
+        sys.path.remove(str(ROOT / "perf"))
+    smem_bound = static_report.occupancy(90, 264, 64, 4, 100 * 1024)  # 2 x 101 KB <= 228 KB
+    assert smem_bound == dict(resident_per_sm=2, waves=1.0)
+    # 255 registers round up to 256 per thread: 8 warps use 65536, the whole register file.
+    assert static_report.occupancy(90, 132, 255, 8, 1024)["resident_per_sm"] == 1
+    assert static_report.occupancy(90, 132, 32, 32, 1024)["resident_per_sm"] == 2  # 64 warps
+    assert static_report.occupancy(80, 54, 32, 4, 100 * 1024) == dict(
+        resident_per_sm=1, waves=0.5
+    )  # A100: 164 KB of shared memory, 108 SMs
