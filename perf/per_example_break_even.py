@@ -10,7 +10,12 @@ the default margin of ``estimate.masked_dense_is_faster``). CUDA rows come from 
 figures (no GPU has measured them: predictions), CPU rows from the speed model shipped with the
 package (fitted to the committed CPU sweep).
 
+``--measure`` also times, on this machine's CPU, the per-example layer backward both ways at
+several k around the CPU prediction (B = 512, M = N = 4096, fp32, row-sparse gradient, interleaved
+rounds): whether the shipped model's break-even holds.
+
     python perf/per_example_break_even.py [--out perf/results/per-example-break-even.csv]
+    python perf/per_example_break_even.py --measure [--threads 2]
 """
 
 import argparse
@@ -21,6 +26,8 @@ from pathlib import Path
 import torch
 
 from triton_mebp import estimate
+from triton_mebp.bench import harness
+from triton_mebp.functional import _mebp_linear
 
 # (device, dtype, batch, in_features, out_features, grad)
 CASES = [
@@ -95,12 +102,56 @@ def case_row(device, dtype, B, M, N, grad):
     )
 
 
+MEASURED_KS = (0.02, 0.05, 0.07, 0.1, 0.15)
+
+
+def measure(out, B=512, width=4096, ratios=MEASURED_KS, rounds=5, min_run_time=2.0):
+    """Per-example layer backward (dx, dW row-sparse, db) by its own products and by dense
+    products on the masked dy, on the CPU, interleaved; rows in the harness's CSV schema."""
+    torch.manual_seed(0)
+    x = torch.randn(B, width, requires_grad=True)
+    w = torch.randn(width, width, requires_grad=True)
+    b = torch.randn(width, requires_grad=True)
+    dy = torch.randn(B, width)
+    backwards, ks = {}, {}
+    for ratio in ratios:
+        k = round(ratio * width)
+        for masked in (False, True):
+            y = _mebp_linear(x, w, b, k, "per_example", "sparse", False, None, None, masked)
+            name = f"{'masked-dense' if masked else 'per-example'} k={k}"
+            backwards[name] = lambda y=y: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+            ks[name] = k
+    timings = harness.measure_side_by_side(
+        backwards, "cpu", min_run_time=min_run_time, rounds=rounds
+    )
+    rows = [
+        dict(
+            kernel="layer",
+            provider="mebp-torch-masked-dense" if name.startswith("masked") else "mebp-torch",
+            mode="per_example",
+            grad="sparse",
+            dtype="fp32",
+            batch=B,
+            in_features=width,
+            out_features=width,
+            k=ks[name],
+            metric="backward",
+            **harness.timing_fields(timing),
+        )
+        for name, timing in timings.items()
+    ]
+    harness.write_rows(rows, out, harness.environment(torch.device("cpu")))
+    for name, timing in timings.items():
+        print(f"{name:<22}{timing.median_ms:>9.1f} ms  ({timing.q20_ms:.1f}-{timing.q80_ms:.1f})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out",
-        default=str(Path(__file__).parent / "results" / "per-example-break-even.csv"),
-    )
+    results = Path(__file__).parent / "results"
+    parser.add_argument("--out", default=str(results / "per-example-break-even.csv"))
+    parser.add_argument("--measure", action="store_true", help="also time both ways on the CPU")
+    parser.add_argument("--measured-out", default=str(results / "per-example-masked-dense-cpu.csv"))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for --measure")
     args = parser.parse_args(argv)
     os.environ.pop(estimate.DATA_ENV, None)  # the shipped model, not a local sweep
     rows = [case_row(*case) for case in CASES]
@@ -115,6 +166,10 @@ def main(argv=None):
             f"({r['break_even_pct']}%), auto dense from k = {r['auto_dense_from_k']} "
             f"({r['model']})"
         )
+    if args.measure:
+        torch.set_num_threads(args.threads)
+        measure(args.measured_out)
+        print(f"wrote {args.measured_out}")
     return 0
 
 
