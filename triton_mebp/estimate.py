@@ -11,14 +11,18 @@ gradient layout:
   selection, the zero fill of a dense gradient, fixed costs); for a full training step
   (``metric="step-sgd"`` / ``"step-adam"``) also ``B·M·N``, the forward pass it holds.
 
-The predicted speedup is the ratio of the two. Which model answers (``Estimate.model``):
+The predicted speedup is the ratio of the two. For per-example mode ``Estimate.masked_dense_ms``
+also prices the same gradient by dense products on the masked ``dy`` (the dense backward, the
+selection's terms of the per-example fit, the masked gradient's zero fill at the copy bandwidth),
+which ``MeLinear(auto=True)`` runs where ``masked_dense_is_faster`` says so.
+Which model answers (``Estimate.model``):
 
 - ``"data"``: fitted to the sweep CSV(s) passed as ``data=`` (or named by
   ``$TRITON_MEBP_SWEEP_CSV``), each device's latest commit;
 - ``"shipped"``: coefficients shipped with the package (``triton_mebp/data/speed_model.json``,
   written by ``mebp sweep --fit`` from the project's committed sweep, one commit per device);
 - ``"nominal"``: a roofline model from nominal device figures (``NOMINAL``) where neither covers
-  the device.
+  the device; it prices per-example products as the memory traffic they are (``_nominal``).
 """
 
 import csv
