@@ -643,13 +643,16 @@ SUMMARY_FIELDS = (
     "st16",
     "st2",
     "cp_async16",
+    "tma",
     "wgmma",
     "programs_per_sm",
+    "waves",
 )
 
 
 def summary(paths, dtype="bf16", k="410", target="sm_90") -> str:
-    """Markdown table of the unified path, v1 against v2, each kernel's first config, from CSVs."""
+    """Markdown table of the unified path, v1 against v2 (without and with TMA), each kernel's
+    first config, from CSVs."""
     lines = [
         "| triton | path | kernel | config | " + " | ".join(SUMMARY_FIELDS) + " |",
         "|---" * (4 + len(SUMMARY_FIELDS)) + "|",
@@ -661,16 +664,20 @@ def summary(paths, dtype="bf16", k="410", target="sm_90") -> str:
                 for r in csv.DictReader(handle)
                 if r["dtype"] == dtype and r["k"] == k and r["target"] == target
             ]
-        for call in ("unified-v1", "unified"):
-            seen = set()
+        with_tma = {r["kernel"] for r in rows if r["call"] == "unified"}
+        for call, label in (
+            ("unified-v1", "v1"),
+            ("unified-pointer", "v2 TMA=0"),
+            ("unified", "v2"),
+        ):
+            seen = set(with_tma) if call == "unified-pointer" else set()  # its products only
             for row in rows:
                 if row["call"] != call or row["kernel"] in seen:
                     continue
                 seen.add(row["kernel"])  # the first row of a kernel is its first config
-                label = "v1" if call.endswith("v1") else "v2"
                 lines.append(
                     f"| {row['triton']} | {label} | {row['kernel']} | {row['config']} | "
-                    + " | ".join(row[f] for f in SUMMARY_FIELDS)
+                    + " | ".join(row.get(f, "") for f in SUMMARY_FIELDS)
                     + " |"
                 )
     return "\n".join(lines)
