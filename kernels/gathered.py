@@ -9,6 +9,12 @@ Per-example layout (values ``v`` and indices ``i``, both B x k):
   ``dW[r, :] = sum over (b, j) with i[b, j] == r of v[b, j] * x[b, :]``, by sorted segments: the
   (b, j) pairs are sorted by row once, then each program sums one row's segment in a fixed order.
   No atomics, so the result is deterministic.
+
+Mixed precision (autocast with float32 master weights): the operands may differ in dtype. The
+matrix products cast each loaded tile of the second operand (the gathered rows of W, the tiles
+of x) to the dtype of the first (``dy_c``) before ``tl.dot``, so they multiply in bf16/fp16 and
+accumulate in float32; W and x are never copied whole. The per-example kernels widen both
+operands to float32. Outputs take the dtype of the tensor written (``dtype=``, ``out``).
 """
 
 import functools
@@ -309,19 +315,21 @@ def _segment_rows_kernel(
     )
 
 
-def _dot_smem_bytes(a_block, b_block, elem_bytes, stages):
-    return (a_block + b_block) * elem_bytes * stages
+def _dot_smem_bytes(a_block, a_bytes, b_block, b_bytes, stages):
+    """Shared memory of a pipelined product whose operand tiles are loaded in their own dtypes."""
+    return (a_block * a_bytes + b_block * b_bytes) * stages
 
 
 def _prune_dx(configs, named_args):
-    elem = named_args["a_ptr"].element_size()
+    a_bytes, w_bytes = named_args["a_ptr"].element_size(), named_args["w_ptr"].element_size()
     fitting = [
         c
         for c in configs
         if _dot_smem_bytes(
             c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_K"],
+            a_bytes,
             c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_M"],
-            elem,
+            w_bytes,
             c.num_stages,
         )
         <= SMEM_LIMIT
@@ -331,14 +339,15 @@ def _prune_dx(configs, named_args):
 
 
 def _prune_dw(configs, named_args):
-    elem = named_args["a_ptr"].element_size()
+    a_bytes, x_bytes = named_args["a_ptr"].element_size(), named_args["x_ptr"].element_size()
     fitting = [
         c
         for c in configs
         if _dot_smem_bytes(
             c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_B"],
+            a_bytes,
             c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_M"],
-            elem,
+            x_bytes,
             c.num_stages,
         )
         <= SMEM_LIMIT
@@ -467,10 +476,29 @@ def _descriptor(rows: torch.Tensor, width: int) -> TensorDescriptor:
     return TensorDescriptor(rows, [rows.shape[0], width], [rows.stride(0), 1], [1, 1])
 
 
+# PyTorch's GEMM with a float32 result straight from the accumulator of fp16/bf16 operands (CUDA)
+_MM_OUT_DTYPE = any(
+    schema.overload_name == "dtype" for schema in torch._C._jit_get_schemas_for_operator("aten::mm")
+)
+
+
+def _library_product(a, b, dtype):
+    """``a @ b`` by cuBLAS (the ``TRITON_MEBP_PRODUCTS`` route) as the kernels compute it: ``b``
+    cast to ``a``'s dtype, float32 accumulation, the result in ``dtype``."""
+    b = b.to(a.dtype)
+    if dtype == a.dtype:
+        return torch.matmul(a, b)
+    if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    wide = torch.promote_types(dtype, torch.float32)  # products of the rounded operands are exact
+    return torch.matmul(a.to(wide), b.to(wide)).to(dtype)
+
+
 def gathered_input_grad(
     dy_c: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor
 ) -> torch.Tensor:
-    """``dy_c @ weight[idx]`` (B x M), in ``dy_c``'s dtype.
+    """``dy_c @ weight[idx]`` (B x M), in ``dy_c``'s dtype; the gathered rows are cast to it
+    (float32 accumulation).
 
     The Triton kernel gathers the rows of ``weight`` inside (a ``dy_c`` from ``unified_select``
     (v2) is read whole tiles at a time from its zero padding); the cuBLAS route
@@ -478,7 +506,7 @@ def gathered_input_grad(
     check_dtypes("gathered_input_grad", dy_c=dy_c, weight=weight)
     check_indices("gathered_input_grad", idx=idx)
     if product_route("dx") == "cublas":
-        return torch.matmul(dy_c, weight.index_select(0, idx).to(dy_c.dtype))
+        return _library_product(dy_c, weight.index_select(0, idx), dy_c.dtype)
     B, K = dy_c.shape
     K_loop = padded_width(dy_c)
     M = weight.shape[1]
@@ -529,25 +557,31 @@ def gathered_input_grad(
 
 
 def gathered_weight_grad(
-    dy_c: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None
+    dy_c: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``dy_c.T @ x``: the k selected rows of dW (k x M), or written into ``out[idx]`` if given.
+    """``dy_c.T @ x``: the k selected rows of dW (k x M, ``dtype``, default ``dy_c``'s), or
+    written into ``out[idx]`` if given. Tiles of ``x`` are cast to ``dy_c``'s dtype; the float32
+    accumulator is rounded once, to the output's dtype.
 
     The Triton kernel stores the rows straight into ``out``; the cuBLAS route
     (``TRITON_MEBP_PRODUCTS``) computes them apart and copies them in."""
-    check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out)
+    check_dtypes("gathered_weight_grad", dy_c=dy_c, x=x, out=out, dtype=dtype)
     check_indices("gathered_weight_grad", idx=idx)
     if product_route("dw", scatter=out is not None) == "cublas":
-        rows = torch.matmul(dy_c.t(), x.to(dy_c.dtype))
+        rows = _library_product(dy_c.t(), x, out.dtype if out is not None else dtype or dy_c.dtype)
         if out is None:
             return rows
-        return out.index_copy_(0, idx.long(), rows.to(out.dtype))
+        return out.index_copy_(0, idx.long(), rows)
     B, K = dy_c.shape
     K_loop = padded_width(dy_c)
     M = x.shape[1]
     scatter = out is not None
     if not scatter:
-        out = torch.empty((K, M), dtype=dy_c.dtype, device=dy_c.device)
+        out = torch.empty((K, M), dtype=dtype or dy_c.dtype, device=dy_c.device)
     if B == 0:
         if not scatter:
             out.zero_()
@@ -598,7 +632,8 @@ def gathered_weight_grad(
 def per_example_input_grad(
     values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
+    """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M, dtype of ``values``), summed in
+    float32 from both operands as stored."""
     check_dtypes("per_example_input_grad", values=values, weight=weight)
     check_indices("per_example_input_grad", idx=idx)
     B, K = values.shape
@@ -645,9 +680,14 @@ def _distinct_rows(seg: torch.Tensor):
 
 
 def per_example_weight_grad(
-    values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int, dense: bool = False
+    values: torch.Tensor,
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    n_rows: int,
+    dense: bool = False,
+    dtype: torch.dtype | None = None,
 ):
-    """Rows of dW touched by a per-example selection, each summed over its examples.
+    """Rows of dW touched by a per-example selection, each summed over its examples (in float32).
 
     Returns ``(rows, grad)``: the distinct selected rows ascending (int64) and their gradient
     (len(rows) x M); with ``dense=True``, ``(None, grad)`` with the whole n_rows x M gradient,
@@ -655,9 +695,9 @@ def per_example_weight_grad(
     segment bounds by binary search) and one program sums each row's segment in a fixed order:
     deterministic, no atomics. ``dense=True`` reads nothing on the host (no sync on a GPU, so a
     step can be captured in a CUDA graph); the row-sparse result reads the number of distinct
-    rows once, since it sizes the result.
+    rows once, since it sizes the result. The gradient in ``dtype`` (default ``values``'s).
     """
-    check_dtypes("per_example_weight_grad", values=values, x=x)
+    check_dtypes("per_example_weight_grad", values=values, x=x, dtype=dtype)
     check_indices("per_example_weight_grad", idx=idx)
     B, K = values.shape
     M = x.shape[1]
@@ -666,7 +706,7 @@ def per_example_weight_grad(
     if not dense:
         rows, seg = _distinct_rows(seg)
     n_out = seg.numel() - 1
-    target = torch.empty((n_out, M), dtype=values.dtype, device=x.device)
+    target = torch.empty((n_out, M), dtype=dtype or values.dtype, device=x.device)
     if n_out > 0 and M > 0:
         examples = order // K
         ordered_values = values.reshape(-1)[order]

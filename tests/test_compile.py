@@ -91,6 +91,33 @@ def test_compiled_per_example_with_dense_products_matches_eager(monkeypatch, gra
     assert [d[1] for d in compiled_model[0]._auto_decisions.values()] == [True]
 
 
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_compiled_training_under_autocast_matches_eager(mode):
+    """float32 master weights, bf16 autocast: the compiled backward (the ``linear`` operator's)
+    runs the same bf16 products as the eager one (float32 products would differ by ~1e-3) and
+    returns float32 weight gradients."""
+    eager = make_mlp(mode, "dense")
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+
+    def autocast(model):
+        def run(x):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                return model(x)
+
+        return run
+
+    batches = [torch.randn(5, 8, device=DEVICE)]
+    for model, run in ((eager, autocast(eager)), (compiled_model, autocast(compiled))):
+        model.zero_grad(set_to_none=True)
+        y = run(batches[0])
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+    for expected, actual in zip(dense_grads(eager), dense_grads(compiled_model)):
+        assert actual.dtype == torch.float32
+        assert_close(actual, expected, torch.float32)  # the same bf16 products
+
+
 def test_inductor_compiles_a_training_step():
     eager = make_mlp("unified", "dense")
     compiled_model = copy.deepcopy(eager)
@@ -124,6 +151,13 @@ def op_samples():
         (OPS.per_example_input_grad.default, (values, per_idx, w)),
         (OPS.per_example_weight_grad.default, (values, per_idx, x, N)),
         (OPS.per_example_weight_grad_dense.default, (values, per_idx, x, N)),
+        # Autocast's mixed operands: fp16 dy_c/values, float32 x and W, float32 dW.
+        (OPS.gathered_input_grad.default, (dy_c.half(), w, idx)),
+        (OPS.gathered_weight_grad.default, (dy_c.half(), x, idx, torch.float32)),
+        (OPS.gathered_weight_grad_dense.default, (dy_c.half(), x, idx, w)),
+        (OPS.per_example_input_grad.default, (values.half(), per_idx, w)),
+        (OPS.per_example_weight_grad.default, (values.half(), per_idx, x, N, torch.float32)),
+        (OPS.per_example_weight_grad_dense.default, (values.half(), per_idx, x, N, torch.float32)),
         (
             OPS.row_sgd_step.default,
             (w.clone(), idx, rows, torch.zeros(N), torch.zeros(N, M)),

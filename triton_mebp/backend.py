@@ -52,38 +52,65 @@ class Backend(Protocol):
         hits += 1 per selection."""
         ...
 
-    # Products of the backward pass on the selected entries.
+    # Products of the backward pass on the selected entries. Operands may differ in dtype
+    # (autocast: bf16/fp16 ``dy_c``/``values`` and ``x``, float32 ``weight``): matrix products
+    # cast the other operand to ``dy_c``'s dtype (gathered rows only, never the whole weight)
+    # and accumulate in float32; the per-example sums widen both operands to float32.
     def gathered_input_grad(self, dy_c: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-        """``dy_c @ weight[idx]`` (B x M)."""
+        """``dy_c @ weight[idx]`` (B x M, dtype of ``dy_c``)."""
         ...
 
     def gathered_weight_grad(
-        self, dy_c: Tensor, x: Tensor, idx: Tensor, out: Tensor | None = None
+        self,
+        dy_c: Tensor,
+        x: Tensor,
+        idx: Tensor,
+        out: Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """``dy_c.T @ x`` (k x M), or written into the rows ``idx`` of ``out`` and ``out``
-        returned."""
+        """``dy_c.T @ x`` (k x M, ``dtype``, default ``dy_c``'s), or written into the rows ``idx``
+        of ``out`` and ``out`` returned."""
         ...
 
     def per_example_input_grad(self, values: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
-        """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M)."""
+        """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]`` (B x M, dtype of ``values``)."""
         ...
 
     @overload
     def per_example_weight_grad(
-        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: Literal[False] = False
+        self,
+        values: Tensor,
+        idx: Tensor,
+        x: Tensor,
+        n_rows: int,
+        dense: Literal[False] = False,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]: ...
 
     @overload
     def per_example_weight_grad(
-        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: Literal[True]
+        self,
+        values: Tensor,
+        idx: Tensor,
+        x: Tensor,
+        n_rows: int,
+        dense: Literal[True],
+        dtype: torch.dtype | None = None,
     ) -> tuple[None, Tensor]: ...
 
     def per_example_weight_grad(
-        self, values: Tensor, idx: Tensor, x: Tensor, n_rows: int, dense: bool = False
+        self,
+        values: Tensor,
+        idx: Tensor,
+        x: Tensor,
+        n_rows: int,
+        dense: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor | None, Tensor]:
         """``(rows, grad)``: the distinct selected rows ascending and their gradient rows (their
         number read on the host once), or with ``dense=True`` ``(None, grad)`` with the whole
-        n_rows x M gradient (zero rows where nothing was selected), read nothing on the host."""
+        n_rows x M gradient (zero rows where nothing was selected), read nothing on the host; the
+        gradient in ``dtype`` (default ``values``'s)."""
         ...
 
     # Row-sparse optimizer updates, in place on the rows ``idx`` (distinct) of a 2-D parameter

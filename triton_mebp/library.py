@@ -27,9 +27,14 @@ LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _DEVICES = ("CPU", "CUDA")
 
 
-def _ops(tensor, width=1):
+def _ops(tensor, width=1, others=()):
     """The backend for ``tensor``; the PyTorch ops for products of no columns (the kernels need
-    at least one)."""
+    at least one) and where another operand or the output (``others``: tensors or dtypes, None
+    for none) has a dtype the kernels do not compute (a float64 weight under autocast)."""
+    for other in others:
+        dtype = other.dtype if isinstance(other, torch.Tensor) else other
+        if dtype is not None and dtype not in backend.KERNEL_DTYPES:
+            return torch_ops
     return backend.ops_for(tensor) if width else torch_ops
 
 
@@ -120,7 +125,7 @@ define("count_examples(Tensor(a!) counter, Tensor dy) -> ()", _count_examples, _
 
 
 def _gathered_input_grad(dy_c, weight, idx):
-    return _ops(dy_c, weight.shape[1]).gathered_input_grad(dy_c, weight, idx)
+    return _ops(dy_c, weight.shape[1], (weight,)).gathered_input_grad(dy_c, weight, idx)
 
 
 def _gathered_input_grad_fake(dy_c, weight, idx):
@@ -134,28 +139,28 @@ define(
 )
 
 
-def _gathered_weight_grad(dy_c, x, idx):
-    return _ops(dy_c, x.shape[1]).gathered_weight_grad(dy_c, x, idx)
+def _gathered_weight_grad(dy_c, x, idx, dtype=None):
+    return _ops(dy_c, x.shape[1], (x, dtype)).gathered_weight_grad(dy_c, x, idx, dtype=dtype)
 
 
-def _gathered_weight_grad_fake(dy_c, x, idx):
-    return dy_c.new_empty(dy_c.shape[1], x.shape[1])
+def _gathered_weight_grad_fake(dy_c, x, idx, dtype=None):
+    return dy_c.new_empty(dy_c.shape[1], x.shape[1], dtype=dtype or dy_c.dtype)
 
 
 define(
-    "gathered_weight_grad(Tensor dy_c, Tensor x, Tensor idx) -> Tensor",
+    "gathered_weight_grad(Tensor dy_c, Tensor x, Tensor idx, ScalarType? dtype=None) -> Tensor",
     _gathered_weight_grad,
     _gathered_weight_grad_fake,
 )
 
 
 def _gathered_weight_grad_dense(dy_c, x, idx, weight):
-    out = zeroed_grad_buffer(weight, dy_c.dtype)
-    return _ops(dy_c, x.shape[1]).gathered_weight_grad(dy_c, x, idx, out=out)
+    out = zeroed_grad_buffer(weight, weight.dtype)
+    return _ops(dy_c, x.shape[1], (x, out)).gathered_weight_grad(dy_c, x, idx, out=out)
 
 
 def _gathered_weight_grad_dense_fake(dy_c, x, idx, weight):
-    return dy_c.new_empty(weight.shape[0], x.shape[1])
+    return weight.new_empty(weight.shape[0], x.shape[1])
 
 
 define(
@@ -169,7 +174,7 @@ define(
 
 
 def _per_example_input_grad(values, idx, weight):
-    return _ops(values, weight.shape[1]).per_example_input_grad(values, idx, weight)
+    return _ops(values, weight.shape[1], (weight,)).per_example_input_grad(values, idx, weight)
 
 
 def _per_example_input_grad_fake(values, idx, weight):
@@ -183,33 +188,39 @@ define(
 )
 
 
-def _per_example_weight_grad(values, idx, x, n_rows):
-    return _ops(values, x.shape[1]).per_example_weight_grad(values, idx, x, n_rows)
+def _per_example_weight_grad(values, idx, x, n_rows, dtype=None):
+    ops = _ops(values, x.shape[1], (x, dtype))
+    return ops.per_example_weight_grad(values, idx, x, n_rows, dtype=dtype)
 
 
-def _per_example_weight_grad_fake(values, idx, x, n_rows):
+def _per_example_weight_grad_fake(values, idx, x, n_rows, dtype=None):
     distinct = torch.library.get_ctx().new_dynamic_size()  # rows selected by some example
-    return values.new_empty(distinct, dtype=torch.int64), values.new_empty(distinct, x.shape[1])
+    return (
+        values.new_empty(distinct, dtype=torch.int64),
+        values.new_empty(distinct, x.shape[1], dtype=dtype or values.dtype),
+    )
 
 
 define(
-    "per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows) "
-    "-> (Tensor, Tensor)",
+    "per_example_weight_grad(Tensor values, Tensor idx, Tensor x, SymInt n_rows, "
+    "ScalarType? dtype=None) -> (Tensor, Tensor)",
     _per_example_weight_grad,
     _per_example_weight_grad_fake,
 )
 
 
-def _per_example_weight_grad_dense(values, idx, x, n_rows):
-    return _ops(values, x.shape[1]).per_example_weight_grad(values, idx, x, n_rows, dense=True)[1]
+def _per_example_weight_grad_dense(values, idx, x, n_rows, dtype=None):
+    ops = _ops(values, x.shape[1], (x, dtype))
+    return ops.per_example_weight_grad(values, idx, x, n_rows, dense=True, dtype=dtype)[1]
 
 
-def _per_example_weight_grad_dense_fake(values, idx, x, n_rows):
-    return values.new_empty(n_rows, x.shape[1])
+def _per_example_weight_grad_dense_fake(values, idx, x, n_rows, dtype=None):
+    return values.new_empty(n_rows, x.shape[1], dtype=dtype or values.dtype)
 
 
 define(
-    "per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows) -> Tensor",
+    "per_example_weight_grad_dense(Tensor values, Tensor idx, Tensor x, SymInt n_rows, "
+    "ScalarType? dtype=None) -> Tensor",
     _per_example_weight_grad_dense,
     _per_example_weight_grad_dense_fake,
 )
@@ -378,15 +389,15 @@ define(
 OPS = torch.ops.triton_mebp
 
 
-def _gathered_weight_grad_through_op(dy_c, x, idx, out=None):
-    rows = OPS.gathered_weight_grad.default(dy_c, x, idx)
+def _gathered_weight_grad_through_op(dy_c, x, idx, out=None, dtype=None):
+    rows = OPS.gathered_weight_grad.default(dy_c, x, idx, out.dtype if out is not None else dtype)
     return rows if out is None else out.index_copy_(0, idx, rows)
 
 
-def _per_example_weight_grad_through_op(values, idx, x, n_rows, dense=False):
+def _per_example_weight_grad_through_op(values, idx, x, n_rows, dense=False, dtype=None):
     if dense:
-        return None, OPS.per_example_weight_grad_dense.default(values, idx, x, n_rows)
-    return OPS.per_example_weight_grad.default(values, idx, x, n_rows)
+        return None, OPS.per_example_weight_grad_dense.default(values, idx, x, n_rows, dtype)
+    return OPS.per_example_weight_grad.default(values, idx, x, n_rows, dtype)
 
 
 # The backward operations of the backend contract (backend.Backend), under the same names and

@@ -84,20 +84,40 @@ def per_example_select(dy: torch.Tensor, k: int, hits: torch.Tensor | None = Non
     return dy.gather(1, idx), idx
 
 
+def _product(a, b, dtype):
+    """``a @ b`` as the kernels compute it: ``b`` rounded to ``a``'s dtype (autocast: bf16 or
+    fp16), the products summed in float32 at least, the result in ``dtype``."""
+    b = b.to(a.dtype)
+    if dtype == a.dtype:
+        return a @ b
+    wide = torch.promote_types(dtype, torch.float32)  # bf16 x bf16 products are exact in fp32
+    return (a.to(wide) @ b.to(wide)).to(dtype)
+
+
+def _widest(dtype, *tensors):
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 def gathered_input_grad(dy_c, weight, idx):
-    return dy_c @ weight.index_select(0, idx)
+    """``dy_c @ weight[idx]`` in ``dy_c``'s dtype: only the gathered rows are cast."""
+    return _product(dy_c, weight.index_select(0, idx), dy_c.dtype)
 
 
-def gathered_weight_grad(dy_c, x, idx, out=None):
-    rows = dy_c.t() @ x
+def gathered_weight_grad(dy_c, x, idx, out=None, dtype=None):
+    rows = _product(dy_c.t(), x, out.dtype if out is not None else dtype or dy_c.dtype)
     if out is None:
         return rows
     return out.index_copy_(0, idx, rows)
 
 
 def per_example_input_grad(values, idx, weight):
-    """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]``: a weighted bag of rows per example."""
-    return F.embedding_bag(idx, weight, per_sample_weights=values, mode="sum")
+    """``dx[b] = sum_j values[b, j] * weight[idx[b, j]]``: a weighted bag of rows per example,
+    summed in the wider dtype of the two (as the kernel, which widens both to float32)."""
+    wide = _widest(values.dtype, weight)
+    dx = F.embedding_bag(idx, weight.to(wide), per_sample_weights=values.to(wide), mode="sum")
+    return dx.to(values.dtype)
 
 
 def _row_segments(idx, n_rows):
@@ -127,10 +147,11 @@ def selected_rows(idx: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.argsort((~present).to(torch.uint8), stable=True)[:count]  # present rows first
 
 
-def per_example_weight_grad(values, idx, x, n_rows, dense=False):
+def per_example_weight_grad(values, idx, x, n_rows, dense=False, dtype=None):
     """``(rows, grad)``: the distinct selected rows ascending and their gradient rows, or with
     ``dense=True`` ``(None, grad)`` with the whole n_rows x M gradient (zero rows where nothing
-    was selected, and no host read: no sync on a GPU).
+    was selected, and no host read: no sync on a GPU); the gradient in ``dtype`` (default
+    ``values``'s).
 
     The (example, slot) pairs are sorted by row once; each row's gradient is then a weighted bag
     of the input rows of the examples that selected it (an empty bag sums to zero). The
@@ -139,10 +160,16 @@ def per_example_weight_grad(values, idx, x, n_rows, dense=False):
     B, K = values.shape
     order, seg = _row_segments(idx, n_rows)
     rows, starts = (None, seg[:-1]) if dense else _distinct_rows(seg)
+    dtype = dtype or values.dtype
+    wide = _widest(dtype, values, x)
     grad = F.embedding_bag(
-        order // K, x, starts, per_sample_weights=values.reshape(-1)[order], mode="sum"
+        order // K,
+        x.to(wide),
+        starts,
+        per_sample_weights=values.reshape(-1)[order].to(wide),
+        mode="sum",
     )
-    return rows, grad
+    return rows, grad.to(dtype)
 
 
 def _compute_dtype(dtype):
