@@ -69,7 +69,9 @@ def bf16_dot(monkeypatch):
 
     Triton's interpreter stores bfloat16 as uint16 bit patterns and its dot multiplies those
     integers (the compiled kernels use bf16 x bf16 -> fp32 MMA instructions); this widens the
-    operands to float32 first, so the kernels' bf16 loads, masks and stores can be tested.
+    operands to float32 first, so the kernels' bf16 loads, masks and stores can be tested. Its
+    float32 -> bfloat16 conversion truncates; compiled code rounds to nearest even, and so does
+    this fixture's (autocast's products cast float32 tiles of W and x to bf16 in the kernels).
     """
     if not os.environ.get("TRITON_INTERPRET") == "1":
         yield
@@ -91,5 +93,17 @@ def bf16_dot(monkeypatch):
             raise NotImplementedError("bf16 accumulators are not widened")
         return original(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
 
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return original_cast(self, src, dst_type)
+        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+        nearest_even = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        nan = np.isnan(src.data)
+        rounded = np.where(nan, (bits >> 16) | 0x40, nearest_even).astype(np.uint16)
+        return interpreter.TensorHandle(rounded, tl.bfloat16)
+
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
     yield

@@ -6,7 +6,7 @@ import torch
 
 import triton_mebp as mebp
 from aot import compile_specs
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, TOLERANCES, assert_close
 from reference import mebp_reference, separated_grad
 from triton_mebp import backend, torch_ops
 from triton_mebp.kernels import fused_mlp, gathered, optim_rows, selection
@@ -137,7 +137,7 @@ def test_float64_lstm_on_the_triton_backend(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_autocast_input_of_another_dtype_than_the_weight(any_backend, mode):
+def test_autocast_input_of_another_dtype_than_the_weight(any_backend, bf16_dot, mode):
     """A bf16 input (an earlier autocast layer's output) into a float32 layer under autocast."""
     B, M, N, k = 4, 8, 6, 2
     x = torch.randn(B, M, device=DEVICE).to(torch.bfloat16).requires_grad_()
@@ -147,10 +147,138 @@ def test_autocast_input_of_another_dtype_than_the_weight(any_backend, mode):
         y = mebp.mebp_linear(x, w, k=k, mode=mode)
     y.float().backward(dy)
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
-    # The forward rounded w to bf16; the backward uses the float32 weight.
     ref_dx, ref_dw, _ = mebp_reference(x.detach(), w.detach(), dy, k, mode)
     assert_close(x.grad, ref_dx, torch.bfloat16)
     assert_close(w.grad, ref_dw, torch.bfloat16)
+
+
+# Mixed precision: under autocast with float32 weights the backward runs in the autocast dtype
+# (selection on dy, and the unified products on dy_c, x and the gathered rows of W rounded to
+# it, with float32 accumulation); dW and db come out in the weight's dtype.
+
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+
+
+class _Spy:
+    """A backend wrapper recording, per operation, the dtypes of the floating tensors it received
+    and of the last floating tensor it returned, and the 2-D tensors it saw."""
+
+    def __init__(self, ops):
+        self.ops, self.calls, self.weights = ops, {}, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+        if not callable(op):
+            return op
+
+        def recorded(*args, **kwargs):
+            result = op(*args, **kwargs)
+            given = [*args, *kwargs.values()]
+            tensors = [a for a in given if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            out = [r for r in (result if isinstance(result, tuple) else [result])]
+            out = [r for r in out if isinstance(r, torch.Tensor) and r.is_floating_point()]
+            self.calls[name] = ([t.dtype for t in tensors], out[-1].dtype)
+            self.weights += [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+            return result
+
+        return recorded
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Every backend operation the layers call goes through one ``_Spy``."""
+    spies = {}
+    ops_for = backend.ops_for
+
+    def spied(tensor):
+        ops = ops_for(tensor)
+        return spies.setdefault(id(ops), _Spy(ops))
+
+    monkeypatch.setattr(backend, "ops_for", spied)
+    yield spies
+
+
+def _autocast_backward(x, w, b, dy, k, mode, dtype, grad="dense"):
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        y = mebp.mebp_linear(x, w, b, k=k, mode=mode, grad=grad)
+    assert y.dtype == dtype
+    y.backward(dy.to(dtype))
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    return x.grad, w.grad.to_dense(), b.grad, w
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_backward_hands_the_backend_compute_dtype_operands(
+    any_backend, bf16_dot, spy, mode, dtype
+):
+    B, M, N, k = 3, 5, 8, 3
+    x, w, b = torch.randn(B, M), torch.randn(N, M), torch.randn(N)
+    dy = separated_grad(B, N, mode, torch.float32, DEVICE)
+    *_, weight = _autocast_backward(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), dy, k, mode, dtype)
+    (ops,) = spy.values()
+    f32 = torch.float32
+    if mode == "unified":
+        expected = {
+            "unified_select_and_bias": ([dtype], dtype),
+            "gathered_input_grad": ([dtype, f32], dtype),  # dy_c, the float32 weight -> dx
+            "gathered_weight_grad": ([dtype, f32, f32], f32),  # dy_c, x, out -> dW
+        }
+    else:
+        expected = {
+            "per_example_select": ([dtype], dtype),
+            "per_example_input_grad": ([dtype, f32], dtype),
+            "per_example_weight_grad": ([dtype, f32], f32),
+        }
+    assert ops.calls == expected
+    # The weight itself, not a cast copy of it.
+    assert any(t.data_ptr() == weight.data_ptr() for t in ops.weights)
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+@pytest.mark.parametrize(
+    "mode,grad",
+    [("unified", "dense"), ("unified", "sparse")]
+    + [("per_example", "dense"), ("per_example", "sparse")],
+)
+def test_autocast_gradients_match_the_compute_dtype_reference(
+    any_backend, bf16_dot, mode, grad, dtype
+):
+    """Float64 references: the unified products from dy, x and W rounded to the autocast dtype,
+    the per-example sums from dy so rounded and x, W as stored. dW comes out of a float32
+    accumulator, so it meets float32 tolerances: a product of the unrounded x (float32 products)
+    or a dW rounded to bf16/fp16 would be off by about 1e-3."""
+    B, M, N, k = 4, 9, 10, 3
+    x, w, b = (torch.randn(*s, device=DEVICE) for s in ((B, M), (N, M), (N,)))
+    dy = separated_grad(B, N, mode, torch.float32, DEVICE).to(dtype)
+    dx, dw, db, _ = _autocast_backward(x, w, b, dy, k, mode, dtype, grad)
+    rounded = (lambda t: t.to(dtype)) if mode == "unified" else (lambda t: t)
+    ref_dx, ref_dw, ref_db = mebp_reference(rounded(x), rounded(w), dy, k, mode)
+    assert_close(dw, ref_dw, torch.float32)
+    assert_close(dx, ref_dx, dtype)
+    assert_close(db, ref_db, dtype)
+    if mode == "unified":  # the float32 operands as stored would not do
+        _, unrounded_dw, _ = mebp_reference(x, w, dy, k, mode)
+        assert not torch.allclose(dw.double(), unrounded_dw, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+def test_autocast_input_gradient_multiplies_the_rounded_weight_rows(any_backend, bf16_dot, dtype):
+    """Two selected outputs with the same gradient column and weight rows +c(1 + 2^-12) and -c:
+    rounded to bf16/fp16 the rows cancel exactly (dx = 0); in float32 they leave c * 2^-12."""
+    B, M = 3, 4
+    c = torch.tensor([1.0, 1.25, 1.5, 1.75], device=DEVICE)
+    w = torch.zeros(6, M, device=DEVICE)
+    w[2], w[3] = c * (1 + 2.0**-12), -c  # outputs 2 and 3: the largest scores
+    column = torch.tensor([1.0, -2.0, 0.5], device=DEVICE).unsqueeze(1)
+    dy = torch.cat([0.1 * column, 0.2 * column, column, column, 0.3 * column, 0.4 * column], 1)
+    b = torch.zeros(6, device=DEVICE)
+    dx, dw, _, _ = _autocast_backward(
+        torch.randn(B, M, device=DEVICE), w, b, dy, 2, "unified", dtype
+    )
+    assert torch.equal(dx, torch.zeros_like(dx))
+    assert (dw[2:4].abs().sum(1) > 0).all() and not dw[[0, 1, 4, 5]].any()
 
 
 # bfloat16 in the interpreter, through the `bf16_dot` fixture (see conftest.py).

@@ -160,7 +160,7 @@ class _DistributedLayer:
         ops = backend.ops_for(dy)
         rows = work = dw = dx = None
         if ctx.needs_input_grad[1]:
-            rows = ops.gathered_weight_grad(dy_c, x, idx)
+            rows = ops.gathered_weight_grad(dy_c, x, idx, dtype=weight.dtype)
             work = self._all_reduce(rows)
         if ctx.needs_input_grad[0]:
             dx = ops.gathered_input_grad(dy_c, weight, idx)  # while the rows travel
@@ -170,7 +170,7 @@ class _DistributedLayer:
             _wait(work, f"{self._label()}: the all-reduce of the {k} selected weight rows")
             rows.div_(self.world)
             if ctx.grad == "dense":
-                dw = _zeroed_grad_buffer(weight, dy.dtype).index_copy_(0, idx, rows)
+                dw = _zeroed_grad_buffer(weight, weight.dtype).index_copy_(0, idx, rows)
             else:
                 dw = _row_sparse(idx, rows, weight.shape)
         return dx, dw, db
@@ -198,11 +198,11 @@ class _DistributedLayer:
         if ctx.needs_input_grad[1]:
             union = (payload[_HEADER:] > 0).nonzero().flatten()
             if B > 0:
-                rows, grad_rows = ops.per_example_weight_grad(values, idx, x, N)
+                rows, grad_rows = ops.per_example_weight_grad(values, idx, x, N, dtype=weight.dtype)
                 rows = rows.long()
             else:
                 rows = torch.zeros(0, dtype=torch.long, device=dy.device)
-                grad_rows = dy.new_zeros(0, weight.shape[1])
+                grad_rows = weight.new_zeros(0, weight.shape[1])
             if union.numel() < N:  # the union is smaller than the whole gradient
                 self.stats.per_example_union += 1
                 exchanged = grad_rows.new_zeros(union.numel(), weight.shape[1])
@@ -221,7 +221,7 @@ class _DistributedLayer:
                 dw = (
                     exchanged
                     if where is None
-                    else _zeroed_grad_buffer(weight, dy.dtype).index_copy_(0, where, exchanged)
+                    else _zeroed_grad_buffer(weight, weight.dtype).index_copy_(0, where, exchanged)
                 )
             else:
                 where = torch.arange(N, device=dy.device) if where is None else where

@@ -106,13 +106,14 @@ def _watch_row_sparse_grads(weight) -> None:
 
 
 def _dense_backward(dy, x, weight, ctx):
-    """k = width: ordinary back propagation (every neuron selected)."""
+    """k = width: ordinary back propagation (every neuron selected), under autocast as the dense
+    layer's: products in ``dy``'s dtype, dW rounded to it, then cast to the weight's."""
     if ctx.hits is not None:
         OPS.count_examples.default(ctx.hits, dy)
-    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
-        dw = dy.t() @ x
+        dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype)
         if ctx.grad == "sparse":
             dw = _row_sparse(
                 torch.arange(weight.shape[0], device=dw.device), dw, weight.shape, weight
@@ -129,9 +130,8 @@ def _unified_backward(dy, x, weight, ctx):
         if ctx.grad == "dense":
             dw = OPS.gathered_weight_grad_dense.default(dy_c, x, idx, weight)
         else:
-            dw = _row_sparse(
-                idx, OPS.gathered_weight_grad.default(dy_c, x, idx), weight.shape, weight
-            )
+            rows = OPS.gathered_weight_grad.default(dy_c, x, idx, weight.dtype)
+            dw = _row_sparse(idx, rows, weight.shape, weight)
     if ctx.sparse_bias:
         db = dy.new_zeros(weight.shape[0]).index_copy_(0, idx.long(), dy_c.sum(0))
     return dx, dw, db
@@ -151,10 +151,11 @@ def _per_example_backward(dy, x, weight, ctx):
     )
     dw = None
     if ctx.needs_input_grad[1]:
+        n_rows, dtype = weight.shape[0], weight.dtype
         if ctx.grad == "dense":
-            dw = OPS.per_example_weight_grad_dense.default(values, idx, x, weight.shape[0])
+            dw = OPS.per_example_weight_grad_dense.default(values, idx, x, n_rows, dtype)
         else:
-            rows, grad_rows = OPS.per_example_weight_grad.default(values, idx, x, weight.shape[0])
+            rows, grad_rows = OPS.per_example_weight_grad.default(values, idx, x, n_rows, dtype)
             dw = _row_sparse(rows, grad_rows, weight.shape, weight)
     return dx, dw, _per_example_bias_grad(dy, values, idx, weight, ctx)
 
@@ -163,12 +164,13 @@ def _masked_dense_backward(dy, values, idx, x, weight, ctx):
     """Per-example meProp's gradient by dense products (cuBLAS on a GPU): the kept entries
     scattered into a zeroed B x N gradient, then ``dx = dy_m W`` and ``dW = dy_mᵀ x``. The
     per-example products stream a row of W and of x per kept entry, so on a GPU these GEMMs
-    win above a small k (``estimate.masked_dense_is_faster``)."""
+    win above a small k (``estimate.masked_dense_is_faster``). Under autocast as the dense
+    layer's: GEMMs in ``dy``'s dtype, dW rounded to it, then cast to the weight's."""
     kept = torch.zeros_like(dy).scatter_(1, idx, values)
-    dx = kept @ weight if ctx.needs_input_grad[0] else None
+    dx = kept @ weight.to(kept.dtype) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
-        dw = kept.t() @ x
+        dw = (kept.t() @ x.to(kept.dtype)).to(weight.dtype)
         if ctx.grad == "sparse":
             rows = OPS.selected_rows.default(idx, weight.shape[0])
             dw = _row_sparse(rows, dw.index_select(0, rows), weight.shape, weight)
@@ -187,10 +189,17 @@ def _backward(ctx, grad_output, x, weight, hits, refs):
     """Keeps the top-k entries of ``dy`` by magnitude (dense back propagation when k = width)."""
     ctx.hits, ctx.refs = hits, refs
     n_out, n_in = weight.shape
-    # Under autocast the output gradient and the input may come in another dtype than the
-    # weight: the products run in the weight's dtype (autograd casts dx back to x's dtype).
-    dy = grad_output.reshape(-1, n_out).to(weight.dtype)
-    x2 = x.reshape(dy.shape[0], n_in).to(weight.dtype)
+    # Under autocast (ctx.compute_dtype) the selection and the products run in the autocast
+    # dtype, as the dense backward's: dy in that dtype; x and the gathered rows of W cast to it
+    # inside the products (never a copy of the whole weight); float32 accumulation. dx comes out
+    # in the autocast dtype (autograd casts it to x's), dW and db in the weight's dtype. Without
+    # autocast everything runs in the weight's dtype.
+    if ctx.compute_dtype is None:
+        dy = grad_output.reshape(-1, n_out).to(weight.dtype)
+        x2 = x.reshape(dy.shape[0], n_in).to(weight.dtype)
+    else:
+        dy = grad_output.reshape(-1, n_out).to(ctx.compute_dtype)
+        x2 = x.reshape(dy.shape[0], n_in)
     if refs is not None:
         OPS.count_examples.default(refs, dy)
     sync = distributed_backward.get(weight)
@@ -213,6 +222,7 @@ def _backward(ctx, grad_output, x, weight, hits, refs):
             if db.numel() == ctx.bias_shape.numel()
             else grad_output.sum_to_size(ctx.bias_shape)
         )
+    db = db.to(ctx.bias_dtype) if db is not None else None
     return dx, dw, db
 
 
@@ -223,12 +233,15 @@ def _forward(x, weight, bias, compute_dtype):
     return F.linear(x, weight, bias)
 
 
-def _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense):
+def _remember(
+    ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense, compute_dtype
+):
     ctx.save_for_backward(x, weight, hits, refs)
     ctx.k, ctx.mode, ctx.grad, ctx.sparse_bias = k, mode, grad, sparse_bias
-    ctx.masked_dense = masked_dense
+    ctx.masked_dense, ctx.compute_dtype = masked_dense, compute_dtype
     ctx.has_bias = bias is not None
     ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 class MebpLinearFunction(torch.autograd.Function):
@@ -238,7 +251,20 @@ class MebpLinearFunction(torch.autograd.Function):
     def forward(
         ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense, compute_dtype
     ):
-        _remember(ctx, x, weight, bias, k, mode, grad, sparse_bias, hits, refs, masked_dense)
+        _remember(
+            ctx,
+            x,
+            weight,
+            bias,
+            k,
+            mode,
+            grad,
+            sparse_bias,
+            hits,
+            refs,
+            masked_dense,
+            compute_dtype,
+        )
         return _forward(x, weight, bias, compute_dtype)
 
     @staticmethod
@@ -262,7 +288,7 @@ library.define(
 
 
 def _setup_linear(ctx, inputs, output):
-    _remember(ctx, *inputs[:-1])
+    _remember(ctx, *inputs)
 
 
 def _linear_backward(ctx, grad_output):
