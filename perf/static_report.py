@@ -15,6 +15,11 @@ and read:
   (``ld16`` = 16-byte vector loads, ``ld2`` = scalar 2-byte loads, ...); ``cp.async`` copies by size;
   TMA copies; global atomics and their memory order, shared-memory atomics.
 
+Calls: ``unified`` (v2), ``unified-pointer`` (v2 without TMA), ``unified-v1``, ``unified-wide``,
+``per_example`` (v2), ``per_example-v1``, ``row_update``, ``inference``, and ``unified-amp``: the
+unified products under autocast with float32 master weights (bf16/fp16 ``dy_c`` and x, float32 W
+read and dW written; TMA and pointer kernels).
+
 Counts are static (instructions in the code), not dynamic. One CSV row per call x kernel x config
 x dtype x k x target, written to ``perf/results/static-report-triton<version>.csv``.
 
@@ -180,6 +185,22 @@ def _calls(dtype_name, k):
         with _kernel_version("v2"):
             selection.unified_select_and_bias(t(B, N_WIDE), k, t(N_WIDE, dt=torch.int64))
 
+    def unified_amp():
+        """Autocast with float32 master weights: dy_c and x in ``dtype``, W and dW float32. The
+        products alone (the TMA kernels and the pointer ones), on a dy_c laid out as the v2
+        selection returns it."""
+        from triton_mebp.kernels._tiles import mark_zero_padded, padded_columns
+
+        f32 = torch.float32
+        padded = t(B, padded_columns(k))
+        mark_zero_padded(padded)
+        dy_c, idx, x, w = padded[:, :k], t(k, dt=torch.int64), t(B, M), t(N, M, dt=f32)
+        for tma in ("1", "0"):
+            with _kernel_version("v2", tma):
+                gathered.gathered_input_grad(dy_c, w, idx)
+                gathered.gathered_weight_grad(dy_c, x, idx, out=t(N, M, dt=f32))
+                gathered.gathered_weight_grad(dy_c, x, idx, dtype=f32)
+
     def per_example_v1():
         with _kernel_version("v1"):
             selection.per_example_select(t(B, N), k, t(N, dt=torch.int64))
@@ -261,6 +282,8 @@ def _calls(dtype_name, k):
     }
     if k == KS[0]:
         calls["inference"] = inference
+    if dtype_name != "fp32":
+        calls["unified-amp"] = unified_amp
     if dtype_name != "fp16":
         return calls
     return {name: fn for name, fn in calls.items() if name != "row_update"}
@@ -688,8 +711,8 @@ def main(argv=None):
     parser.add_argument(
         "--calls",
         nargs="*",
-        help="unified unified-pointer unified-v1 unified-wide per_example per_example-v1 row_update "
-        "inference",
+        help="unified unified-pointer unified-v1 unified-wide unified-amp per_example "
+        "per_example-v1 row_update inference",
     )
     parser.add_argument("--kernels", nargs="*", help="only these kernels (TunedKernel names)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))

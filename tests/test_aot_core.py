@@ -1,7 +1,8 @@
 """Every core kernel with every autotune config compiles for sm_90 and sm_80 (no GPU needed).
 
 bf16, the main GPU training dtype, compiles every config; fp32 and fp16 compile the first config
-(their own code paths) and, for the matrix products, every config the pruner keeps for them.
+(their own code paths) and, for the matrix products, every config the pruner keeps for them, as
+does autocast's mixed case (bf16 ``dy_c`` with float32 W rows or x, cast to bf16 in the kernel).
 """
 
 import pytest
@@ -13,7 +14,12 @@ from triton_mebp.kernels import gathered
 SEL = "triton_mebp.kernels.selection"
 GAT = "triton_mebp.kernels.gathered"
 STREAM_DTYPES = ("fp32", "bf16")
-DOT_DTYPES = ("fp32", "fp16", "bf16")
+# (dy_c, the other operand): the same dtype, or autocast's bf16 with float32 master weights / x
+DOT_DTYPES = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"))
+
+
+def _dot_label(dt, other):
+    return f"dot-{dt}" if dt == other else f"dot-{dt}-{other}"
 
 
 def _specs():
@@ -185,16 +191,16 @@ def _specs():
                 constexprs={"COUNT_HITS": count},
             )
         )
-    for dt in DOT_DTYPES:
+    for dt, other in DOT_DTYPES:
         precision = "tf32" if dt == "fp32" else "ieee"
         common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
         specs += [
             dict(
                 kernel=f"{GAT}:gathered_rows_matmul",
-                label=f"dot-{dt}",
+                label=_dot_label(dt, other),
                 signature={
                     "a_ptr": f"*{dt}",
-                    "w_ptr": f"*{dt}",
+                    "w_ptr": f"*{other}",
                     "idx_ptr": "*i64",
                     "c_ptr": f"*{dt}",
                     **common,
@@ -214,12 +220,12 @@ def _specs():
             ),
             dict(
                 kernel=f"{GAT}:transposed_matmul_rows",
-                label=f"dot-{dt}",
+                label=_dot_label(dt, other),
                 signature={
                     "a_ptr": f"*{dt}",
-                    "x_ptr": f"*{dt}",
+                    "x_ptr": f"*{other}",
                     "idx_ptr": "*i64",
-                    "out_ptr": f"*{dt}",
+                    "out_ptr": f"*{other}",  # dW: the weight's dtype
                     **common,
                     **{
                         s: "i32"
@@ -238,12 +244,14 @@ def _specs():
         ]
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for spec in specs:
-        dt = spec["label"].replace("dot-", "")
+        dt, *other = spec["label"].replace("dot-", "").split("-")
         name = spec["kernel"].split(":")[1]
         if name in ("gathered_rows_matmul", "transposed_matmul_rows"):
             kernel = getattr(gathered, name)
+            operand = "w_ptr" if name == "gathered_rows_matmul" else "x_ptr"
             large = {
                 "a_ptr": torch.empty(0, dtype=torch_dtypes[dt]),
+                operand: torch.empty(0, dtype=torch_dtypes[(other or [dt])[0]]),
                 "B": 4096,
                 "M": 8192,
                 "K": 4096,
@@ -316,9 +324,7 @@ def test_every_config_compiles_for_hopper_and_ampere(results):
 
 def test_half_precision_products_use_tensor_cores(results):
     for kernel in ("gathered_rows_matmul", "transposed_matmul_rows"):
-        for dt in ("fp16", "bf16"):
-            mine = [
-                r for r in results if r["kernel"].endswith(kernel) and r["label"] == f"dot-{dt}"
-            ]
-            assert any(r["wgmma"] for r in mine if r["target"] == 90), (kernel, dt)
-            assert all(r["mma"] for r in mine if r["target"] == 80), (kernel, dt)
+        for label in ("dot-fp16", "dot-bf16", "dot-bf16-fp32"):
+            mine = [r for r in results if r["kernel"].endswith(kernel) and r["label"] == label]
+            assert mine and any(r["wgmma"] for r in mine if r["target"] == 90), (kernel, label)
+            assert all(r["mma"] for r in mine if r["target"] == 80), (kernel, label)

@@ -4,7 +4,8 @@ The unified path at the target shape (B = 4096, M = N = 8192, k = 410, bf16, sm_
 first config (the one used without tuning): no register spills, no scalar 2-byte loads of the
 matrix tiles, tensor-core (wgmma) instructions in the products, whose dense operands come by TMA
 (and by 16-byte cp.async in the pointer kernels, TRITON_MEBP_TMA=0). The v1 layout (an unpadded
-dy_c of 410 columns) is compiled too, and must show the scalar loads the report is there to catch.
+dy_c of 410 columns) is compiled too, and must show the scalar loads the report is there to catch;
+so are the products under autocast (bf16 dy_c and x, float32 W and dW), both kinds.
 """
 
 import json
@@ -33,6 +34,7 @@ def rows():
             "unified",
             "unified-pointer",
             "unified-v1",
+            "unified-amp",
             "--kernels",
             *HOT,
             *PRODUCTS,
@@ -87,6 +89,17 @@ def test_products_load_whole_aligned_tiles_on_tensor_cores(rows):
             assert row["wgmma"] > 0, row
     (dx,) = _mine(rows, "unified", "gathered_rows_matmul_tma")
     assert dx["cp_async16"] > 0, dx  # the gathered rows of W stay on cp.async
+
+
+def test_autocast_products_stay_on_tensor_cores_without_spills(rows):
+    """float32 master weights under bf16 autocast: the float32 tiles of W are cast to bf16 in
+    the kernel, the products still multiply on tensor cores and do not spill."""
+    for kernel in PRODUCTS + TMA_PRODUCTS:
+        for row in _mine(rows, "unified-amp", kernel):
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+            assert row["ld2"] == 0 and row["ld1"] == 0, row
+            assert row["wgmma"] > 0, row
+            assert row["tma" if kernel in TMA_PRODUCTS else "cp_async16"] > 0, row
 
 
 def test_score_pass_and_gather_move_vectors(rows):
