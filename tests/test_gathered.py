@@ -206,6 +206,13 @@ def test_product_routes_compute_in_the_gradients_dtype(monkeypatch, route):
     dw = ops.gathered_weight_grad(dy_c, x, idx)
     assert dw.dtype == torch.float16
     assert_close(dw, dy_c.double().t() @ x.half().double(), torch.float16)
+    # dW of float32 master weights: from the float32 accumulator, not rounded to float16.
+    expected = dy_c.double().t() @ x.half().double()
+    dw = ops.gathered_weight_grad(dy_c, x, idx, dtype=torch.float32)
+    assert dw.dtype == torch.float32
+    assert_close(dw, expected, torch.float32)
+    dense = ops.gathered_weight_grad(dy_c, x, idx, out=torch.zeros(N, M, device=DEVICE))
+    assert_close(dense[idx], expected, torch.float32)
 
 
 @pytest.mark.parametrize("value", ["cuBLAS", "torch", "dx=cublas,dW=triton", "dx:cublas", ""])
