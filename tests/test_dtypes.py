@@ -281,6 +281,26 @@ def test_autocast_input_gradient_multiplies_the_rounded_weight_rows(any_backend,
     assert (dw[2:4].abs().sum(1) > 0).all() and not dw[[0, 1, 4, 5]].any()
 
 
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+def test_autocast_per_example_by_masked_dense_products(grad):
+    """The per-example gradient by dense GEMMs on the masked dy (``MeLinear(auto=True)``'s
+    choice): under autocast as the dense layer's, bf16 GEMMs, float32 gradients."""
+    from triton_mebp.functional import _mebp_linear
+
+    B, M, N, k = 4, 9, 10, 3
+    x, w, b = (torch.randn(*s, device=DEVICE) for s in ((B, M), (N, M), (N,)))
+    dy = separated_grad(B, N, "per_example", torch.bfloat16, DEVICE)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = _mebp_linear(x, w, b, k, "per_example", grad, False, None, None, True)
+    y.backward(dy)
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    ref_dx, ref_dw, ref_db = mebp_reference(x.detach(), w.detach(), dy, k, "per_example")
+    assert_close(x.grad, ref_dx, torch.bfloat16)
+    assert_close(w.grad.to_dense(), ref_dw, torch.bfloat16)
+    assert_close(b.grad, ref_db, torch.bfloat16)
+
+
 # bfloat16 in the interpreter, through the `bf16_dot` fixture (see conftest.py).
 
 
