@@ -275,6 +275,35 @@ def test_products_read_dense_operands_by_tma_where_they_can(
     }
 
 
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_autocast_operands_on_both_kernel_kinds(monkeypatch, launches, bf16_dot, tma):
+    """bf16 dy_c with float32 W and x (autocast, float32 master weights), through the TMA and
+    the pointer kernels: the float32 tiles are rounded to bf16 in the kernel and dW comes from
+    the float32 accumulator (float32 tolerance against the rounded operands' product)."""
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "triton")
+    monkeypatch.setenv("TRITON_MEBP_TMA", tma)
+    ops = backend.triton_ops()
+    B, N, M, k = 19, 90, 48, 7
+    dy = torch.randn(B, N, device=DEVICE).to(torch.bfloat16)
+    x, w = torch.randn(B, M, device=DEVICE), torch.randn(N, M, device=DEVICE)
+    idx, dy_c = ops.unified_select(dy, k)
+    rows = idx.long()
+    reference = dy.double()[:, rows]
+    rounded_x, rounded_w = x.bfloat16().double(), w.bfloat16().double()
+    launches.clear()
+    dx = ops.gathered_input_grad(dy_c, w, idx)
+    assert dx.dtype == torch.bfloat16
+    assert_close(dx, reference @ rounded_w[rows], torch.bfloat16)
+    rows_dw = ops.gathered_weight_grad(dy_c, x, idx, dtype=torch.float32)
+    assert rows_dw.dtype == torch.float32
+    assert_close(rows_dw, reference.t() @ rounded_x, torch.float32)
+    assert not torch.allclose(rows_dw.double(), reference.t() @ x.double(), rtol=1e-4, atol=1e-4)
+    dense = ops.gathered_weight_grad(dy_c, x, idx, out=torch.zeros(N, M, device=DEVICE))
+    assert_close(dense[rows], reference.t() @ rounded_x, torch.float32)
+    suffix = "_tma_kernel" if tma == "1" else "_kernel"
+    assert set(launches) == {f"_gathered_rows_matmul{suffix}", f"_transposed_matmul_rows{suffix}"}
+
+
 def test_a_bad_tma_choice_is_named(monkeypatch, launches):
     monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "triton")
     monkeypatch.setenv("TRITON_MEBP_TMA", "yes")
