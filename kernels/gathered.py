@@ -274,7 +274,6 @@ def _segment_rows_kernel(
     seg_ptr,
     example_ptr,
     value_ptr,
-    row_ptr,
     x_ptr,
     out_ptr,
     M,
@@ -282,11 +281,11 @@ def _segment_rows_kernel(
     stride_xm,
     stride_on,
     stride_om,
-    SCATTER: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """out[row u] = sum_{t in segment u} value[t] * x[example[t], :]; segments from seg_ptr."""
+    """out[u] = sum_{t in segment u} value[t] * x[example[t], :], the segment
+    seg[u] <= t < seg[u + 1] (an empty one writes a zero row)."""
     u = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -304,12 +303,8 @@ def _segment_rows_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(v[:, None] * x, axis=0)
-    if SCATTER:
-        out_row = tl.load(row_ptr + u).to(tl.int64)
-    else:
-        out_row = u.to(tl.int64)
     tl.store(
-        out_ptr + out_row * stride_on + offs_m * stride_om,
+        out_ptr + u.to(tl.int64) * stride_on + offs_m * stride_om,
         acc.to(out_ptr.dtype.element_ty),
         mask=mask_m,
     )
@@ -714,7 +709,6 @@ def per_example_weight_grad(
             seg,
             examples,
             ordered_values,
-            seg,  # unused without SCATTER
             x,
             target,
             M,
@@ -722,6 +716,5 @@ def per_example_weight_grad(
             x.stride(1),
             target.stride(0),
             target.stride(1),
-            SCATTER=False,
         )
     return rows, target

@@ -210,24 +210,12 @@ def _calls(dtype_name, k):
         with _kernel_version("v2"):
             values, idx = selection.per_example_select(dy, k, t(N, dt=torch.int64))
         gathered.per_example_input_grad(values, idx, w)
-        # per_example_weight_grad sizes its output by the distinct rows (data the meta device
-        # lacks): its segment kernel is launched as it would be, with every row selected.
-        pairs, seg, rows = t(B * k, dt=torch.int64), t(N + 1, dt=torch.int64), t(N, dt=torch.int64)
-        for scatter in (True, False):
-            gathered.segment_rows[lambda meta: (N, triton.cdiv(M, meta["BLOCK_M"]))](
-                seg,
-                pairs,
-                t(B * k),
-                rows,
-                x,
-                t(N, M),
-                M,
-                x.stride(0),
-                x.stride(1),
-                M,
-                1,
-                SCATTER=scatter,
-            )
+        # per_example_weight_grad orders the entries by row with PyTorch ops first (nothing to
+        # compile): its segment kernel is launched as with a dense gradient, one program per row.
+        pairs, seg = t(B * k, dt=torch.int64), t(N + 1, dt=torch.int64)
+        gathered.segment_rows[lambda meta: (N, triton.cdiv(M, meta["BLOCK_M"]))](
+            seg, pairs, t(B * k), x, t(N, M), M, x.stride(0), x.stride(1), M, 1
+        )
 
     def row_updates():
         p, g, idx = t(N, M), t(k, M), t(k, dt=torch.int64)

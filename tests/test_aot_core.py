@@ -89,7 +89,6 @@ def _specs():
                     "seg_ptr": "*i64",
                     "example_ptr": "*i64",
                     "value_ptr": f"*{dt}",
-                    "row_ptr": "*i64",
                     "x_ptr": f"*{dt}",
                     "out_ptr": f"*{dt}",
                     "M": "i32",
@@ -98,7 +97,6 @@ def _specs():
                     "stride_on": "i32",
                     "stride_om": "i32",
                 },
-                constexprs={"SCATTER": dt == "bf16"},
             ),
         ]
     for dt, passes in (("fp32", 4), ("fp16", 3), ("bf16", 2)):
