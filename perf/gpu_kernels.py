@@ -18,7 +18,8 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    ``per_example_break_even.py``); 8. ``host``: host time of 50 backward calls without a sync;
    9. ``check``: bf16 results of the kernels and of the cuBLAS route against the PyTorch ops on
    the same tensors; 10. ``graph``: a training step of a converted MLP (RowAdam, grad="sparse")
-   under the sync debug mode, and replayed from a CUDA graph against eager steps.
+   under the sync debug mode, and replayed from a CUDA graph against eager steps; a per-example
+   backward (grad="dense", by its own products and by auto's choice) under that mode.
 """
 
 import argparse
@@ -406,7 +407,35 @@ def graph_step_check(device):
             results.append(("CUDA graph: max |param - eager| after 5 steps", f"{gap:.3e}"))
         except Exception as error:  # the check reports, the run goes on
             results.append(("CUDA graph of a training step", f"failed: {error!r}"[:200]))
+        for auto in (False, True):
+            results.append(_per_example_backward_syncs(device, xs[0], targets[0], auto))
     return results
+
+
+def _per_example_backward_syncs(device, x, target, auto):
+    """``(name, verdict)``: a per-example backward with dense gradients and hit counting under
+    ``torch.cuda.set_sync_debug_mode("error")``, by its own products or (``auto``, k = 5%) by
+    dense products on the masked dy."""
+    name = f"syncs in a per-example backward (grad=dense, {'auto' if auto else 'own products'})"
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)
+    ).to(device)
+    model = mebp.convert(
+        model, k=0.05, mode="per_example", count_hits=True, auto=auto, skip_output=False
+    )
+    try:
+        F.mse_loss(model(x), target).backward()  # warm-up: compiles, decides
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        F.mse_loss(model(x), target).backward()
+        verdict = "none"
+    except RuntimeError as error:
+        verdict = f"sync: {str(error).splitlines()[0][:120]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return name, verdict
 
 
 if __name__ == "__main__":
