@@ -1,9 +1,11 @@
 """Compiles kernels ahead of time for GPU targets, without a GPU; run as a subprocess.
 
 Reads a JSON list of specs on stdin, each ``{"kernel": "module:attr", "signature": {...},
-"constexprs": {...}, "configs": [...]}`` where ``attr`` is a ``TunedKernel``; compiles the listed
-autotune configs (indices into ``kernel.configs``; all of them if absent) of each for every target
-in ``TARGETS`` and prints one JSON list of results. It runs without
+"constexprs": {...}, "configs": [...], "targets": [...]}`` where ``attr`` is a ``TunedKernel``;
+compiles the listed autotune configs (indices into ``kernel.configs``; all of them if absent) of
+each for the listed targets (default ``TARGETS``) and prints one JSON list of results. Signature
+types may name the config's constexprs, e.g. ``"tensordesc<bf16[{BLOCK_B}, {BLOCK_K}]>"`` for a
+TMA descriptor whose block shape is the config's. It runs without
 ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` with something that cannot compile).
 """
 
@@ -27,7 +29,7 @@ def _compile(job):
     kernel = getattr(importlib.import_module(module_name), attr)
     config = kernel.configs[config_index]
     constexprs = {**spec.get("constexprs", {}), **config.kwargs}
-    signature = dict(spec["signature"])
+    signature = {name: ty.format(**config.kwargs) for name, ty in spec["signature"].items()}
     signature.update({name: "constexpr" for name in constexprs})
     result = {
         "kernel": spec["kernel"],
@@ -67,7 +69,7 @@ def main():
         module_name, attr = spec["kernel"].split(":")
         kernel = getattr(importlib.import_module(module_name), attr)
         indices = spec.get("configs", range(len(kernel.configs)))
-        jobs += [(spec, i, cap) for i in indices for cap in TARGETS]
+        jobs += [(spec, i, cap) for i in indices for cap in spec.get("targets", TARGETS)]
     workers = min(len(jobs), os.cpu_count() or 1) or 1
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_compile, jobs))

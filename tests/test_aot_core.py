@@ -3,6 +3,7 @@
 bf16, the main GPU training dtype, compiles every config; fp32 and fp16 compile the first config
 (their own code paths) and, for the matrix products, every config the pruner keeps for them, as
 does autocast's mixed case (bf16 ``dy_c`` with float32 W rows or x, cast to bf16 in the kernel).
+The products' TMA variants, which the launchers take on Hopper only, compile for sm_90.
 """
 
 import pytest
@@ -240,13 +241,49 @@ def _specs():
                 constexprs={"INPUT_PRECISION": precision, "SCATTER": dt != "fp16"},
             ),
         ]
+    # The TMA variants, taken for 16-bit dy_c on Hopper only: descriptors of the config's blocks.
+    for dt, other in DOT_DTYPES:
+        if dt == "fp32":
+            continue
+        common = {"B": "i32", "M": "i32", "K": "i32", "K_VALID": "i32", "B_BUCKET": "i32"}
+        specs += [
+            dict(
+                kernel=f"{GAT}:gathered_rows_matmul_tma",
+                label=_dot_label(dt, other),
+                signature={
+                    "a_desc": f"tensordesc<{dt}[{{BLOCK_B}}, {{BLOCK_K}}]>",
+                    "w_ptr": f"*{other}",
+                    "idx_ptr": "*i64",
+                    "c_ptr": f"*{dt}",
+                    **common,
+                    **{s: "i32" for s in ("stride_wn", "stride_wm", "stride_cb", "stride_cm")},
+                },
+                constexprs={"INPUT_PRECISION": "ieee"},
+                targets=[90],
+            ),
+            dict(
+                kernel=f"{GAT}:transposed_matmul_rows_tma",
+                label=_dot_label(dt, other),
+                signature={
+                    "a_desc": f"tensordesc<{dt}[{{BLOCK_B}}, {{BLOCK_K}}]>",
+                    "x_desc": f"tensordesc<{other}[{{BLOCK_B}}, {{BLOCK_M}}]>",
+                    "idx_ptr": "*i64",
+                    "out_ptr": f"*{other}",
+                    **common,
+                    "stride_on": "i32",
+                    "stride_om": "i32",
+                },
+                constexprs={"INPUT_PRECISION": "ieee", "SCATTER": dt != "fp16"},
+                targets=[90],
+            ),
+        ]
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for spec in specs:
         dt, *other = spec["label"].replace("dot-", "").split("-")
         name = spec["kernel"].split(":")[1]
-        if name in ("gathered_rows_matmul", "transposed_matmul_rows"):
+        if name.startswith(("gathered_rows_matmul", "transposed_matmul_rows")):
             kernel = getattr(gathered, name)
-            operand = "w_ptr" if name == "gathered_rows_matmul" else "x_ptr"
+            operand = "w_ptr" if name.startswith("gathered_rows_matmul") else "x_ptr"
             large = {
                 "a_ptr": torch.empty(0, dtype=torch_dtypes[dt]),
                 operand: torch.empty(0, dtype=torch_dtypes[(other or [dt])[0]]),
@@ -321,7 +358,12 @@ def test_every_config_compiles_for_hopper_and_ampere(results):
 
 
 def test_half_precision_products_use_tensor_cores(results):
-    for kernel in ("gathered_rows_matmul", "transposed_matmul_rows"):
+    for kernel in (
+        "gathered_rows_matmul",
+        "transposed_matmul_rows",
+        "gathered_rows_matmul_tma",  # compiled for sm_90 only
+        "transposed_matmul_rows_tma",
+    ):
         for label in ("dot-fp16", "dot-bf16", "dot-bf16-fp32"):
             mine = [r for r in results if r["kernel"].endswith(kernel) and r["label"] == label]
             assert mine and any(r["wgmma"] for r in mine if r["target"] == 90), (kernel, label)
