@@ -15,11 +15,13 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    its kernels; 7. ``layer``: the whole layer backward against dense (products by
    ``TRITON_MEBP_PRODUCTS``, default "auto"), per-example also by dense products on the masked dy
    (what auto=True runs above its predicted break-even, timed there too:
-   ``per_example_break_even.py``); 8. ``host``: host time of 50 backward calls without a sync;
+   ``per_example_break_even.py``), and under bf16 autocast with float32 weights (``.../amp``,
+   against dense autocast); 8. ``host``: host time of 50 backward calls without a sync;
    9. ``check``: bf16 results of the kernels and of the cuBLAS route against the PyTorch ops on
-   the same tensors; 10. ``graph``: a training step of a converted MLP (RowAdam, grad="sparse")
-   under the sync debug mode, and replayed from a CUDA graph against eager steps; a per-example
-   backward (grad="dense", by its own products and by auto's choice) under that mode.
+   the same tensors, also with autocast's float32 W and x; 10. ``graph``: a training step of a
+   converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA
+   graph against eager steps; a per-example backward (grad="dense", by its own products and by
+   auto's choice) under that mode.
 """
 
 import argparse
@@ -291,6 +293,27 @@ def main(argv=None):
             k=per_example_ks.get(name, k),
             products=os.environ.get("TRITON_MEBP_PRODUCTS", "auto"),
         )
+    # 7, under autocast: float32 master weights, the forward and the backward in bf16 (dense:
+    # PyTorch's autocast; meProp: bf16 products on the float32 rows of W and tiles of x).
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
+    b32 = torch.zeros(N, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        amp = {"dense/amp": F.linear(x32, w32, b32)}
+        for mode in ("unified", "per_example"):
+            for grad in ("sparse", "dense"):
+                amp[f"{mode}/{grad}/amp"] = mebp.mebp_linear(
+                    x32, w32, b32, k=k, mode=mode, grad=grad
+                )
+    dy16 = dy.to(torch.bfloat16)
+    for name, y in amp.items():
+        row(
+            "layer",
+            name,
+            lambda y=y: torch.autograd.grad(y, (x32, w32, b32), dy16, retain_graph=True),
+            version="v2",
+            k=k,
+            products=os.environ.get("TRITON_MEBP_PRODUCTS", "auto"),
+        )
     # 8: host time of 50 backward calls, no sync between them.
     y = layers["unified/sparse"]
     if device.type == "cuda":
@@ -324,6 +347,19 @@ def main(argv=None):
                         dy_c_t.float().t() @ x.float(),
                     ),
                     ("db", db, dy.float().sum(0)),
+                    # autocast's operands: bf16 dy_c, float32 W and x, float32 dW rows
+                    (
+                        "dx, float32 W",
+                        ops.gathered_input_grad(dy_c.bfloat16(), w32.detach(), idx),
+                        dy_c_t.bfloat16().float() @ w32.detach()[idx_t].bfloat16().float(),
+                    ),
+                    (
+                        "dW rows, float32 x",
+                        ops.gathered_weight_grad(
+                            dy_c.bfloat16(), x32.detach(), idx, dtype=torch.float32
+                        ),
+                        dy_c_t.bfloat16().float().t() @ x32.detach().bfloat16().float(),
+                    ),
                 ):
                     error = (mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
                     row(
