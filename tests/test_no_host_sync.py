@@ -91,6 +91,30 @@ def test_unified_backward_makes_no_host_sync(
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
 
 
+@pytest.mark.parametrize("grad", ["dense", "sparse"])
+def test_unified_backward_on_tma_products_makes_no_host_sync(no_host_sync, monkeypatch, grad):
+    # float16 operands with aligned rows: both products read them through TMA descriptors.
+    from triton_mebp.kernels import gathered
+
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "triton")
+    monkeypatch.setenv("TRITON_MEBP_TMA", "1")
+    taken = []
+    original = gathered._tma_readable
+    monkeypatch.setattr(
+        gathered, "_tma_readable", lambda *t: taken.append(original(*t)) or taken[-1]
+    )
+    before = mebp.get_backend()
+    mebp.set_backend("triton")
+    try:
+        layer = mebp.MeLinear(40, 70, k=9, grad=grad).to(DEVICE, torch.float16)
+        x = torch.randn(6, 40, device=DEVICE, dtype=torch.float16, requires_grad=True)
+        layer(x).float().square().sum().backward()
+    finally:
+        mebp.set_backend(before)
+    assert taken == [True, True]  # dx, dW
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 def test_wide_unified_selection_makes_no_host_sync(no_host_sync, monkeypatch):
     # The split search of wide layers (several programs per pass), lowered to this layer's width.
     from triton_mebp.kernels import selection
