@@ -29,6 +29,8 @@ CONFIGS = [
     ("per_example", "sparse", "rowadam"),
 ]
 
+AMP_CONFIGS = [("unified", "sparse", "sgd"), ("per_example", "dense", "sgd")]
+
 
 def _mlp(widths=(8, 32, 16, 3), seed=0):
     torch.manual_seed(seed)
@@ -72,10 +74,12 @@ def _concatenated(step, world, **kwargs):
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
-def _train(model, optimizer, batches):
+def _train(model, optimizer, batches, autocast=False):
     for x, y in batches:
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
         optimizer.step()
 
 
@@ -96,6 +100,15 @@ def _equivalence(rank, world):
         results[(mode, grad, opt_name)] = dict(
             params=_params(model), stats=ddp.comm_stats.as_dict()
         )
+        ddp.release()
+    # Under bf16 autocast with float32 weights: bf16 products, float32 rows all-reduced.
+    for mode, grad, opt_name in AMP_CONFIGS:
+        model = _model(mode, grad, seed=rank)
+        ddp = mebp.DistributedDataParallel(model)
+        optimizer = _optimizer(opt_name, ddp.parameters())
+        _train(ddp, optimizer, [_batch(step, rank) for step in range(STEPS)], autocast=True)
+        dtypes = {p.grad.dtype for p in model.parameters()}
+        results[("amp", mode, grad, opt_name)] = dict(params=_params(model), dtypes=dtypes)
         ddp.release()
     # After release() the model is a plain model again: torch's DDP would reduce every weight.
     try:
@@ -276,10 +289,10 @@ def equivalence_runs(request):
     return request.param, _launch(request.param, "equivalence")
 
 
-def _single_process(world, mode, grad, opt_name, steps=STEPS):
+def _single_process(world, mode, grad, opt_name, steps=STEPS, autocast=False):
     model = _model(mode, grad, seed=0)
     optimizer = _optimizer(opt_name, model.parameters())
-    _train(model, optimizer, [_concatenated(step, world) for step in range(steps)])
+    _train(model, optimizer, [_concatenated(step, world) for step in range(steps)], autocast)
     return _params(model)
 
 
@@ -293,6 +306,24 @@ def test_ranks_equal_one_process_on_the_concatenated_batch(equivalence_runs, con
     start = _params(_model(config[0], config[1], seed=0))
     for got, expected, initial in zip(ranks[0], _single_process(world, *config), start):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(got, initial)
+
+
+@pytest.mark.parametrize("config", AMP_CONFIGS, ids=lambda c: "-".join(c))
+def test_ranks_under_autocast_equal_one_process(equivalence_runs, config):
+    """bf16 autocast, float32 weights: the distributed backward takes bf16 operands and returns
+    float32 gradients; the ranks agree with each other exactly and with one process up to bf16
+    rounding (of the forward and of db, which differ with the batch's split)."""
+    world, results = equivalence_runs
+    ranks = [r[("amp", *config)] for r in results]
+    assert all(r["dtypes"] == {torch.float32} for r in ranks)
+    for other in ranks[1:]:
+        for a, b in zip(ranks[0]["params"], other["params"]):
+            assert torch.equal(a, b)
+    start = _params(_model(config[0], config[1], seed=0))
+    expected = _single_process(world, *config, autocast=True)
+    for got, want, initial in zip(ranks[0]["params"], expected, start):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
         assert not torch.equal(got, initial)
 
 
