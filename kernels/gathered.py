@@ -465,10 +465,20 @@ def _tma_readable(dy_c: torch.Tensor, *others: torch.Tensor) -> bool:
     )
 
 
+class _Descriptor(TensorDescriptor):
+    """A TMA descriptor that shows its tensor's dtype, as the autotuning keys (Triton's and
+    ``TunedKernel``'s) take the dtypes of the arguments: a float32 ``x`` (autocast) must not get
+    the config tuned for a bf16 one, whose shared memory it would overflow."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+
 def _descriptor(rows: torch.Tensor, width: int) -> TensorDescriptor:
     """A TMA descriptor over the first ``width`` columns of the rows of ``rows`` (which may run
     past its own columns, into zero padding); its block shape comes from the config's pre_hook."""
-    return TensorDescriptor(rows, [rows.shape[0], width], [rows.stride(0), 1], [1, 1])
+    return _Descriptor(rows, [rows.shape[0], width], [rows.stride(0), 1], [1, 1])
 
 
 # PyTorch's GEMM with a float32 result straight from the accumulator of fp16/bf16 operands (CUDA)

@@ -311,3 +311,24 @@ def test_a_bad_tma_choice_is_named(monkeypatch, launches):
     with pytest.raises(ValueError, match="TRITON_MEBP_TMA must be '0' or '1'"):
         backend.triton_ops().gathered_input_grad(dy_c, w, torch.tensor([1, 3, 4, 0]))
     assert launches == []
+
+
+def test_tma_tuning_keys_tell_the_operands_dtypes_apart():
+    # Under autocast x may be float32 or bf16 at the same sizes: different configs fit.
+    from triton_mebp.kernels import gathered
+
+    dy_c = torch.zeros(8, 64, dtype=torch.bfloat16)
+    keys = set()
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.zeros(8, 32, dtype=dtype)
+        named = dict(
+            a_desc=gathered._descriptor(dy_c, 64),
+            x_desc=gathered._descriptor(x, 32),
+            idx_ptr=torch.zeros(64, dtype=torch.int64),
+            out_ptr=torch.zeros(64, 32, dtype=torch.float32),
+            B_BUCKET=8,
+            M=32,
+            K=64,
+        )
+        keys.add(gathered.transposed_matmul_rows_tma._tuning_key(named))
+    assert len(keys) == 2
