@@ -281,6 +281,28 @@ def test_autocast_input_gradient_multiplies_the_rounded_weight_rows(any_backend,
     assert (dw[2:4].abs().sum(1) > 0).all() and not dw[[0, 1, 4, 5]].any()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_asks_the_cost_model_about_the_autocast_dtype(monkeypatch, mode):
+    """MeLinear(auto=True) under autocast: the backward (and the dense one it is compared with)
+    runs in the autocast dtype, so that is the dtype the cost model is asked about."""
+    import triton_mebp.estimate as estimate
+
+    asked = []
+
+    def record(*args, dtype, **kwargs):
+        asked.append(dtype)
+        return True
+
+    monkeypatch.setattr(estimate, "mebp_is_faster", record)
+    monkeypatch.setattr(estimate, "masked_dense_is_faster", record)
+    layer = mebp.MeLinear(6, 8, k=2, mode=mode, auto=True)
+    x = torch.randn(3, 6)
+    layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert asked == [torch.float32, torch.bfloat16]
+
+
 @pytest.mark.parametrize("grad", ["dense", "sparse"])
 def test_autocast_per_example_by_masked_dense_products(grad):
     """The per-example gradient by dense GEMMs on the masked dy (``MeLinear(auto=True)``'s

@@ -104,12 +104,19 @@ class MeLinear(nn.Linear):
         if not self.auto or k == self.out_features:
             return k, False
         batch = input.numel() // max(self.in_features, 1)
-        key = (batch, input.device, self.weight.dtype, k)
+        # the dtype the backward runs in: under autocast the autocast dtype (for dense too)
+        device_type = input.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else self.weight.dtype
+        )
+        key = (batch, input.device, dtype, k)
         if key not in self._auto_decisions:
             from . import estimate
 
             shape = (batch, self.in_features, self.out_features, k)
-            options = dict(device=input.device, dtype=self.weight.dtype, grad=self.grad)
+            options = dict(device=input.device, dtype=dtype, grad=self.grad)
             if batch == 0:
                 decision = (self.out_features, False)
             elif self.mode == "per_example":
