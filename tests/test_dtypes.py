@@ -242,13 +242,22 @@ def test_autocast_backward_hands_the_backend_compute_dtype_operands(
     [("unified", "dense"), ("unified", "sparse")]
     + [("per_example", "dense"), ("per_example", "sparse")],
 )
+@pytest.mark.parametrize(
+    "backend_name,kernels",
+    [("torch", "v2"), ("triton", "v2"), ("triton", "v1"), ("triton", "cublas")],
+    ids=["torch", "triton", "triton-v1", "triton-products=cublas"],
+)
 def test_autocast_gradients_match_the_compute_dtype_reference(
-    any_backend, bf16_dot, mode, grad, dtype
+    bf16_dot, monkeypatch, backend_name, kernels, mode, grad, dtype
 ):
     """Float64 references: the unified products from dy, x and W rounded to the autocast dtype,
     the per-example sums from dy so rounded and x, W as stored. dW comes out of a float32
     accumulator, so it meets float32 tolerances: a product of the unrounded x (float32 products)
-    or a dW rounded to bf16/fp16 would be off by about 1e-3."""
+    or a dW rounded to bf16/fp16 would be off by about 1e-3. On the Triton backend: the v2 and v1
+    kernels (``TRITON_MEBP_KERNELS``) and the cuBLAS route of the products."""
+    monkeypatch.setattr(backend, "_chosen", backend_name)
+    monkeypatch.setenv("TRITON_MEBP_KERNELS", "v1" if kernels == "v1" else "v2")
+    monkeypatch.setenv("TRITON_MEBP_PRODUCTS", "cublas" if kernels == "cublas" else "triton")
     B, M, N, k = 4, 9, 10, 3
     x, w, b = (torch.randn(*s, device=DEVICE) for s in ((B, M), (N, M), (N,)))
     dy = separated_grad(B, N, mode, torch.float32, DEVICE).to(dtype)
