@@ -100,6 +100,32 @@ def test_every_launcher_refuses_other_dtypes_before_launching(position, dtype):
         assert torch.equal(tensor, old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_weight_gradient_launchers_refuse_an_output_dtype_they_do_not_compute(dtype):
+    dy_c, x = torch.randn(3, 2, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    idx = torch.tensor([1, 4], device=DEVICE)
+    with pytest.raises(TypeError, match=f"gathered_weight_grad: dtype has dtype {dtype}"):
+        gathered.gathered_weight_grad(dy_c, x, idx, dtype=dtype)
+    values, pidx = torch.randn(3, 2, device=DEVICE), torch.tensor([[0, 2], [1, 2], [3, 5]])
+    with pytest.raises(TypeError, match=f"per_example_weight_grad: dtype has dtype {dtype}"):
+        gathered.per_example_weight_grad(values, pidx.to(DEVICE), x, 6, dtype=dtype)
+
+
+def test_mixed_operands_with_a_float64_weight_take_the_torch_ops(triton_backend):
+    """Autocast over float64 weights: the operators pass such products to the PyTorch ops."""
+    OPS = torch.ops.triton_mebp
+    dy_c = torch.randn(3, 2, device=DEVICE).half()
+    w = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([1, 4], device=DEVICE)
+    dx = OPS.gathered_input_grad.default(dy_c, w, idx)
+    assert dx.dtype == torch.float16
+    assert_close(dx, dy_c.double() @ w.half().double()[idx], torch.float16)
+    dw = OPS.gathered_weight_grad.default(dy_c, x, idx, torch.float64)
+    assert dw.dtype == torch.float64
+    assert_close(dw, dy_c.double().t() @ x.half().double(), torch.float32)
+
+
 def test_float64_takes_the_torch_ops_whatever_the_backend(triton_backend):
     assert backend.ops_for(torch.zeros(1, dtype=torch.float64, device=DEVICE)) is torch_ops
     assert backend.ops_for(torch.zeros(1, device=DEVICE)) is not torch_ops
