@@ -111,7 +111,8 @@ def test_unified_backward_on_tma_products_makes_no_host_sync(no_host_sync, monke
         layer(x).float().square().sum().backward()
     finally:
         mebp.set_backend(before)
-    assert taken == [True, True]  # dx, dW
+    hopper = DEVICE.type != "cuda" or torch.cuda.get_device_capability()[0] >= 9
+    assert taken == [hopper, hopper]  # dx, dW (the interpreter runs the descriptors too)
     assert x.grad is not None and layer.weight.grad is not None
 
 
