@@ -21,7 +21,8 @@ Sections, each row written as soon as it is measured (a run cut short keeps what
    the same tensors, also with autocast's float32 W and x; 10. ``graph``: a training step of a
    converted MLP (RowAdam, grad="sparse") under the sync debug mode, and replayed from a CUDA
    graph against eager steps; a per-example backward (grad="dense", by its own products and by
-   auto's choice) under that mode.
+   auto's choice) under that mode; 11. ``wide``: the unified selection of wide layers
+   (N = 65536, 262144) by the split threshold search and by one program.
 """
 
 import argparse
@@ -372,6 +373,27 @@ def main(argv=None):
     # 10: one training step of a converted MLP, free of syncs and captured in a CUDA graph.
     for name, value in graph_step_check(device):
         row("graph", name, value=value, k="5%")
+    # 11: the unified selection of wide layers: the split threshold search against one program.
+    from triton_mebp.kernels import selection
+
+    wide_B = 64 if rehearse else 1024
+    for wide_N in (256, 1024) if rehearse else (65536, 262144):
+        dy_wide = torch.randn(wide_B, wide_N, device=device, dtype=dtype)
+        wide_k = max(1, wide_N // 20)
+        for name, threshold in (("split", 128 if rehearse else None), ("one program", wide_N + 1)):
+            before = selection.SPLIT_MIN_COLUMNS
+            selection.SPLIT_MIN_COLUMNS = threshold or before
+            try:
+                with env(TRITON_MEBP_AUTOTUNE="1"):
+                    row(
+                        "wide",
+                        f"select+db N={wide_N} B={wide_B}: {name}",
+                        lambda: ops.unified_select_and_bias(dy_wide, wide_k),
+                        version="v2",
+                        k=wide_k,
+                    )
+            finally:
+                selection.SPLIT_MIN_COLUMNS = before
     handle.close()
     print(f"wrote {args.out}")
     return 0
