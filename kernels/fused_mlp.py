@@ -5,9 +5,9 @@
 - ``fused_mlp``: a whole narrow MLP in one kernel. Each program takes ``BLOCK_B`` rows of ``x``,
   computes the first layer by a K loop over the input width, then keeps the hidden activations
   in registers through every later layer and writes only the last layer's output. The later
-  layers' weights are packed, zero-padded to ``WIDTH x WIDTH`` (a power of two), so padded units
-  contribute nothing whatever their activation. Widths up to 128 in any dtype, 256 with 16-bit
-  weights (a separate config space, `fused_mlp_wide_kernel`, sized for its shared memory).
+  layers' weights are packed, zero-padded to ``WIDTH x WIDTH`` (a power of two up to 256), so
+  padded units contribute nothing whatever their activation; they are read in ``BLOCK_N``-unit
+  chunks (two layers at a time, see the kernel), so no WIDTH x WIDTH tile sits in registers.
 
 Activations: "identity", "relu", "tanh", "sigmoid", "gelu" (the exact, erf form).
 """
@@ -119,12 +119,19 @@ def _fused_mlp_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """y = f_L(... f_2(f_1(x))): layer 1 is w_first (H_FIRST x K); layers 2..L are the packed
-    w_rest (NUM_REST x WIDTH x WIDTH, contiguous) and b_rest (NUM_REST x WIDTH)."""
+    w_rest (NUM_REST x WIDTH x WIDTH, contiguous) and b_rest (NUM_REST x WIDTH).
+
+    The packed layers go by pairs, their weights by BLOCK_N-unit chunks: chunk j of the first
+    layer's output, act(h @ W_a[j].T + b_a[j]), is at once the j-th slice of the second layer's
+    input, so acc += chunk @ W_b[:, j].T; no weight tile larger than WIDTH x BLOCK_N is loaded.
+    An odd last layer writes its output chunk by chunk."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     units = tl.arange(0, WIDTH)
+    chunk = tl.arange(0, BLOCK_N)
     mask_first = units < H_FIRST
     acc = tl.zeros([BLOCK_B, WIDTH], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
@@ -144,18 +151,44 @@ def _fused_mlp_kernel(
     acc += tl.load(b_first_ptr + units * stride_bn, mask=mask_first, other=0.0).to(tl.float32)[
         None, :
     ]
-    h = _activate(acc, HIDDEN_ACTIVATION)
-    for layer in tl.static_range(NUM_REST):
-        # w_rest[layer] read transposed: rows are this layer's inputs, columns its outputs.
-        w_t = tl.load(w_rest_ptr + layer * WIDTH * WIDTH + units[None, :] * WIDTH + units[:, None])
-        bias = tl.load(b_rest_ptr + layer * WIDTH + units).to(tl.float32)
-        acc = tl.dot(h.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION) + bias[None, :]
-        if layer == NUM_REST - 1:
+    h = _activate(acc, HIDDEN_ACTIVATION).to(w_rest_ptr.dtype.element_ty)
+    for pair in tl.static_range(NUM_REST // 2):
+        w_a = w_rest_ptr + 2 * pair * WIDTH * WIDTH
+        w_b = w_a + WIDTH * WIDTH
+        acc = tl.zeros([BLOCK_B, WIDTH], dtype=tl.float32)
+        for n in range(0, WIDTH, BLOCK_N):
+            # Inputs x outputs n..n+BLOCK_N of layer a (W_a read transposed).
+            w_t = tl.load(w_a + (n + chunk)[None, :] * WIDTH + units[:, None])
+            bias = tl.load(b_rest_ptr + 2 * pair * WIDTH + n + chunk).to(tl.float32)
+            part = tl.dot(h, w_t, input_precision=INPUT_PRECISION) + bias[None, :]
+            part = _activate(part, HIDDEN_ACTIVATION).to(h.dtype)
+            # Inputs n..n+BLOCK_N x all outputs of layer b.
+            w_t = tl.load(w_b + units[None, :] * WIDTH + (n + chunk)[:, None])
+            acc = tl.dot(part, w_t, acc, input_precision=INPUT_PRECISION)
+        acc += tl.load(b_rest_ptr + (2 * pair + 1) * WIDTH + units).to(tl.float32)[None, :]
+        if 2 * pair + 2 == NUM_REST:
             h = _activate(acc, OUTPUT_ACTIVATION)
         else:
-            h = _activate(acc, HIDDEN_ACTIVATION)
-    y_ptrs = y_ptr + offs_b[:, None].to(tl.int64) * stride_yb + units[None, :] * stride_yn
-    tl.store(y_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask_b[:, None] & (units < N_OUT)[None, :])
+            h = _activate(acc, HIDDEN_ACTIVATION).to(h.dtype)
+    y_rows = y_ptr + offs_b[:, None].to(tl.int64) * stride_yb
+    if NUM_REST % 2 == 1:
+        w_last = w_rest_ptr + (NUM_REST - 1) * WIDTH * WIDTH
+        for n in range(0, N_OUT, BLOCK_N):
+            w_t = tl.load(w_last + (n + chunk)[None, :] * WIDTH + units[:, None])
+            bias = tl.load(b_rest_ptr + (NUM_REST - 1) * WIDTH + n + chunk).to(tl.float32)
+            out = tl.dot(h, w_t, input_precision=INPUT_PRECISION) + bias[None, :]
+            out = _activate(out, OUTPUT_ACTIVATION)
+            tl.store(
+                y_rows + (n + chunk)[None, :] * stride_yn,
+                out.to(y_ptr.dtype.element_ty),
+                mask=mask_b[:, None] & (n + chunk < N_OUT)[None, :],
+            )
+    else:
+        tl.store(
+            y_rows + units[None, :] * stride_yn,
+            h.to(y_ptr.dtype.element_ty),
+            mask=mask_b[:, None] & (units < N_OUT)[None, :],
+        )
 
 
 def _prune_linear(configs, named_args):
@@ -173,23 +206,51 @@ def _prune_linear(configs, named_args):
     return fitting or configs[-1:]
 
 
-def fused_smem_bytes(width: int, elem: int, block_b: int, block_k: int, stages: int) -> int:
-    """Shared memory the fused MLP needs, by the larger of its two phases (an estimate)."""
-    first = (block_b + width) * block_k * elem * max(stages - 1, 1)
-    rest = (width * width + block_b * width) * elem
+def fused_smem_bytes(
+    width: int, elem: int, block_b: int, block_k: int, block_n: int, stages: int
+) -> int:
+    """Shared memory the fused MLP needs (an upper estimate), by the larger of its two phases: the
+    first layer's x and weight tiles per stage; the later layers' two weight chunks per stage
+    next to the hidden tile."""
+    first = (block_b + width) * block_k * elem * stages
+    rest = (2 * width * block_n * stages + block_b * width) * elem
     return max(first, rest)
 
 
+# Registers: how much of the hidden tile's fp32 accumulator a thread may hold and still compile
+# without spilling on sm_90 and sm_80 under Triton 3.6 and 3.9 (ptxas -v, perf/static_report.py).
+# With 4 warps a thread holds twice the share of the operand and chunk tiles as well; with FMA
+# dots (fp32 without TF32) its rows and columns of both operands.
+MMA_ACCUMULATORS_PER_THREAD = {4: 32, 8: 64}
+FMA_ACCUMULATORS_PER_THREAD = 32
+FMA_MAX_BLOCK_N = 16
+FMA_MAX_BLOCK_K = 32
+FMA_MAX_FIRST_TILE = 32 * 128  # BLOCK_K x WIDTH of the first layer's weight tile
+
+
+def fused_config_fits(config, width: int, dtype: torch.dtype) -> bool:
+    """Whether a config of the fused MLP fits ``width`` in ``dtype``: shared memory, and the
+    register budget above (so that no config the tuner may pick spills)."""
+    block_b, block_k, block_n = (config.kwargs[n] for n in ("BLOCK_B", "BLOCK_K", "BLOCK_N"))
+    elem = torch.empty((), dtype=dtype).element_size()
+    if block_n > width or (
+        fused_smem_bytes(width, elem, block_b, block_k, block_n, config.num_stages) > SMEM_LIMIT
+    ):
+        return False
+    accumulators = block_b * width // (32 * config.num_warps)
+    if dtype == torch.float32 and input_precision(dtype) == "ieee":
+        return (
+            accumulators <= FMA_ACCUMULATORS_PER_THREAD
+            and block_n <= FMA_MAX_BLOCK_N
+            and block_k <= FMA_MAX_BLOCK_K
+            and block_k * width <= FMA_MAX_FIRST_TILE
+        )
+    return accumulators <= MMA_ACCUMULATORS_PER_THREAD.get(config.num_warps, 0)
+
+
 def _prune_fused(configs, named_args):
-    elem = named_args["x_ptr"].element_size()
     width = named_args["w_rest_ptr"].shape[-1]  # WIDTH: constexprs are not among the tuner's args
-    fitting = [
-        c
-        for c in configs
-        if fused_smem_bytes(width, elem, c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_stages)
-        <= SMEM_LIMIT
-        and c.kwargs["BLOCK_B"] * width <= 64 * 256
-    ]
+    fitting = [c for c in configs if fused_config_fits(c, width, named_args["x_ptr"].dtype)]
     return fitting or configs[-1:]
 
 
@@ -209,30 +270,26 @@ linear_act_kernel = TunedKernel(
     key=["B_BUCKET", "N", "K"],
     prune=_prune_linear,
 )
-# Two config spaces over the same kernel: up to WIDTH 128, and wider (16-bit weights only).
+# Tensor-core configs first (16-bit, TF32), then the small tiles of FMA dots (fp32); the pruner
+# keeps those that fit the width and dtype.
 fused_mlp_kernel = TunedKernel(
     _fused_mlp_kernel,
     [
-        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-        for bb, bk, s, w in ((128, 64, 3, 8), (64, 64, 3, 4), (32, 64, 4, 4), (64, 32, 4, 4))
+        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+        for bb, bk, bn, s, w in (
+            (128, 64, 32, 3, 8),
+            (64, 64, 32, 3, 8),
+            (64, 64, 64, 3, 4),
+            (64, 64, 16, 3, 4),
+            (32, 16, 16, 3, 8),
+            (64, 16, 16, 2, 8),
+            (32, 32, 16, 3, 4),
+            (16, 32, 16, 2, 4),
+        )
     ],
-    key=["K", "H_FIRST", "N_OUT", "NUM_REST", "WIDTH"],
+    key=["K", "H_FIRST", "N_OUT", "NUM_REST", "WIDTH", "INPUT_PRECISION"],
     prune=_prune_fused,
 )
-fused_mlp_wide_kernel = TunedKernel(
-    _fused_mlp_kernel,
-    [
-        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-        for bb, bk, s, w in ((64, 64, 3, 4), (32, 64, 4, 4), (16, 64, 2, 4))
-    ],
-    key=["K", "H_FIRST", "N_OUT", "NUM_REST", "WIDTH"],
-    prune=_prune_fused,
-)
-NARROW_WIDTH = 128
-
-
-def _fused_configs(width):
-    return (fused_mlp_kernel if width <= NARROW_WIDTH else fused_mlp_wide_kernel).configs
 
 
 def _check_activation(activation):
@@ -293,14 +350,11 @@ def fused_mlp_fits(out_widths, dtype: torch.dtype) -> bool:
     """Whether an MLP with these layer widths fits the fused kernel in ``dtype``."""
     if len(out_widths) < 2 or max(out_widths) > MAX_FUSED_WIDTH:
         return False
-    width = fused_width(out_widths)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return any(
-        fused_smem_bytes(width, elem, c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_stages)
-        <= SMEM_LIMIT
-        and c.kwargs["BLOCK_B"] * width <= 64 * 256
-        for c in _fused_configs(width)
-    )
+    return _fits_width(fused_width(out_widths), dtype)
+
+
+def _fits_width(width: int, dtype: torch.dtype) -> bool:
+    return any(fused_config_fits(c, width, dtype) for c in fused_mlp_kernel.configs)
 
 
 def pack_layers(weights, biases, width: int):
@@ -352,11 +406,20 @@ def fused_mlp(
             f"fused_mlp: x {tuple(x.shape)}, first weight {tuple(first_weight.shape)}, "
             f"packed {tuple(rest_weight.shape)} and out_features {out_features} do not match"
         )
+    if not (
+        rest_weight.shape[2] == width
+        and 16 <= width <= MAX_FUSED_WIDTH
+        and width & (width - 1) == 0
+        and _fits_width(width, x.dtype)
+    ):
+        raise ValueError(
+            f"fused_mlp: packed {tuple(rest_weight.shape)} is not a square power-of-two width "
+            f"in 16..{MAX_FUSED_WIDTH} that fits the kernel in {x.dtype} (see pack_layers)"
+        )
     y = torch.empty((B, out_features), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    kernel = fused_mlp_kernel if width <= NARROW_WIDTH else fused_mlp_wide_kernel
-    kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
+    fused_mlp_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
         x,
         first_weight,
         first_bias,

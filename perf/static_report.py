@@ -5,8 +5,9 @@ Each launcher runs on ``meta`` tensors at the target shape (B = 4096, M = N = 81
 programs) while its launches are recorded instead of run, so the report sees exactly the
 arguments, strides and constexprs the library passes. Each recorded launch is specialised as
 Triton's runtime does it (ints equal to 1 become constants, pointers and ints that are multiples
-of 16 get ``tt.divisibility = 16``), compiled ahead of time for every autotune config and target,
-and read:
+of 16 get ``tt.divisibility = 16``), compiled ahead of time for every autotune config its pruner
+keeps at that shape (the configs the tuner can pick; ``--all-configs``: the whole space) and
+every target, and read:
 
 - ``ptxas -v`` (Triton's bundled ptxas, on the PTX for sm_90a / sm_80): registers, spill stores and
   loads, stack frame; shared memory (Triton's dynamic allocation, or ptxas's static count if more);
@@ -253,10 +254,10 @@ def _calls(dtype_name, k):
     def inference():
         x = t(65536, 784)
         fused_mlp.linear_act(x, t(512, 784), t(512), "relu")
-        for width in (128, 256):
-            if not fused_mlp.fused_mlp_fits([width, width, 10], dtype):
+        for width in (128, 256):  # 784-W-W-W-10: a pair of packed layers and a last one
+            if not fused_mlp.fused_mlp_fits([width, width, width, 10], dtype):
                 continue  # optimize_for_inference keeps such a model on the PyTorch path
-            rest_w, rest_b = t(2, width, width), t(2, width)
+            rest_w, rest_b = t(3, width, width), t(3, width)
             fused_mlp.fused_mlp(x, t(width, 784), t(width), rest_w, rest_b, 10)
 
     calls = {
@@ -366,8 +367,17 @@ def _programs(grid, config_kwargs):
     return total
 
 
-def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=False, kernels=None):
-    """Compile jobs (plain dicts) for the chosen calls, dtypes, k and targets."""
+def jobs_for(
+    calls=None,
+    dtypes=DTYPES,
+    ks=KS,
+    targets=TARGETS,
+    first_config=False,
+    kernels=None,
+    all_configs=False,
+):
+    """Compile jobs (plain dicts) for the chosen calls, dtypes, k and targets: each launch's
+    configs that its pruner keeps (all of them with ``all_configs``)."""
     names = _tuned_kernel_names()
     jobs, seen = [], set()
     for dtype_name in dtypes:
@@ -382,11 +392,15 @@ def jobs_for(calls=None, dtypes=DTYPES, ks=KS, targets=TARGETS, first_config=Fal
                     short = kernel.split(":")[1]
                     if kernels and short not in kernels:
                         continue
-                    indices = range(len(tuned.configs))
+                    named = dict(zip(tuned.fn.arg_names, args), **kwargs)
+                    kept = tuned.pruned_configs(named)  # the configs the tuner can pick
                     if first_config:  # the config a launch without tuning takes
-                        named = dict(zip(tuned.fn.arg_names, args), **kwargs)
-                        first = tuned.pruned_configs(named)[0]
-                        indices = [next(i for i, c in enumerate(tuned.configs) if c is first)]
+                        kept = kept[:1]
+                    indices = [
+                        i
+                        for i, c in enumerate(tuned.configs)
+                        if all_configs or any(c is k for k in kept)
+                    ]
                     for index in indices:
                         config = tuned.configs[index]
                         signature, constexprs, attrs = specialise(
@@ -711,6 +725,11 @@ def main(argv=None):
         action="store_true",
         help="only the config each launch takes without tuning (the pruner's first)",
     )
+    parser.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="every config of the space, also those the pruner drops at these shapes",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
         "--out", help="CSV path (default perf/results/static-report-triton<ver>.csv)"
@@ -735,7 +754,15 @@ def main(argv=None):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     import triton
 
-    jobs = jobs_for(args.calls, args.dtypes, args.ks, args.targets, args.first_config, args.kernels)
+    jobs = jobs_for(
+        args.calls,
+        args.dtypes,
+        args.ks,
+        args.targets,
+        args.first_config,
+        args.kernels,
+        args.all_configs and not args.first_config,
+    )
     rows = run_jobs(jobs, args.jobs)
     if args.json:
         text = json.dumps(list(rows))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_mebp as mebp
-from aot import check_results, compile_specs
+from aot import check_results, compile_specs, config_indices
 from conftest import DEVICE, KERNEL_DTYPES, SHAPES, assert_close
 from triton_mebp import backend, torch_ops
 from triton_mebp.inference import FusedLinear, FusedMLP, optimize_for_inference
@@ -91,23 +91,51 @@ def test_fused_mlp_matches_float64_reference(ops, case, dtype):
     assert_close(y, reference_mlp(x, weights, biases, hidden, output), dtype)
 
 
-def test_fused_mlp_wide_fp16_and_limits():
-    widths = (24, 200, 130, 3)
-    weights, biases = random_layers(widths, torch.float16)
+WIDE_CASES = [  # width 256 after padding: one pair of packed layers; a pair and a last layer
+    ((24, 200, 130, 3), "relu", "identity"),
+    ((24, 256, 130, 150, 5), "gelu", "tanh"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", WIDE_CASES)
+def test_fused_mlp_wide(case, dtype):
+    widths, hidden, output = case
+    weights, biases = random_layers(widths, dtype)
     width = fm.fused_width(widths[1:])
-    assert width == 256 and fm.fused_mlp_fits(list(widths[1:]), torch.float16)
-    assert not fm.fused_mlp_fits(
-        list(widths[1:]), torch.float32
-    )  # a 256 x 256 fp32 tile is too big
-    assert not fm.fused_mlp_fits([300, 10], torch.float16)
+    assert width == 256 and fm.fused_mlp_fits(list(widths[1:]), dtype)
     packed_w, packed_b = fm.pack_layers(weights[1:], biases[1:], width)
-    x = torch.randn(5, 24, device=DEVICE, dtype=torch.float16)[:, :24]
-    first_bias = torch.randn(400, device=DEVICE, dtype=torch.float16)[::2]  # strided
+    x = torch.randn(5, 48, device=DEVICE, dtype=dtype)[:, ::2]  # strided
+    first_bias = torch.randn(2 * widths[1], device=DEVICE, dtype=dtype)[::2]
     biases[0] = first_bias
-    y = fm.fused_mlp(x, weights[0], first_bias, packed_w, packed_b, 3, "relu", "identity")
-    assert_close(y, reference_mlp(x, weights, biases, "relu", "identity"), torch.float16)
+    y = fm.fused_mlp(x, weights[0], first_bias, packed_w, packed_b, widths[-1], hidden, output)
+    assert_close(y, reference_mlp(x, weights, biases, hidden, output), dtype)
+
+
+def test_fused_mlp_wide_bf16(bf16_dot):
+    widths, hidden, output = WIDE_CASES[1]
+    weights, biases = random_layers(widths, torch.bfloat16)
+    packed_w, packed_b = fm.pack_layers(weights[1:], biases[1:], fm.fused_width(widths[1:]))
+    x = torch.randn(9, widths[0], device=DEVICE, dtype=torch.bfloat16)
+    y = fm.fused_mlp(x, weights[0], biases[0], packed_w, packed_b, widths[-1], hidden, output)
+    assert_close(y, reference_mlp(x, weights, biases, hidden, output), torch.bfloat16)
+
+
+def test_fused_mlp_limits():
+    assert not fm.fused_mlp_fits([300, 10], torch.float16)
+    assert not fm.fused_mlp_fits([64], torch.float16)  # one layer: nothing to fuse
+    weights, biases = random_layers((24, 20, 12, 3), torch.float32)
+    packed_w, packed_b = fm.pack_layers(weights[1:], biases[1:], 32)
+    x = torch.randn(5, 24, device=DEVICE)
     with pytest.raises(ValueError, match="do not match"):
         fm.fused_mlp(x[:, :20], weights[0], biases[0], packed_w, packed_b, 3)
+    for bad_w, bad_b in (  # not a power of two; not square; too wide
+        fm.pack_layers(weights[1:], biases[1:], 24),
+        (packed_w[:, :, :16], packed_b),
+        fm.pack_layers(weights[1:], biases[1:], 512),
+    ):
+        with pytest.raises(ValueError, match="power-of-two width"):
+            fm.fused_mlp(x, weights[0], biases[0], bad_w.contiguous(), bad_b, 3)
 
 
 def make_model(widths, activation=nn.ReLU, dropout=True):
@@ -280,11 +308,11 @@ def test_aot_compile_inference_kernels():
             },
         },
         {
-            "kernel": f"{module}:fused_mlp_wide_kernel",
+            "kernel": f"{module}:fused_mlp_kernel",
             "label": "fp16 width 256",
             "signature": _signature(fused_args, "fp16"),
             "constexprs": {
-                "NUM_REST": 2,
+                "NUM_REST": 3,
                 "WIDTH": 256,
                 "HIDDEN_ACTIVATION": "relu",
                 "OUTPUT_ACTIVATION": "identity",
@@ -292,12 +320,14 @@ def test_aot_compile_inference_kernels():
             },
         },
     ]
+    # the configs the pruner keeps for these widths and dtypes
+    for spec, dtype, width in ((specs[2], torch.bfloat16, 64), (specs[3], torch.float16, 256)):
+        args = {"x_ptr": torch.empty(1, 1, dtype=dtype), "w_rest_ptr": torch.empty(1, width, width)}
+        spec["configs"] = config_indices(fm.fused_mlp_kernel, args)
     results = compile_specs(specs)
     check_results(results)
     expected = 2 * (
-        2 * len(fm.linear_act_kernel.configs)
-        + len(fm.fused_mlp_kernel.configs)
-        + len(fm.fused_mlp_wide_kernel.configs)
+        2 * len(fm.linear_act_kernel.configs) + len(specs[2]["configs"]) + len(specs[3]["configs"])
     )
     assert len(results) == expected
     # tensor-core dots on both targets

@@ -6,6 +6,9 @@ matrix tiles, tensor-core (wgmma) instructions in the products, whose dense oper
 (and by 16-byte cp.async in the pointer kernels, TRITON_MEBP_TMA=0). The v1 layout (an unpadded
 dy_c of 410 columns) is compiled too, and must show the scalar loads the report is there to catch;
 so are the products under autocast (bf16 dy_c and x, float32 W and dW), both kinds.
+
+The inference kernels (the fused MLP at widths 128 and 256, three packed layers; the linear with
+its epilogue), first config, every dtype, sm_90 and sm_80: no spills, tensor cores in 16-bit.
 """
 
 import json
@@ -22,32 +25,11 @@ TMA_PRODUCTS = ("gathered_rows_matmul_tma", "transposed_matmul_rows_tma")
 HOT = ("scores_bias_partial", "gather_padded", *TMA_PRODUCTS)
 
 
-@pytest.fixture(scope="module")
-def rows():
+def _report(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "perf" / "static_report.py"),
-            "--calls",
-            "unified",
-            "unified-pointer",
-            "unified-v1",
-            "unified-amp",
-            "--kernels",
-            *HOT,
-            *PRODUCTS,
-            "--dtypes",
-            "bf16",
-            "--ks",
-            "410",
-            "--targets",
-            "90",
-            "--first-config",
-            "--json",
-            "-",
-        ],
+        [sys.executable, str(ROOT / "perf" / "static_report.py"), *args, "--json", "-"],
         env=env,
         capture_output=True,
         text=True,
@@ -55,6 +37,32 @@ def rows():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return _report(
+        "--calls",
+        "unified",
+        "unified-pointer",
+        "unified-v1",
+        "unified-amp",
+        "--kernels",
+        *HOT,
+        *PRODUCTS,
+        "--dtypes",
+        "bf16",
+        "--ks",
+        "410",
+        "--targets",
+        "90",
+        "--first-config",
+    )
+
+
+@pytest.fixture(scope="module")
+def inference_rows():
+    return _report("--calls", "inference", "--ks", "410", "--first-config")
 
 
 def _mine(rows, call, kernel):
@@ -140,3 +148,22 @@ def test_occupancy_takes_the_tightest_limit():
     assert static_report.occupancy(80, 54, 32, 4, 100 * 1024) == dict(
         resident_per_sm=1, waves=0.5
     )  # A100: 164 KB of shared memory, 108 SMs
+
+
+def test_inference_kernels_do_not_spill(inference_rows):
+    assert inference_rows and all(r["ok"] for r in inference_rows), inference_rows
+    for row in inference_rows:
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+        assert 0 < row["registers"] <= 255, row
+    # the fused MLP at widths 128 and 256 in every dtype (fp32 without TF32 too), both targets
+    fused = [r for r in inference_rows if r["kernel"] == "fused_mlp_kernel"]
+    assert len(fused) == 2 * 3 * 2, [(r["dtype"], r["target"]) for r in fused]
+
+
+def test_inference_kernels_use_tensor_cores_in_16_bit(inference_rows):
+    for row in inference_rows:
+        if row["dtype"] in ("bf16", "fp16"):
+            if row["target"] == "sm_90":
+                assert row["wgmma"] > 0, row
+            else:
+                assert row["mma_sync"] > 0, row
