@@ -191,8 +191,19 @@ def _fused_mlp_kernel(
         )
 
 
+def _fma_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot runs as FMAs (fp32 without TF32), its operands' rows and columns held in
+    each thread's registers, rather than on tensor cores."""
+    return dtype == torch.float32 and input_precision(dtype) == "ieee"
+
+
+# The K tile FMA dots take without spilling on sm_90 and sm_80 (ptxas -v, perf/static_report.py).
+FMA_MAX_BLOCK_K = 32
+
+
 def _prune_linear(configs, named_args):
     elem = named_args["x_ptr"].element_size()
+    fma = _fma_dots(named_args["x_ptr"].dtype)
     fitting = [
         c
         for c in configs
@@ -202,6 +213,7 @@ def _prune_linear(configs, named_args):
         * max(c.num_stages - 1, 1)
         <= SMEM_LIMIT
         and c.kwargs["BLOCK_N"] <= max(pow2_bucket(named_args["N"]), 32)
+        and not (fma and c.kwargs["BLOCK_K"] > FMA_MAX_BLOCK_K)
     ]
     return fitting or configs[-1:]
 
@@ -220,11 +232,10 @@ def fused_smem_bytes(
 # Registers: how much of the hidden tile's fp32 accumulator a thread may hold and still compile
 # without spilling on sm_90 and sm_80 under Triton 3.6 and 3.9 (ptxas -v, perf/static_report.py).
 # With 4 warps a thread holds twice the share of the operand and chunk tiles as well; with FMA
-# dots (fp32 without TF32) its rows and columns of both operands.
+# dots, its rows and columns of both operands.
 MMA_ACCUMULATORS_PER_THREAD = {4: 32, 8: 64}
 FMA_ACCUMULATORS_PER_THREAD = 32
 FMA_MAX_BLOCK_N = 16
-FMA_MAX_BLOCK_K = 32
 FMA_MAX_FIRST_TILE = 32 * 128  # BLOCK_K x WIDTH of the first layer's weight tile
 
 
@@ -238,7 +249,7 @@ def fused_config_fits(config, width: int, dtype: torch.dtype) -> bool:
     ):
         return False
     accumulators = block_b * width // (32 * config.num_warps)
-    if dtype == torch.float32 and input_precision(dtype) == "ieee":
+    if _fma_dots(dtype):
         return (
             accumulators <= FMA_ACCUMULATORS_PER_THREAD
             and block_n <= FMA_MAX_BLOCK_N
