@@ -38,6 +38,47 @@ from ._tuning import (
 
 
 @triton.jit
+def _weight_rows_tile(w_ptr, idx_ptr, offs_k, K_VALID, offs_m, mask_m, stride_wn, stride_wm):
+    """Rows ``idx[offs_k]`` of ``w`` at columns ``offs_m``; zero from K_VALID on and past M."""
+    valid_k = offs_k < K_VALID
+    rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
+    return tl.load(
+        w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
+        mask=valid_k[:, None] & mask_m[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(c_ptr, acc, offs_b, mask_b, offs_m, mask_m, stride_cb, stride_cm):
+    c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _store_weight_rows(
+    out_ptr,
+    idx_ptr,
+    acc,
+    offs_k,
+    K_VALID,
+    offs_m,
+    mask_m,
+    stride_on,
+    stride_om,
+    SCATTER: tl.constexpr,
+):
+    """Rows ``j < K_VALID`` of ``acc`` at ``out[idx[j]]`` (SCATTER) or ``out[j]``."""
+    valid_k = offs_k < K_VALID
+    if SCATTER:
+        out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
+    else:
+        out_rows = offs_k.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_on + offs_m[None, :] * stride_om
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_k[:, None] & mask_m[None, :])
+
+
+@triton.jit
 def _gathered_rows_matmul_kernel(
     a_ptr,
     w_ptr,
@@ -71,21 +112,14 @@ def _gathered_rows_matmul_kernel(
     for start in range(0, K, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        valid_k = offs_k < K_VALID
-        rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
         a = tl.load(
             a_ptr + offs_b[:, None].to(tl.int64) * stride_ab + offs_k[None, :] * stride_ak,
             mask=mask_b[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
-            mask=valid_k[:, None] & mask_m[None, :],
-            other=0.0,
-        )
+        w = _weight_rows_tile(w_ptr, idx_ptr, offs_k, K_VALID, offs_m, mask_m, stride_wn, stride_wm)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
+    _store_tile(c_ptr, acc, offs_b, mask_b, offs_m, mask_m, stride_cb, stride_cm)
 
 
 @triton.jit
@@ -134,13 +168,9 @@ def _transposed_matmul_rows_kernel(
             other=0.0,
         )
         acc = tl.dot(a_t, x.to(a_t.dtype), acc, input_precision=INPUT_PRECISION)
-    valid_k = offs_k < K_VALID
-    if SCATTER:
-        out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
-    else:
-        out_rows = offs_k.to(tl.int64)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_on + offs_m[None, :] * stride_om
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_k[:, None] & mask_m[None, :])
+    _store_weight_rows(
+        out_ptr, idx_ptr, acc, offs_k, K_VALID, offs_m, mask_m, stride_on, stride_om, SCATTER
+    )
 
 
 # TMA variants (Hopper): the dense operands (dy_c; x in the dW product) come through tensor
@@ -180,17 +210,10 @@ def _gathered_rows_matmul_tma_kernel(
     acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        valid_k = offs_k < K_VALID
-        rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
         a = a_desc.load([pid_b * BLOCK_B, start])
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + offs_m[None, :] * stride_wm,
-            mask=valid_k[:, None] & mask_m[None, :],
-            other=0.0,
-        )
+        w = _weight_rows_tile(w_ptr, idx_ptr, offs_k, K_VALID, offs_m, mask_m, stride_wn, stride_wm)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    c_ptrs = c_ptr + offs_b[:, None].to(tl.int64) * stride_cb + offs_m[None, :] * stride_cm
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_m[None, :])
+    _store_tile(c_ptr, acc, offs_b, mask_b, offs_m, mask_m, stride_cb, stride_cm)
 
 
 @triton.jit
@@ -224,13 +247,9 @@ def _transposed_matmul_rows_tma_kernel(
         a = a_desc.load([start, pid_k * BLOCK_K])
         x = x_desc.load([start, pid_m * BLOCK_M])
         acc = tl.dot(a.T, x.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    valid_k = offs_k < K_VALID
-    if SCATTER:
-        out_rows = tl.load(idx_ptr + offs_k, mask=valid_k, other=0).to(tl.int64)
-    else:
-        out_rows = offs_k.to(tl.int64)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_on + offs_m[None, :] * stride_om
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_k[:, None] & mask_m[None, :])
+    _store_weight_rows(
+        out_ptr, idx_ptr, acc, offs_k, K_VALID, offs_m, mask_m, stride_on, stride_om, SCATTER
+    )
 
 
 @triton.jit
