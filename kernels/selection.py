@@ -646,30 +646,27 @@ def _prune_partial_scores(configs, named_args):
     return fitting or configs[-1:]
 
 
-def _histogram_configs():
+def _block_configs(largest):
     return [
         triton.Config({"BLOCK": block}, num_warps=warps)
         for block, warps in ((1024, 4), (2048, 8), (4096, 8), (512, 4), (256, 2))
+        if block <= largest
     ]
 
 
-def _prefer_histogram_block(configs, named_args):
-    width = pow2_bucket(named_args["N"])
-    fitting = [c for c in configs if c.kwargs["BLOCK"] <= max(width, 256)]
-    return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
+def _prefer_largest_block_within(width_arg):
+    """A pruner: the configs whose BLOCK fits the launch's ``width_arg`` scores, largest first."""
+
+    def prune(configs, named_args):
+        width = pow2_bucket(named_args[width_arg])
+        fitting = [c for c in configs if c.kwargs["BLOCK"] <= max(width, 256)]
+        return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
+
+    return prune
 
 
-def _slice_configs():
-    return [
-        triton.Config({"BLOCK": block}, num_warps=warps)
-        for block, warps in ((2048, 8), (1024, 4), (512, 4), (256, 2))
-    ]
-
-
-def _prefer_slice_block(configs, named_args):
-    width = pow2_bucket(named_args["SLICE"])
-    fitting = [c for c in configs if c.kwargs["BLOCK"] <= max(width, 256)]
-    return sorted(fitting, key=lambda c: -c.kwargs["BLOCK"]) or configs[-1:]
+_prefer_histogram_block = _prefer_largest_block_within("N")
+_prefer_slice_block = _prefer_largest_block_within("SLICE")
 
 
 scores_bias_partial = TunedKernel(
@@ -692,20 +689,20 @@ scores_bias_finish = TunedKernel(
 )
 unified_top = TunedKernel(
     _unified_top_kernel,
-    _histogram_configs(),
+    _block_configs(4096),
     key=["N"],
     prune=_prefer_histogram_block,
     in_place=["hits_ptr"],
 )
 slice_histogram = TunedKernel(
-    _slice_histogram_kernel, _slice_configs(), key=["SLICE"], prune=_prefer_slice_block
+    _slice_histogram_kernel, _block_configs(2048), key=["SLICE"], prune=_prefer_slice_block
 )
 slice_digit = TunedKernel(
     _slice_digit_kernel, [triton.Config({"ROWS": 8}, num_warps=4)], key=["PROGRAMS"]
 )
 slice_compact = TunedKernel(
     _slice_compact_kernel,
-    _slice_configs(),
+    _block_configs(2048),
     key=["SLICE"],
     prune=_prefer_slice_block,
     in_place=["hits_ptr"],
@@ -720,7 +717,7 @@ gather_padded = TunedKernel(
 )
 per_example_top = TunedKernel(
     _per_example_top_kernel,
-    _histogram_configs(),
+    _block_configs(4096),
     key=["N"],
     prune=_prefer_histogram_block,
     in_place=["hits_ptr"],
